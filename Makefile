@@ -1,0 +1,36 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   -> .venv with a CPU PyTorch + mulosd, then an image grid from the shipped fmnist-32 models
+#   make test   -> same install, Fashion-MNIST from Debian if missing, then the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.mulosd-installed
+DATA   := /usr/share/datasets/fashion-mnist
+
+.PHONY: install demo test data clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# The CPU wheel, pinned: an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/mulosd generate --method ar --classes 0,1,2,3,4,5,6,7,8,9 --num-per-class 6 --batch-size 10 \
+		--seed 0 --cfg-scale 3 --out outputs/demo.png --stats-json outputs/demo_stats.json
+	@echo "demo grid: $(CURDIR)/outputs/demo.png  (stats: $(CURDIR)/outputs/demo_stats.json)"
+
+# Fashion-MNIST (31 MB) from Debian, for the tests that read real data; skipped quietly where apt is unavailable.
+data:
+	@test -d $(DATA) || (command -v apt-get >/dev/null && (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
+		|| (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1))) \
+		|| echo "note: Fashion-MNIST not installed; tests that need it will be skipped"
+
+test: install data
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf outputs .pytest_cache
