@@ -1,0 +1,285 @@
+"""A class-conditional GPT over a token grid, in LlamaGen's design and state-dict layout.
+
+RMSNorm, SwiGLU, 2-D rotary embeddings over the grid, a class-condition token with a null class (id
+``num_classes``) for classifier-free guidance, no biases. Positions are *absolute*: positions
+``[0, cls_token_num)`` hold the condition, and image token k (raster order) is fed at position
+``cls_token_num + k``; the logits produced there predict token k + 1 (the last condition position predicts
+token 0). As in LlamaGen, the condition positions get a zero rotary table, which zeroes their q and k.
+
+The KV cache is indexed by absolute position with one position row per sample, so each sample in a batch can
+sit at its own frontier, "rollback" is simply not advancing, and any grid cell can be (re)written. Attention is
+causal by absolute position: a query at position p sees every cache slot s <= p, whatever order the slots were
+written in. Callers may pass their own boolean mask instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mulosd.errors import MulosdError
+from mulosd.io import load_pretrained, save_pretrained
+
+
+def find_multiple(n: int, k: int) -> int:
+    return n if n % k == 0 else n + k - n % k
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 512
+    grid_size: int = 16  # tokens per side; LlamaGen's block_size = grid_size**2
+    dim: int = 256
+    n_layer: int = 8
+    n_head: int = 8
+    n_kv_head: int | None = None
+    multiple_of: int = 64
+    ffn_dim_multiplier: float | None = None
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    num_classes: int = 10
+    cls_token_num: int = 1
+    class_dropout_prob: float = 0.1
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.dim % self.n_head:
+            raise MulosdError(f"dim {self.dim} must be divisible by n_head {self.n_head}")
+        if self.head_dim % 4:
+            raise MulosdError(f"head_dim {self.head_dim} must be a multiple of 4 for 2-D rotary embeddings")
+        if self.n_head % self.kv_heads:
+            raise MulosdError(f"n_head {self.n_head} must be divisible by n_kv_head {self.kv_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.cls_token_num + self.num_tokens
+
+    @property
+    def ffn_hidden(self) -> int:
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return find_multiple(hidden, self.multiple_of)
+
+
+def rope_2d_table(grid_size: int, head_dim: int, base: float, cls_token_num: int) -> torch.Tensor:
+    """cos/sin table [cls_token_num + grid**2, head_dim/2, 2]; the first half of the rotary pairs rotate with the
+    row index, the second half with the column index; condition positions get zeros."""
+    quarter = head_dim // 4
+    inv_freq = 1.0 / base ** (torch.arange(quarter, dtype=torch.float64) * 2 / (head_dim // 2))
+    idx = torch.arange(grid_size, dtype=torch.float64)
+    angles = torch.outer(idx, inv_freq)  # [grid, quarter]
+    rows = angles[:, None, :].expand(grid_size, grid_size, quarter)
+    cols = angles[None, :, :].expand(grid_size, grid_size, quarter)
+    grid = torch.cat([rows, cols], dim=-1).reshape(grid_size * grid_size, head_dim // 2)
+    table = torch.stack([grid.cos(), grid.sin()], dim=-1).float()
+    return torch.cat([torch.zeros(cls_token_num, head_dim // 2, 2), table])
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, D]; table [B, T, D/2, 2] (cos, sin). Rotates adjacent pairs (x[2m], x[2m+1])."""
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)
+    t = table[:, :, None]
+    out = torch.stack(
+        [xs[..., 0] * t[..., 0] - xs[..., 1] * t[..., 1], xs[..., 1] * t[..., 0] + xs[..., 0] * t[..., 1]], dim=-1
+    )
+    return out.flatten(3).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class KVCache(nn.Module):
+    """Per-layer key/value buffers [B, S, H_kv, D] written at absolute positions (one row of positions per sample)."""
+
+    def __init__(self, batch: int, seq_len: int, n_kv_head: int, head_dim: int, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("k", torch.zeros(batch, seq_len, n_kv_head, head_dim, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(batch, seq_len, n_kv_head, head_dim, dtype=dtype), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int):
+        """Write k, v [B, T, H, D] at positions input_pos [B, T]; return the first ``length`` slots."""
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.k[rows, input_pos] = k.to(self.k.dtype)
+        self.v[rows, input_pos] = v.to(self.v.dtype)
+        return self.k[:, :length], self.v[:, :length]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wqkv = nn.Linear(cfg.dim, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, rope, input_pos, mask, length):
+        B, T, _ = x.shape
+        c = self.cfg
+        q, k, v = self.wqkv(x).split([c.dim, c.kv_heads * c.head_dim, c.kv_heads * c.head_dim], dim=-1)
+        q = apply_rope(q.view(B, T, c.n_head, c.head_dim), rope)
+        k = apply_rope(k.view(B, T, c.kv_heads, c.head_dim), rope)
+        v = v.view(B, T, c.kv_heads, c.head_dim)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v, length)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if c.kv_heads != c.n_head:
+            k = k.repeat_interleave(c.n_head // c.kv_heads, dim=1)
+            v = v.repeat_interleave(c.n_head // c.kv_heads, dim=1)
+        if mask is None:  # training: plain causal over the sequence
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+        return self.wo(y.transpose(1, 2).reshape(B, T, c.dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.feed_forward = FeedForward(cfg)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, input_pos, mask, length):
+        x = x + self.drop(self.attention(self.attention_norm(x), rope, input_pos, mask, length))
+        return x + self.drop(self.feed_forward(self.ffn_norm(x)))
+
+
+class ClassEmbedder(nn.Module):
+    """Class id -> embedding; row ``num_classes`` is the null class used for classifier-free guidance."""
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+
+
+class GPT(nn.Module):
+    config_class = GPTConfig
+    kind = "gpt"
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.cls_embedding = ClassEmbedder(config.num_classes, config.dim)
+        self.tok_dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.register_buffer(
+            "rope", rope_2d_table(config.grid_size, config.head_dim, config.rope_base, config.cls_token_num),
+            persistent=False,
+        )
+        self.apply(self._init_weights)
+        self.cache_batch = 0
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+
+    @property
+    def null_class(self) -> int:
+        return self.config.num_classes
+
+    # ---- caches -------------------------------------------------------------------------------------------
+    def setup_cache(self, batch: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate empty position-indexed caches for ``batch`` rows (2x the images when CFG is on)."""
+        dtype = dtype or self.output.weight.dtype
+        c = self.config
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(batch, c.max_seq_len, c.kv_heads, c.head_dim, dtype).to(self.output.weight.device)
+        self.cache_batch = batch
+
+    def clear_cache(self) -> None:
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+        self.cache_batch = 0
+
+    # ---- forward passes -------------------------------------------------------------------------------------
+    def _run(self, h: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        rope = self.rope[input_pos]
+        if mask is None and self.cache_batch:
+            length = int(input_pos.max()) + 1
+            mask = torch.arange(length, device=h.device)[None, None, :] <= input_pos[:, :, None]
+        else:
+            length = mask.shape[-1] if mask is not None else h.shape[1]
+        for layer in self.layers:
+            h = layer(h, rope, input_pos, mask, length)
+        return self.output(self.norm(h)).float()
+
+    def forward(self, class_labels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced training forward without cache. class_labels [B]; tokens [B, N] (all grid tokens).
+        Returns logits [B, N, V] where row k predicts token k."""
+        c = self.config
+        if self.cache_batch:
+            raise RuntimeError("forward() is the cache-free training pass; call clear_cache() first")
+        cond = self.cls_embedding.embedding_table(class_labels)[:, None].expand(-1, c.cls_token_num, -1)
+        h = torch.cat([cond, self.tok_embeddings(tokens[:, :-1])], dim=1)
+        h = self.tok_dropout(h)
+        pos = torch.arange(h.shape[1], device=h.device)[None].expand(h.shape[0], -1)
+        return self._run(h, pos, None)[:, c.cls_token_num - 1 :]
+
+    def prefill(self, class_labels: torch.Tensor) -> torch.Tensor:
+        """Write the condition positions to the cache; return the logits [B, V] for image token 0."""
+        c = self.config
+        h = self.cls_embedding.embedding_table(class_labels)[:, None].expand(-1, c.cls_token_num, -1)
+        pos = torch.arange(c.cls_token_num, device=h.device)[None].expand(h.shape[0], -1)
+        return self._run(h, pos, None)[:, -1]
+
+    def decode(self, tokens: torch.Tensor, cells: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed image tokens [B, T] at grid cells [B, T] (raster indices, per sample; any order, any cells).
+
+        Writes them into the cache at absolute positions ``cls_token_num + cells`` and returns logits [B, T, V];
+        row t is the distribution of the token at cell ``cells[:, t] + 1`` given every cache slot at or before
+        its own position. ``mask`` [B, T, S] (True = attend) replaces the default causal-by-position mask.
+        """
+        if not self.cache_batch:
+            raise RuntimeError("decode() needs setup_cache() first")
+        if tokens.shape[0] != self.cache_batch:
+            raise RuntimeError(f"batch {tokens.shape[0]} does not match the cache batch {self.cache_batch}")
+        return self._run(self.tok_embeddings(tokens), cells + self.config.cls_token_num, mask)
+
+    # ---- files -------------------------------------------------------------------------------------------
+    def save_pretrained(self, stem, dtype=None):
+        return save_pretrained(self, stem, self.kind, dtype)
+
+    @classmethod
+    def from_pretrained(cls, stem):
+        return load_pretrained(cls, stem, cls.kind)

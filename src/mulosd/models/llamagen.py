@@ -1,0 +1,90 @@
+"""Load LlamaGen class-conditional GPT checkpoints (FoundationVision/LlamaGen ``gpt.py`` layout).
+
+LlamaGen files carry no architecture config: ``n_head`` and the grid size (``block_size``) cannot be recovered
+from tensor shapes, and a wrong grid size would load silently and scramble the 2-D rotary positions. So the
+caller must give a config (a :class:`GPTConfig`, a dict of its fields, or a named size from
+:data:`LLAMAGEN_SIZES` plus ``grid_size``/``vocab_size``/``num_classes``); everything the shapes do reveal
+is checked against it, and missing, unknown or mis-shaped keys are errors. Files are read with
+``torch.load(weights_only=True)`` (never unpickling arbitrary objects) or with safetensors.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from mulosd.errors import MulosdError
+from mulosd.io import load_state_strict
+from mulosd.models.gpt import GPT, GPTConfig
+
+# LlamaGen's named sizes (n_layer, n_head, dim); FFN hidden rounds 8*dim/3 up to a multiple of 256.
+LLAMAGEN_SIZES = {
+    "GPT-B": (12, 12, 768),
+    "GPT-L": (24, 16, 1024),
+    "GPT-XL": (36, 20, 1280),
+    "GPT-XXL": (48, 24, 1536),
+    "GPT-XXXL": (48, 40, 2560),
+    "GPT-1B": (22, 32, 2048),
+    "GPT-3B": (24, 32, 3200),
+    "GPT-7B": (32, 32, 4096),
+}
+
+_DROP = re.compile(r"(^|\.)freqs_cis$|\.kv_cache\.|(^|\.)causal_mask$")
+
+
+def llamagen_config(name: str, grid_size: int, vocab_size: int = 16384, num_classes: int = 1000) -> GPTConfig:
+    """GPTConfig for a named LlamaGen size (e.g. ``"GPT-B"`` at 256 px with VQ-16 -> grid_size 16)."""
+    if name not in LLAMAGEN_SIZES:
+        raise MulosdError(f"unknown LlamaGen size {name!r}; allowed: {sorted(LLAMAGEN_SIZES)}")
+    n_layer, n_head, dim = LLAMAGEN_SIZES[name]
+    return GPTConfig(vocab_size=vocab_size, grid_size=grid_size, dim=dim, n_layer=n_layer, n_head=n_head,
+                     multiple_of=256, num_classes=num_classes, cls_token_num=1)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a checkpoint's state dict: safetensors, or a torch file (bare dict or under model/module/state_dict)."""
+    path = Path(path)
+    if not path.exists():
+        raise MulosdError(f"checkpoint {path} not found")
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle.UnpicklingError and friends: refuse anything but tensors and containers
+        raise MulosdError(f"{path} cannot be read safely (weights_only=True): {str(exc).splitlines()[0]}") from None
+    if isinstance(obj, dict):
+        for key in ("model", "module", "state_dict"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise MulosdError(f"{path} does not hold a state dict of tensors")
+    return dict(obj)
+
+
+def load_llamagen_gpt(path: str | os.PathLike, config: GPTConfig | dict | str, **size_kwargs) -> GPT:
+    """Build a :class:`GPT` from ``config`` and load a LlamaGen-layout checkpoint into it, strictly."""
+    if isinstance(config, str):
+        config = llamagen_config(config, **size_kwargs)
+    elif isinstance(config, dict):
+        config = GPTConfig(**config)
+    state = {k: v for k, v in read_state_dict(path).items() if not _DROP.search(k)}
+    if any(k.startswith("cls_embedding.cap_proj") or k == "cls_embedding.uncond_embedding" for k in state):
+        raise MulosdError(f"{path} is a text-to-image (t2i) checkpoint; mulosd's GPT is class-conditional (c2i) only")
+    checks = {
+        "tok_embeddings.weight": ((config.vocab_size, config.dim), "vocab_size x dim"),
+        "cls_embedding.embedding_table.weight": ((config.num_classes + 1, config.dim), "(num_classes + 1 null class) x dim"),
+        "layers.0.feed_forward.w1.weight": ((config.ffn_hidden, config.dim), "ffn_hidden x dim"),
+    }
+    for key, (shape, meaning) in checks.items():
+        if key in state and tuple(state[key].shape) != shape:
+            raise MulosdError(f"{path}: {key} has shape {tuple(state[key].shape)} but the config gives {shape} ({meaning})")
+    layers = {int(m.group(1)) for k in state if (m := re.match(r"layers\.(\d+)\.", k))}
+    if layers and len(layers) != config.n_layer:
+        raise MulosdError(f"{path} has {len(layers)} transformer layers but the config says n_layer={config.n_layer}")
+    model = GPT(config)
+    return load_state_strict(model, state, str(path)).eval()
