@@ -1,0 +1,120 @@
+"""The one sampling module every decoder, drafter and verifier uses.
+
+Order of operations (fixed, documented, shared by all methods):
+
+1. **CFG mixing** on logits: ``uncond + s * (cond - uncond)``. The batch is laid out ``[cond ; uncond]``
+   (first half conditional, second half the null class). Skipped when ``cfg_scale == 1``.
+2. **Temperature**: logits / T. ``T == 0`` means greedy: the distribution is one-hot at the argmax of the
+   CFG-mixed logits (top-k / top-p do not change the argmax, so they are skipped).
+3. **Top-k**: keep logits >= the k-th largest (ties at the boundary are kept). ``k == 0`` disables it.
+4. **Top-p** (nucleus): sort the remaining probabilities descending and keep the smallest prefix whose mass
+   reaches p (the token that crosses p is kept; the top token is always kept). ``p == 1`` disables it.
+5. **Softmax** over what is left.
+
+``process_logits`` returns the final probabilities (what drafters record as q and verifiers use as p);
+``sample`` draws from them by inverse CDF with uniforms from per-sample random streams, so an image's
+randomness does not depend on which batch it was drawn in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mulosd.errors import MulosdError
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    cfg_scale: float = 1.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if not (0.0 <= self.cfg_scale <= 50.0):
+            raise MulosdError(f"cfg scale {self.cfg_scale} out of range; allowed: 0 <= cfg-scale <= 50 (1 = no guidance)")
+        if not (0.0 <= self.temperature <= 10.0):
+            raise MulosdError(f"temperature {self.temperature} out of range; allowed: 0 (greedy) <= temperature <= 10")
+        if int(self.top_k) != self.top_k or self.top_k < 0:
+            raise MulosdError(f"top-k {self.top_k} out of range; allowed: an integer >= 0 (0 = off)")
+        if not (0.0 < self.top_p <= 1.0):
+            raise MulosdError(f"top-p {self.top_p} out of range; allowed: 0 < top-p <= 1 (1 = off)")
+
+    @property
+    def uses_cfg(self) -> bool:
+        """Whether decoders must run the doubled [cond ; uncond] batch."""
+        return self.cfg_scale != 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def cfg_mix(logits: torch.Tensor, scale: float) -> torch.Tensor:
+    """[2B, ..., V] laid out [cond ; uncond] -> [B, ..., V] guided logits."""
+    cond, uncond = logits.chunk(2, dim=0)
+    return uncond + scale * (cond - uncond)
+
+
+def warp(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """Steps 2-5 on (already CFG-mixed) logits [..., V] -> probabilities [..., V]."""
+    logits = logits.float()
+    if cfg.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+    logits = logits / cfg.temperature
+    if cfg.top_k and cfg.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, cfg.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if cfg.top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        before = sorted_p.cumsum(-1) - sorted_p  # mass strictly before each token
+        drop_sorted = before >= cfg.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def process_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """Raw model logits (the doubled batch when ``cfg.uses_cfg``) -> final sampling probabilities."""
+    if cfg.uses_cfg:
+        logits = cfg_mix(logits, cfg.cfg_scale)
+    return warp(logits, cfg)
+
+
+class RandomStreams:
+    """One ``torch.Generator`` per image, seeded ``seed + image_index``: the same image gets the same random draws
+    whichever batch it is decoded in and whatever the batch size."""
+
+    def __init__(self, seeds: list[int] | torch.Tensor):
+        self.seeds = [int(s) for s in seeds]
+        self.generators = [torch.Generator().manual_seed(s) for s in self.seeds]
+
+    @classmethod
+    def from_seed(cls, seed: int, indices) -> "RandomStreams":
+        return cls([seed * 1_000_003 + int(i) for i in indices])
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def uniform(self, *shape: int) -> torch.Tensor:
+        """[B, *shape] uniforms in [0, 1), row b from stream b."""
+        return torch.stack([torch.rand(shape, generator=g) for g in self.generators])
+
+
+def sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw: the first index whose cumulative mass exceeds u * total. probs [..., V], uniforms [...].
+    Zero-probability tokens are never returned."""
+    cdf = probs.cumsum(-1)
+    target = (uniforms.to(cdf.dtype) * cdf[..., -1]).unsqueeze(-1)
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    return idx.clamp_max(probs.shape[-1] - 1)
+
+
+def sample_logits(logits: torch.Tensor, cfg: SamplingConfig, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """process_logits + sample: returns (tokens, probabilities)."""
+    probs = process_logits(logits, cfg)
+    return sample(probs, uniforms), probs

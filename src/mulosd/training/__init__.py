@@ -1,0 +1,3 @@
+from mulosd.training.trainer import TrainConfig, train
+
+__all__ = ["TrainConfig", "train"]

@@ -1,0 +1,196 @@
+"""Per-model training recipes: what to build, what data to read, and which loss to minimise."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mulosd.data import FashionMNIST
+from mulosd.models.classifier import Classifier, ClassifierConfig
+from mulosd.models.gpt import GPTConfig
+from mulosd.models.vq import VQConfig, VQModel
+
+
+@dataclass
+class TokenizerRecipe:
+    """VQ autoencoder on all three scales at once (32, 16, 8 px), so one set of weights serves every grid."""
+
+    vq: VQConfig = field(default_factory=VQConfig)
+    scales: tuple[int, ...] = (32, 16, 8)
+    data_dir: str | None = None
+    dead_code_every: int = 100
+    limit: int | None = None  # use only the first N training images (quick experiments, tests)
+    name: str = "tokenizer"
+
+    def __post_init__(self):
+        data = FashionMNIST.load("train", self.data_dir).head(self.limit)
+        self.images = {s: data.at(s) for s in self.scales}
+        self._usage = torch.zeros(self.vq.codebook_size)
+        self._latents: torch.Tensor | None = None
+
+    def describe(self) -> dict:
+        return {"vq": asdict(self.vq), "scales": list(self.scales), "limit": self.limit}
+
+    def build_model(self):
+        return VQModel(self.vq)
+
+    def num_examples(self) -> int:
+        return len(self.images[self.scales[0]])
+
+    def loss(self, model, index, step, gen):
+        total, metrics = 0.0, {}
+        for s in self.scales:
+            x = self.images[s][index]
+            if step == 0 and s == self.scales[0]:  # initialise the codebook from real latents
+                with torch.no_grad():
+                    z = model.encode_latent(x).permute(0, 2, 3, 1).reshape(-1, self.vq.codebook_dim)
+                    pick = torch.randint(len(z), (self.vq.codebook_size,), generator=gen)
+                    model.embedding.weight.copy_(z[pick])
+            rec, vq_loss, tokens, z = model(x)
+            mse = F.mse_loss(rec, x)
+            total = total + mse + vq_loss
+            metrics[f"mse{s}"] = mse.item()
+            self._usage += torch.bincount(tokens.flatten(), minlength=self.vq.codebook_size).float()
+            if s == self.scales[0]:
+                self._latents = z.detach().permute(0, 2, 3, 1).reshape(-1, self.vq.codebook_dim)
+                self._gen = gen
+        return total, metrics
+
+    def after_step(self, model, step):
+        """Restart codes unused over the last window at random current latents (keeps the codebook alive)."""
+        if (step + 1) % self.dead_code_every:
+            return
+        dead = (self._usage == 0).nonzero().flatten()
+        if len(dead) and self._latents is not None:
+            pick = torch.randint(len(self._latents), (len(dead),), generator=self._gen)
+            with torch.no_grad():
+                model.embedding.weight[dead] = self._latents[pick]
+        self._usage.zero_()
+
+    def evaluate(self, model) -> dict:
+        test = FashionMNIST.load("test", self.data_dir).head(self.limit)
+        out = {}
+        with torch.no_grad():
+            for s in self.scales:
+                x = test.at(s)
+                rec = torch.cat([model.decode(model.encode(x[i : i + 500])) for i in range(0, len(x), 500)])
+                mse = F.mse_loss(rec, x).item()  # images in [-1, 1]
+                mse01 = mse / 4
+                tokens = torch.cat([model.encode(x[i : i + 500]) for i in range(0, len(x), 500)])
+                out[f"test_{s}px"] = {
+                    "mse_pm1": round(mse, 5),
+                    "psnr_db": round(10 * math.log10(1.0 / mse01), 2),
+                    "codes_used": int(tokens.unique().numel()),
+                }
+        return out
+
+
+@dataclass
+class ClassifierRecipe:
+    cfg: ClassifierConfig = field(default_factory=ClassifierConfig)
+    data_dir: str | None = None
+    limit: int | None = None
+    name: str = "classifier"
+
+    def __post_init__(self):
+        data = FashionMNIST.load("train", self.data_dir).head(self.limit)
+        self.images, self.labels = data.images, data.labels
+
+    def describe(self) -> dict:
+        return {"classifier": asdict(self.cfg), "limit": self.limit}
+
+    def build_model(self):
+        return Classifier(self.cfg)
+
+    def num_examples(self) -> int:
+        return len(self.labels)
+
+    def loss(self, model, index, step, gen):
+        x, y = self.images[index], self.labels[index]
+        flip = torch.rand(len(x), generator=gen) < 0.5  # horizontal flips: garments are left-right symmetric
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        logits = model(x)
+        return F.cross_entropy(logits, y), {"acc": (logits.argmax(-1) == y).float().mean().item()}
+
+    def after_step(self, model, step):
+        pass
+
+    def evaluate(self, model) -> dict:
+        test = FashionMNIST.load("test", self.data_dir).head(self.limit)
+        pred = model.predict(test.images)
+        return {"test_accuracy": round((pred == test.labels).float().mean().item(), 4)}
+
+
+def encode_dataset(tokenizer: VQModel, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    """images [N, 1, H, W] -> flattened raster tokens [N, (H/f)*(W/f)] (int16 to keep the cache small)."""
+    out = [tokenizer.encode(images[i : i + batch]).flatten(1) for i in range(0, len(images), batch)]
+    return torch.cat(out).to(torch.int16)
+
+
+@dataclass
+class ARRecipe:
+    """Class-conditional next-token training on tokenised Fashion-MNIST at grid_size x grid_size tokens
+    (images down-sampled to grid_size * tokenizer factor pixels), with class dropout for CFG."""
+
+    gpt: GPTConfig
+    tokenizer: str
+    data_dir: str | None = None
+    bf16: bool = False
+    limit: int | None = None
+    name: str = "ar"
+
+    def __post_init__(self):
+        from mulosd.errors import MulosdError
+
+        self.vq = VQModel.from_pretrained(self.tokenizer)
+        if self.vq.config.codebook_size != self.gpt.vocab_size:
+            raise MulosdError(
+                f"tokenizer codebook size {self.vq.config.codebook_size} != model vocab_size {self.gpt.vocab_size}"
+            )
+        px = self.gpt.grid_size * self.vq.config.downsample
+        if px not in (32, 16, 8):
+            raise MulosdError(f"grid {self.gpt.grid_size} needs {px} px images; allowed grids: 16, 8, 4")
+        data = FashionMNIST.load("train", self.data_dir).head(self.limit)
+        self.labels = data.labels
+        self.tokens = encode_dataset(self.vq, data.at(px))
+        self.px = px
+
+    def describe(self) -> dict:
+        return {"gpt": asdict(self.gpt), "tokenizer": str(Path(self.tokenizer).resolve()), "bf16": self.bf16, "limit": self.limit}
+
+    def build_model(self):
+        from mulosd.models.gpt import GPT
+
+        return GPT(self.gpt)
+
+    def num_examples(self) -> int:
+        return len(self.labels)
+
+    def loss(self, model, index, step, gen):
+        tokens = self.tokens[index].long()
+        labels = self.labels[index].clone()
+        drop = torch.rand(len(labels), generator=gen) < self.gpt.class_dropout_prob
+        labels[drop] = self.gpt.num_classes
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            logits = model(labels, tokens)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+        return loss, {}
+
+    def after_step(self, model, step):
+        pass
+
+    def evaluate(self, model) -> dict:
+        test = FashionMNIST.load("test", self.data_dir)
+        n = min(2000, self.limit or 2000)
+        tokens = encode_dataset(self.vq, test.at(self.px)[:n]).long()
+        with torch.no_grad():
+            nll = sum(
+                F.cross_entropy(model(test.labels[i : i + 200], tokens[i : i + 200]).reshape(-1, self.gpt.vocab_size),
+                                tokens[i : i + 200].reshape(-1), reduction="sum").item()
+                for i in range(0, n, 200)
+            )
+        return {"test_nll_per_token": round(nll / tokens.numel(), 4), "test_images": n}
