@@ -1,0 +1,282 @@
+"""The ``mulosd`` command line: generate images, train models, pack and inspect model sets."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from mulosd.errors import MulosdError
+
+
+def _run(fn, *args, **kwargs):
+    """Turn a MulosdError into one clear line on stderr and exit status 1 (no traceback)."""
+    try:
+        return fn(*args, **kwargs)
+    except MulosdError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _threads():
+    import torch
+
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(package_name="mulosd")
+def main():
+    """mulosd: fast autoregressive image generation with speculative decoding (MuLo-SD and peers)."""
+
+
+# ---------------------------------------------------------------------------------------------- generate
+@main.command()
+@click.option("--model", default="fmnist-32", help="Shipped model-set name or a directory with a manifest.json.")
+@click.option("--method", default="ar", help="Decoding method (see `mulosd methods`).")
+@click.option("--classes", default="0,1,2,3,4,5,6,7,8,9", help="Comma-separated class ids or names (e.g. 0,sneaker,bag).")
+@click.option("--num-per-class", type=click.IntRange(min=1), default=4, help="Images per class.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, help="Images decoded together.")
+@click.option("--seed", type=int, default=0, help="Random seed; image i uses stream (seed, i), so results do not depend on batch size.")
+@click.option("--cfg-scale", type=float, default=3.0, help="Classifier-free guidance scale s in uncond + s*(cond - uncond); 1 disables guidance. Range [0, 50].")
+@click.option("--temperature", type=float, default=1.0, help="Sampling temperature, 0 = greedy. Range [0, 10].")
+@click.option("--top-k", type=int, default=0, help="Keep the k most likely tokens (0 = off). Integer >= 0.")
+@click.option("--top-p", type=float, default=1.0, help="Nucleus sampling mass (1 = off). Range (0, 1].")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Method parameter, repeatable (e.g. --param gamma=8).")
+@click.option("--out", type=click.Path(dir_okay=False), default="outputs/grid.png", help="Where to write the labelled PNG grid.")
+@click.option("--stats-json", type=click.Path(dir_okay=False), default=None, help="Also write the run statistics as JSON here.")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+def generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale, temperature, top_k, top_p, params,
+             out, stats_json, progress):
+    """Generate class-conditional images and write a labelled grid (plus optional stats JSON).
+
+    Stats: method, num_images, batch_size, wall_time_s, tokens_per_image, target_forwards (batched passes),
+    target_forwards_per_image, drafter_forwards, mean_accepted_length (tokens per target forward; 1.0 for AR),
+    class_accuracy (share classified as the requested class by the shipped classifier).
+    """
+    _threads()
+    _run(_generate, model, method, classes, num_per_class, batch_size, seed, cfg_scale, temperature, top_k, top_p,
+         params, out, stats_json, progress)
+
+
+def _parse_params(items) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise MulosdError(f"--param {item!r} must look like KEY=VALUE")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def _generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale, temperature, top_k, top_p, params,
+              out, stats_json, progress):
+    from mulosd.decoding.methods import get_method
+    from mulosd.decoding.sampling import SamplingConfig
+    from mulosd.evaluation.grids import image_grid
+    from mulosd.io import atomic_write, atomic_write_json, check_writable
+    from mulosd.pipeline import Pipeline
+
+    # Validate everything cheap before loading models or doing work.
+    SamplingConfig(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+    get_method(method)
+    if Path(out).suffix.lower() != ".png":
+        raise MulosdError(f"--out {out!r} must end in .png")
+    check_writable(out)
+    if stats_json:
+        check_writable(stats_json)
+    pipe = Pipeline.from_pretrained(model)
+    result = pipe(classes, num_per_class=num_per_class, method=method, seed=seed, batch_size=batch_size,
+                  cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, progress=progress,
+                  **_parse_params(params))
+    grid = image_grid(result.images, result.labels, pipe.class_names)
+    atomic_write(out, lambda tmp: grid.save(tmp, format="PNG"))
+    click.echo(f"wrote {out} ({result.stats['num_images']} images, {result.stats['wall_time_s']:.2f} s, "
+               f"class accuracy {result.stats.get('class_accuracy', 'n/a')})")
+    if stats_json:
+        atomic_write_json(stats_json, result.stats)
+        click.echo(f"wrote {stats_json}")
+
+
+@main.command()
+def methods():
+    """List the decoding methods and their parameters."""
+    from mulosd.decoding.methods import REGISTRY
+
+    for name, cls in sorted(REGISTRY.items()):
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        click.echo(f"{name:10s} {'exact' if cls.exact else 'lossy':6s} {doc}  params: {cls.defaults or 'none'}")
+
+
+@main.command()
+@click.argument("model", default="fmnist-32")
+def info(model):
+    """Describe a model set: components, sizes, grids."""
+    _run(_info, model)
+
+
+def _info(model):
+    from mulosd.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(model)
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    click.echo(f"model set {pipe.name}: classes {', '.join(pipe.class_names)}")
+    click.echo(f"  tokenizer  codebook {pipe.tokenizer.config.codebook_size} x {pipe.tokenizer.config.codebook_dim}, "
+               f"factor {pipe.tokenizer.config.downsample}, {n(pipe.tokenizer) / 1e6:.2f} M params")
+    for role, m in [("target", pipe.target), *pipe.drafters.items()]:
+        c = m.config
+        click.echo(f"  {role:10s} grid {c.grid_size}x{c.grid_size}, {c.n_layer} layers, dim {c.dim}, {c.n_head} heads, "
+                   f"{n(m) / 1e6:.2f} M params")
+    if pipe.classifier is not None:
+        click.echo(f"  classifier {n(pipe.classifier) / 1e6:.2f} M params, {pipe.classifier.num_features}-d features")
+
+
+# ---------------------------------------------------------------------------------------------- train
+def _train_options(fn):
+    opts = [
+        click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (checkpoint, log, exported model)."),
+        click.option("--steps", type=click.IntRange(min=1), default=1000, help="Optimiser steps in total."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Examples per step."),
+        click.option("--lr", type=float, default=1e-3, help="Peak learning rate (AdamW, warm-up then cosine to 10 %)."),
+        click.option("--warmup", type=click.IntRange(min=0), default=100, help="Linear warm-up steps."),
+        click.option("--seed", type=int, default=0, help="Seed for initialisation, batch order and every random draw."),
+        click.option("--checkpoint-every", type=click.IntRange(min=1), default=200, help="Write checkpoint.pt atomically every N steps."),
+        click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
+        click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+                     help="Directory with the Fashion-MNIST IDX files (default: $MULOSD_DATA, then /usr/share/datasets/fashion-mnist)."),
+        click.option("--limit", type=click.IntRange(min=1), default=None, help="Train on the first N images only (quick runs)."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _train(recipe_fn, out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume):
+    from mulosd.training import TrainConfig, train
+
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, seed=seed, checkpoint_every=checkpoint_every)
+    cfg.validate()
+    summary = train(recipe_fn(), out, cfg, resume=resume)
+    click.echo(json.dumps({"train_time_s": summary["train_time_s"], "final": summary["final"], "eval": summary["eval"]}, indent=2))
+    click.echo(f"exported {Path(out) / 'model'}.{{json,safetensors}}")
+
+
+@main.group()
+def train():
+    """Train the tokenizer, an AR transformer, or the evaluation classifier (resumable)."""
+
+
+@train.command("tokenizer")
+@_train_options
+@click.option("--channels", type=click.IntRange(min=4), default=32, help="Base conv width.")
+@click.option("--z-channels", type=click.IntRange(min=1), default=32, help="Latent channels before quantisation.")
+@click.option("--codebook-size", type=click.IntRange(2, 1024), default=512, help="Number of codes (<= 1024).")
+@click.option("--codebook-dim", type=click.IntRange(min=1), default=8, help="Code vector dimension (L2-normalised).")
+def train_tokenizer(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, data_dir, limit, channels,
+                    z_channels, codebook_size, codebook_dim):
+    """VQ tokenizer (factor 2) trained jointly on 32, 16 and 8 px Fashion-MNIST."""
+    _threads()
+    from mulosd.models.vq import VQConfig
+    from mulosd.training.recipes import TokenizerRecipe
+
+    vq = VQConfig(channels=channels, z_channels=z_channels, codebook_size=codebook_size, codebook_dim=codebook_dim)
+    _run(_train, lambda: TokenizerRecipe(vq=vq, data_dir=data_dir, limit=limit), out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume)
+
+
+@train.command("ar")
+@_train_options
+@click.option("--tokenizer", required=True, type=click.Path(dir_okay=False),
+              help="Tokenizer stem (path without .json/.safetensors), e.g. runs/tokenizer/model.")
+@click.option("--grid", type=click.Choice(["16", "8", "4"]), default="16", help="Tokens per side (16 = 32 px, 8 = 16 px, 4 = 8 px).")
+@click.option("--dim", type=click.IntRange(min=8), default=192, help="Model width.")
+@click.option("--layers", type=click.IntRange(min=1), default=6, help="Transformer layers.")
+@click.option("--heads", type=click.IntRange(min=1), default=6, help="Attention heads (head dim must be a multiple of 4).")
+@click.option("--class-dropout", type=click.FloatRange(0, 1), default=0.1, help="Probability of the null class (for CFG).")
+@click.option("--bf16/--fp32", default=False, help="bf16 autocast for the forward pass (weights stay fp32).")
+def train_ar(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, data_dir, limit, tokenizer, grid, dim,
+             layers, heads, class_dropout, bf16):
+    """Class-conditional LlamaGen-style GPT on tokenised Fashion-MNIST."""
+    _threads()
+    from mulosd.models.gpt import GPTConfig
+    from mulosd.models.vq import VQModel
+    from mulosd.training.recipes import ARRecipe
+
+    def recipe():
+        vocab = VQModel.from_pretrained(tokenizer).config.codebook_size
+        gpt = GPTConfig(vocab_size=vocab, grid_size=int(grid), dim=dim, n_layer=layers, n_head=heads,
+                        class_dropout_prob=class_dropout)
+        return ARRecipe(gpt=gpt, tokenizer=tokenizer, data_dir=data_dir, bf16=bf16, limit=limit)
+
+    _run(_train, recipe, out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume)
+
+
+@train.command("classifier")
+@_train_options
+@click.option("--width", type=click.IntRange(min=4), default=32, help="Base conv width.")
+@click.option("--features", type=click.IntRange(min=8), default=128, help="Penultimate feature size (the FID space).")
+def train_classifier(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, data_dir, limit, width, features):
+    """Small CNN classifier (evaluation: class accuracy and feature FID)."""
+    _threads()
+    from mulosd.models.classifier import ClassifierConfig
+    from mulosd.training.recipes import ClassifierRecipe
+
+    cfg = ClassifierConfig(width=width, num_features=features)
+    _run(_train, lambda: ClassifierRecipe(cfg=cfg, data_dir=data_dir, limit=limit), out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume)
+
+
+# ---------------------------------------------------------------------------------------------- pack
+@main.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Model-set directory to write.")
+@click.option("--name", default=None, help="Model-set name (default: the directory name).")
+@click.option("--tokenizer", required=True, help="Tokenizer stem.")
+@click.option("--target", required=True, help="Target GPT stem.")
+@click.option("--classifier", default=None, help="Classifier stem.")
+@click.option("--drafter", "drafters", multiple=True, metavar="ROLE=STEM", help="Drafter GPT, repeatable (e.g. r2=runs/ar8/model).")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp16", help="Storage dtype for the shipped weights.")
+def pack(out, name, tokenizer, target, classifier, drafters, dtype):
+    """Assemble trained models into a loadable model set (manifest.json + config/safetensors per component)."""
+    _run(_pack, out, name, tokenizer, target, classifier, drafters, dtype)
+
+
+def _pack(out, name, tokenizer, target, classifier, drafters, dtype):
+    import torch
+
+    from mulosd.data.fashion_mnist import CLASS_NAMES
+    from mulosd.io import atomic_write_json
+    from mulosd.models.classifier import Classifier
+    from mulosd.models.gpt import GPT
+    from mulosd.models.vq import VQModel
+    from mulosd.pipeline import Pipeline
+
+    torch_dtype = torch.float16 if dtype == "fp16" else None
+    comps = {"tokenizer": VQModel.from_pretrained(tokenizer), "target": GPT.from_pretrained(target)}
+    roles = {}
+    for item in drafters:
+        if "=" not in item:
+            raise MulosdError(f"--drafter {item!r} must look like ROLE=STEM")
+        role, stem = item.split("=", 1)
+        roles[role] = GPT.from_pretrained(stem)
+    clf = Classifier.from_pretrained(classifier) if classifier else None
+    Pipeline(comps["tokenizer"], comps["target"], clf, roles)  # validates vocab/classes before writing anything
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    comps["tokenizer"].save_pretrained(out / "tokenizer", torch_dtype)
+    comps["target"].save_pretrained(out / "target", torch_dtype)
+    for role, m in roles.items():
+        m.save_pretrained(out / f"drafter_{role}", torch_dtype)
+    if clf is not None:
+        clf.save_pretrained(out / "classifier", torch_dtype)
+    atomic_write_json(out / "manifest.json", {
+        "name": name or out.name, "tokenizer": "tokenizer", "target": "target",
+        "classifier": "classifier" if clf is not None else None,
+        "drafters": {role: f"drafter_{role}" for role in roles}, "class_names": list(CLASS_NAMES),
+    })
+    click.echo(f"packed {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

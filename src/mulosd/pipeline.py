@@ -1,0 +1,160 @@
+"""``Pipeline.from_pretrained("fmnist-32")``: load a model set, then generate images with a decoding method.
+
+    pipe = Pipeline.from_pretrained("fmnist-32")
+    out = pipe(classes=["sneaker", 3], num_per_class=4, method="ar", seed=0, cfg_scale=3.0)
+    out.images      # [N, 1, 32, 32] in [0, 1]
+    out.stats       # method, wall time, forwards, accepted length, ...
+
+Image i (in class-major order) always uses the random stream (seed, i), so the same seed gives the same images
+whatever the batch size.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mulosd.data.fashion_mnist import CLASS_NAMES
+from mulosd.decoding.methods import get_method
+from mulosd.decoding.sampling import RandomStreams, SamplingConfig
+from mulosd.errors import MulosdError
+from mulosd.models.classifier import Classifier
+from mulosd.models.gpt import GPT
+from mulosd.models.vq import VQModel
+from mulosd.zoo import manifest, resolve
+
+
+@dataclass
+class GenerationOutput:
+    images: torch.Tensor  # [N, C, H, W] in [0, 1]
+    tokens: torch.Tensor  # [N, grid, grid]
+    labels: torch.Tensor  # [N]
+    stats: dict
+
+
+class Pipeline:
+    def __init__(self, tokenizer: VQModel, target: GPT, classifier: Classifier | None = None,
+                 drafters: dict[str, GPT] | None = None, class_names: tuple[str, ...] = CLASS_NAMES, name: str = "custom"):
+        self.tokenizer, self.target, self.classifier = tokenizer, target, classifier
+        self.drafters = dict(drafters or {})
+        self.class_names = tuple(class_names)
+        self.name = name
+        self._check()
+
+    def _check(self) -> None:
+        vocab = self.tokenizer.config.codebook_size
+        for role, model in [("target", self.target), *self.drafters.items()]:
+            if model.config.vocab_size != vocab:
+                raise MulosdError(
+                    f"{role} model vocab_size {model.config.vocab_size} does not match the tokenizer's codebook size {vocab}"
+                )
+            if model.config.num_classes != len(self.class_names):
+                raise MulosdError(f"{role} model has {model.config.num_classes} classes; the model set names {len(self.class_names)}")
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = "fmnist-32") -> "Pipeline":
+        directory = resolve(name_or_path)
+        spec = manifest(directory)
+        drafters = {role: GPT.from_pretrained(directory / stem) for role, stem in spec.get("drafters", {}).items()}
+        classifier = Classifier.from_pretrained(directory / spec["classifier"]) if spec.get("classifier") else None
+        return cls(
+            tokenizer=VQModel.from_pretrained(directory / spec["tokenizer"]),
+            target=GPT.from_pretrained(directory / spec["target"]),
+            classifier=classifier,
+            drafters=drafters,
+            class_names=tuple(spec.get("class_names", CLASS_NAMES)),
+            name=spec.get("name", Path(directory).name),
+        )
+
+    def model(self, role: str) -> GPT:
+        """The target (``"target"``) or a drafter by role (``"r2"``, ``"r4"``, ``"small"``)."""
+        if role == "target":
+            return self.target
+        if role not in self.drafters:
+            raise MulosdError(f"no model {role!r} in model set {self.name}; allowed: target, {', '.join(sorted(self.drafters))}")
+        return self.drafters[role]
+
+    # ---- inputs -------------------------------------------------------------------------------------------
+    def class_ids(self, classes) -> list[int]:
+        """Class names or ids (ints or strings like "3", "sneaker") -> ids, with a clear error for bad ones."""
+        if isinstance(classes, (str, int)):
+            classes = [c for c in str(classes).split(",") if c.strip()] if isinstance(classes, str) else [classes]
+        ids = []
+        for c in classes:
+            key = str(c).strip().lower()
+            if key.lstrip("-").isdigit():
+                i = int(key)
+                if not 0 <= i < len(self.class_names):
+                    raise MulosdError(f"class id {i} out of range; allowed: 0..{len(self.class_names) - 1}")
+                ids.append(i)
+            elif key in self.class_names:
+                ids.append(self.class_names.index(key))
+            else:
+                allowed = ", ".join(f"{i}={n}" for i, n in enumerate(self.class_names))
+                raise MulosdError(f"unknown class {c!r}; allowed ids or names: {allowed}")
+        if not ids:
+            raise MulosdError("no classes given; pass at least one class id or name")
+        return ids
+
+    # ---- generation ---------------------------------------------------------------------------------------
+    def decode_images(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [N, g, g] -> images [N, C, H, W] in [0, 1]."""
+        return (self.tokenizer.decode(tokens) + 1) / 2
+
+    @torch.inference_mode()
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        """Predicted class ids for images in [0, 1] (smaller images are bilinearly resized to the classifier's size)."""
+        size = self.classifier.config.image_size
+        x = images * 2 - 1
+        if x.shape[-1] != size:
+            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        return self.classifier.predict(x)
+
+    @torch.inference_mode()
+    def __call__(self, classes, num_per_class: int = 1, method: str = "ar", seed: int = 0, batch_size: int = 8,
+                 cfg_scale: float = 3.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 progress: bool = False, **method_params) -> GenerationOutput:
+        if num_per_class < 1:
+            raise MulosdError(f"num_per_class must be >= 1, got {num_per_class}")
+        if batch_size < 1:
+            raise MulosdError(f"batch_size must be >= 1, got {batch_size}")
+        sampling = SamplingConfig(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+        decoder = get_method(method)(self, **method_params)
+        labels = torch.tensor([c for c in self.class_ids(classes) for _ in range(num_per_class)])
+        g = decoder.output_grid
+        all_tokens, totals = [], {}
+        t0 = time.perf_counter()
+        for start in tqdm(range(0, len(labels), batch_size), desc=f"generate {method}", disable=not progress):
+            idx = range(start, min(start + batch_size, len(labels)))
+            tokens, stats = decoder.generate(labels[start : idx.stop], sampling, RandomStreams.from_seed(seed, idx))
+            all_tokens.append(tokens)
+            for key, value in vars(stats).items():
+                if isinstance(value, (int, float)):
+                    totals[key] = totals.get(key, 0) + value
+        wall = time.perf_counter() - t0
+        tokens = torch.cat(all_tokens).view(-1, g, g)
+        images = self.decode_images(tokens)
+        n = len(labels)
+        stats = {
+            "method": method,
+            "params": decoder.params(),
+            "num_images": n,
+            "batch_size": batch_size,
+            "seed": seed,
+            "sampling": vars(sampling),
+            "wall_time_s": round(wall, 4),
+            "latency_s_per_image": round(wall / n, 5),
+            "tokens_per_image": g * g,
+            "target_forwards": totals.get("target_forwards", 0),
+            "drafter_forwards": totals.get("drafter_forwards", 0),
+            "target_forwards_per_image": round(totals.get("active_forwards", 0) / n, 3),
+            "mean_accepted_length": round(totals.get("tokens", 0) / max(1, totals.get("active_forwards", 0)), 4),
+        }
+        if self.classifier is not None:
+            pred = self.classify(images)
+            stats["class_accuracy"] = round((pred == labels).float().mean().item(), 4)
+        return GenerationOutput(images=images, tokens=tokens, labels=labels, stats=stats)
