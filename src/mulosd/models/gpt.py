@@ -107,9 +107,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+    def forward(self, x):  # normalised in fp32, as LlamaGen does
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
 class KVCache(nn.Module):
@@ -139,9 +138,9 @@ class Attention(nn.Module):
     def forward(self, x, rope, input_pos, mask, length):
         B, T, _ = x.shape
         c = self.cfg
-        q, k, v = self.wqkv(x).split([c.dim, c.kv_heads * c.head_dim, c.kv_heads * c.head_dim], dim=-1)
-        q = apply_rope(q.view(B, T, c.n_head, c.head_dim), rope)
-        k = apply_rope(k.view(B, T, c.kv_heads, c.head_dim), rope)
+        qk, v = self.wqkv(x).split([c.dim + c.kv_heads * c.head_dim, c.kv_heads * c.head_dim], dim=-1)
+        qk = apply_rope(qk.view(B, T, c.n_head + c.kv_heads, c.head_dim), rope)  # q and k rotated in one go
+        q, k = qk.split([c.n_head, c.kv_heads], dim=2)
         v = v.view(B, T, c.kv_heads, c.head_dim)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v, length)
@@ -219,22 +218,28 @@ class GPT(nn.Module):
         return self.config.num_classes
 
     # ---- caches -------------------------------------------------------------------------------------------
-    def setup_cache(self, batch: int, dtype: torch.dtype | None = None) -> None:
-        """Allocate empty position-indexed caches for ``batch`` rows (2x the images when CFG is on)."""
+    def setup_cache(self, batch: int, dtype: torch.dtype | None = None, slack: int = 0) -> None:
+        """Allocate empty position-indexed caches for ``batch`` rows (2x the images when CFG is on).
+
+        ``slack`` extra slots past the last grid cell let speculative methods feed fixed-width windows that run
+        off the end of the grid: those padding cells are written and scored like any other but, lying after every
+        real cell, are never seen by a real cell's query."""
         dtype = dtype or self.output.weight.dtype
         c = self.config
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(batch, c.max_seq_len, c.kv_heads, c.head_dim, dtype).to(self.output.weight.device)
+            layer.attention.kv_cache = KVCache(batch, c.max_seq_len + slack, c.kv_heads, c.head_dim, dtype).to(self.output.weight.device)
         self.cache_batch = batch
+        self._rope_cache = torch.cat([self.rope, self.rope.new_zeros(slack, *self.rope.shape[1:])]) if slack else self.rope
 
     def clear_cache(self) -> None:
         for layer in self.layers:
             layer.attention.kv_cache = None
         self.cache_batch = 0
+        self._rope_cache = self.rope
 
     # ---- forward passes -------------------------------------------------------------------------------------
     def _run(self, h: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        rope = self.rope[input_pos]
+        rope = (self._rope_cache if self.cache_batch else self.rope)[input_pos]
         if mask is None and self.cache_batch:
             length = int(input_pos.max()) + 1
             mask = torch.arange(length, device=h.device)[None, None, :] <= input_pos[:, :, None]
