@@ -153,6 +153,9 @@ class Pipeline:
             "drafter_forwards": totals.get("drafter_forwards", 0),
             "target_forwards_per_image": round(totals.get("active_forwards", 0) / n, 3),
             "mean_accepted_length": round(totals.get("tokens", 0) / max(1, totals.get("active_forwards", 0)), 4),
+            # AR needs one target forward per token, so the compression is tokens per image / forwards per image
+            "step_compression": round(g * g * n / max(1, totals.get("active_forwards", 0)), 4),
+            "acceptance_rate": round(totals["accepted"] / totals["drafted"], 4) if totals.get("drafted") else None,
         }
         if self.classifier is not None:
             pred = self.classify(images)

@@ -11,10 +11,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from mulosd.decoding.ar import DecodeStats, generate_ar
+from mulosd.decoding.engine import DrafterProposer, speculative_generate
+from mulosd.decoding.rules import verify_exact
 from mulosd.decoding.sampling import RandomStreams, SamplingConfig
 from mulosd.errors import MulosdError
 
 if TYPE_CHECKING:
+    from mulosd.models.gpt import GPT
     from mulosd.pipeline import Pipeline
 
 
@@ -56,7 +59,39 @@ class AR(Method):
         return generate_ar(self.model, labels, sampling, streams)
 
 
-REGISTRY: dict[str, type[Method]] = {m.name: m for m in (AR,)}
+def _int_param(params: dict, key: str, low: int) -> int:
+    value = params[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise MulosdError(f"{key} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def check_drafter(pipe: "Pipeline", role: str, grid: int) -> "GPT":
+    drafter = pipe.model(role)
+    t, d = pipe.target.config, drafter.config
+    if d.vocab_size != t.vocab_size:
+        raise MulosdError(f"drafter {role!r} has vocabulary {d.vocab_size}; the target's is {t.vocab_size} (they must match)")
+    if d.grid_size != grid:
+        raise MulosdError(f"drafter {role!r} works on a {d.grid_size}x{d.grid_size} grid; this method needs {grid}x{grid}")
+    return drafter
+
+
+class SD(Method):
+    """Exact speculative sampling (Leviathan/Chen) with the small same-resolution drafter, draft length gamma."""
+
+    name = "sd"
+    defaults = {"gamma": 8, "drafter": "small"}
+
+    def __init__(self, pipe, **params):
+        super().__init__(pipe, **params)
+        self.gamma = _int_param(self._params, "gamma", 1)
+        self.proposer = DrafterProposer(check_drafter(pipe, self._params["drafter"], pipe.target.config.grid_size))
+
+    def generate(self, labels, sampling, streams):
+        return speculative_generate(self.pipe.target, self.proposer, verify_exact, labels, sampling, streams, self.gamma)
+
+
+REGISTRY: dict[str, type[Method]] = {m.name: m for m in (AR, SD)}
 
 
 def get_method(name: str) -> type[Method]:
