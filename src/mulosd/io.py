@@ -136,3 +136,18 @@ def load_pretrained(model_cls, stem: str | os.PathLike, kind: str):
     model = model_cls(config)
     load_state_strict(model, load_file(str(weights)), str(weights))
     return model.eval()
+
+
+class Pretrained:
+    """Mixin for models that carry a config dataclass: ``save_pretrained(stem, dtype)`` writes
+    ``stem.json`` + ``stem.safetensors``; ``from_pretrained(stem)`` rebuilds and loads them strictly."""
+
+    config_class: type
+    kind: str
+
+    def save_pretrained(self, stem, dtype: torch.dtype | None = None) -> Path:
+        return save_pretrained(self, stem, self.kind, dtype)
+
+    @classmethod
+    def from_pretrained(cls, stem):
+        return load_pretrained(cls, stem, cls.kind)

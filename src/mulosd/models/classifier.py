@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mulosd.io import load_pretrained, save_pretrained
+from mulosd.io import Pretrained
 
 
 @dataclass
@@ -20,7 +20,7 @@ class ClassifierConfig:
     image_size: int = 32
 
 
-class Classifier(nn.Module):
+class Classifier(Pretrained, nn.Module):
     config_class = ClassifierConfig
     kind = "classifier"
 
@@ -54,10 +54,3 @@ class Classifier(nn.Module):
     @torch.no_grad()
     def predict(self, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
         return torch.cat([self(images[i : i + batch_size]).argmax(-1) for i in range(0, len(images), batch_size)])
-
-    def save_pretrained(self, stem, dtype=None):
-        return save_pretrained(self, stem, self.kind, dtype)
-
-    @classmethod
-    def from_pretrained(cls, stem):
-        return load_pretrained(cls, stem, cls.kind)

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mulosd.errors import MulosdError
-from mulosd.io import load_pretrained, save_pretrained
+from mulosd.io import Pretrained
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -188,7 +188,7 @@ class ClassEmbedder(nn.Module):
         self.embedding_table = nn.Embedding(num_classes + 1, dim)
 
 
-class GPT(nn.Module):
+class GPT(Pretrained, nn.Module):
     config_class = GPTConfig
     kind = "gpt"
 
@@ -280,11 +280,3 @@ class GPT(nn.Module):
         if tokens.shape[0] != self.cache_batch:
             raise RuntimeError(f"batch {tokens.shape[0]} does not match the cache batch {self.cache_batch}")
         return self._run(self.tok_embeddings(tokens), cells + self.config.cls_token_num, mask)
-
-    # ---- files -------------------------------------------------------------------------------------------
-    def save_pretrained(self, stem, dtype=None):
-        return save_pretrained(self, stem, self.kind, dtype)
-
-    @classmethod
-    def from_pretrained(cls, stem):
-        return load_pretrained(cls, stem, cls.kind)

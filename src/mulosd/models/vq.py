@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mulosd.io import load_pretrained, save_pretrained
+from mulosd.io import Pretrained
 
 
 @dataclass
@@ -89,7 +89,7 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-class VQModel(nn.Module):
+class VQModel(Pretrained, nn.Module):
     """Encoder -> cosine vector quantiser -> decoder. Images are [B, C, H, W] in [-1, 1]."""
 
     config_class = VQConfig
@@ -144,10 +144,3 @@ class VQModel(nn.Module):
         commit_loss = F.mse_loss(z, zq.detach())
         zq_st = z + (zq - z).detach()
         return self.decode_latent(zq_st), codebook_loss + self.config.commit_beta * commit_loss, tokens, z
-
-    def save_pretrained(self, stem, dtype=None):
-        return save_pretrained(self, stem, self.kind, dtype)
-
-    @classmethod
-    def from_pretrained(cls, stem):
-        return load_pretrained(cls, stem, cls.kind)
