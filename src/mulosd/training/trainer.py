@@ -127,7 +127,9 @@ def train(recipe: Recipe, out_dir: str | Path, cfg: TrainConfig, resume: bool = 
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        step_seed = cfg.seed * 1_000_003 + step
+        torch.manual_seed(step_seed)  # dropout and any other global-RNG use: a function of the step, as on resume
+        gen = torch.Generator().manual_seed(step_seed)
         loss, metrics = recipe.loss(model, batch_indices(step, n, cfg.batch_size, cfg.seed), step, gen)
         if not torch.isfinite(loss):
             raise MulosdError(f"loss became {loss.item()} at step {step}; lower --lr (now {cfg.lr})")
