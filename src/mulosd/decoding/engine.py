@@ -43,6 +43,11 @@ class Proposer(Protocol):
     def propose(self, tokens: torch.Tensor, frontier: torch.Tensor, gamma: int, cfg: SamplingConfig,
                 streams: RandomStreams) -> Proposal: ...
 
+    def observe(self, p: torch.Tensor, frontier: torch.Tensor, count: torch.Tensor, tokens: torch.Tensor,
+                streams: RandomStreams) -> None:
+        """After a cycle: the target's distributions p [B, G + 1, V] for cells f .. f+G (f = ``frontier`` before
+        the commit) and how many cells each sample committed. Training-free proposers draft from these."""
+
     def finish(self) -> None: ...
 
 
@@ -85,6 +90,7 @@ def speculative_generate(target: GPT, proposer: Proposer, rule: Rule, labels: to
             p = process_logits(target.decode(double(feed, cfg), double(cells, cfg)), cfg)
             verdict = rule(p, prop.q, prop.tokens, streams.uniform(gamma), streams.uniform())
             count = commit(tokens, frontier, prop.tokens, verdict, N)
+            proposer.observe(p, frontier, count, tokens, streams)
             frontier = frontier + count
             stats.target_forwards += 1
             stats.drafter_forwards += prop.forwards
@@ -97,34 +103,3 @@ def speculative_generate(target: GPT, proposer: Proposer, rule: Rule, labels: to
         target.clear_cache()
         proposer.finish()
     return tokens[:, :N], stats
-
-
-class DrafterProposer:
-    """A small AR model of the target's grid and vocabulary drafts G tokens, one forward each, with its own
-    position-indexed cache and the same sampling module (CFG included) as the target."""
-
-    def __init__(self, drafter: GPT):
-        self.drafter = drafter
-
-    def start(self, labels, cfg, slack):
-        self.drafter.setup_cache(len(labels) * (2 if cfg.uses_cfg else 1), slack=slack)
-        self.drafter.prefill(cfg_labels(self.drafter, labels, cfg))
-        return 1
-
-    def propose(self, tokens, frontier, gamma, cfg, streams):
-        # Re-feed the last two committed cells: this writes the token the target placed at f-1 (a resample or a
-        # bonus token the drafter has not seen) and the accepted draft before it; everything earlier is in cache.
-        cells = torch.stack([(frontier - 2).clamp_min(0), frontier - 1], dim=1)
-        logits = self.drafter.decode(double(tokens.gather(1, cells), cfg), double(cells, cfg))[:, -1]
-        drafts, qs = [], []
-        for i in range(gamma):
-            q = process_logits(logits, cfg)
-            d = sample(q, streams.uniform())
-            drafts.append(d)
-            qs.append(q)
-            if i + 1 < gamma:
-                logits = self.drafter.decode(double(d[:, None], cfg), double((frontier + i)[:, None], cfg))[:, 0]
-        return Proposal(tokens=torch.stack(drafts, 1), q=torch.stack(qs, 1), forwards=gamma)
-
-    def finish(self):
-        self.drafter.clear_cache()

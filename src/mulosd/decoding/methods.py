@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from mulosd.decoding.ar import DecodeStats, generate_ar
-from mulosd.decoding.engine import DrafterProposer, speculative_generate
+from mulosd.decoding.engine import speculative_generate
+from mulosd.decoding.proposers import DrafterProposer, JacobiProposer
 from mulosd.decoding.rules import verify_exact
 from mulosd.decoding.sampling import RandomStreams, SamplingConfig
 from mulosd.errors import MulosdError
@@ -91,7 +92,34 @@ class SD(Method):
         return speculative_generate(self.pipe.target, self.proposer, verify_exact, labels, sampling, streams, self.gamma)
 
 
-REGISTRY: dict[str, type[Method]] = {m.name: m for m in (AR, SD)}
+class SJD(Method):
+    """Speculative Jacobi Decoding: training-free drafts from the previous iteration, window L, exact."""
+
+    name = "sjd"
+    defaults = {"window": 16, "init": "random", "coupling": "none"}
+
+    def __init__(self, pipe, **params):
+        super().__init__(pipe, **params)
+        self.window = _int_param(self._params, "window", 1)
+        self.proposer = JacobiProposer(pipe.target.config.vocab_size, self._params["init"], self._params["coupling"])
+
+    def generate(self, labels, sampling, streams):
+        return speculative_generate(self.pipe.target, self.proposer, verify_exact, labels, sampling, streams, self.window)
+
+
+class MCSJD(SJD):
+    """SJD with coupled re-drafting (maximal or shared-Gumbel coupling): drafts persist across iterations, exact."""
+
+    name = "mcsjd"
+    defaults = {"window": 16, "init": "random", "coupling": "maximal"}
+
+    def __init__(self, pipe, **params):
+        if params.get("coupling") == "none":
+            raise MulosdError("mcsjd needs a coupling; allowed: maximal, gumbel (coupling=none is --method sjd)")
+        super().__init__(pipe, **params)
+
+
+REGISTRY: dict[str, type[Method]] = {m.name: m for m in (AR, SD, SJD, MCSJD)}
 
 
 def get_method(name: str) -> type[Method]:

@@ -1,0 +1,136 @@
+"""Proposers: where a speculative cycle's drafts (and the distributions q they were drawn from) come from.
+
+- :class:`DrafterProposer`: a small AR model of the target's grid drafts G tokens, one forward each.
+- :class:`JacobiProposer`: training-free Speculative Jacobi Decoding drafts, optionally coupled across
+  iterations (MC-SJD), built from the target distributions of the previous cycle.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mulosd.decoding.ar import cfg_labels, double
+from mulosd.decoding.engine import Proposal
+from mulosd.decoding.rules import acceptance_probability, residual_distribution
+from mulosd.decoding.sampling import process_logits, sample
+from mulosd.errors import MulosdError
+from mulosd.models.gpt import GPT
+
+
+class DrafterProposer:
+    """A small AR model of the target's grid and vocabulary drafts G tokens, one forward each, with its own
+    position-indexed cache and the same sampling module (CFG included) as the target."""
+
+    def __init__(self, drafter: GPT):
+        self.drafter = drafter
+
+    def start(self, labels, cfg, slack):
+        self.drafter.setup_cache(len(labels) * (2 if cfg.uses_cfg else 1), slack=slack)
+        self.drafter.prefill(cfg_labels(self.drafter, labels, cfg))
+        return 1
+
+    def propose(self, tokens, frontier, gamma, cfg, streams):
+        # Re-feed the last two committed cells: this writes the token the target placed at f-1 (a resample or a
+        # bonus token the drafter has not seen) and the accepted draft before it; everything earlier is in cache.
+        cells = torch.stack([(frontier - 2).clamp_min(0), frontier - 1], dim=1)
+        logits = self.drafter.decode(double(tokens.gather(1, cells), cfg), double(cells, cfg))[:, -1]
+        drafts, qs = [], []
+        for i in range(gamma):
+            q = process_logits(logits, cfg)
+            d = sample(q, streams.uniform())
+            drafts.append(d)
+            qs.append(q)
+            if i + 1 < gamma:
+                logits = self.drafter.decode(double(d[:, None], cfg), double((frontier + i)[:, None], cfg))[:, 0]
+        return Proposal(tokens=torch.stack(drafts, 1), q=torch.stack(qs, 1), forwards=gamma)
+
+    def observe(self, p, frontier, count, tokens, streams):
+        pass
+
+    def finish(self):
+        self.drafter.clear_cache()
+
+
+class JacobiProposer:
+    """Speculative Jacobi Decoding (Teng et al., ICLR 2025), lossless.
+
+    The window holds drafts for the G cells after the frontier. After each target forward the cells that remain
+    in the window are re-drafted from the target distribution that forward computed for them (that distribution
+    is their q); cells entering the window are initialised ``random`` (uniform token, q uniform) or ``spatial``
+    (a copy of the cell to the left, q one-hot). ``coupling`` ties a re-draft to the cell's previous draft while
+    keeping its marginal equal to q (MC-SJD, So et al.): ``maximal`` keeps the old token with probability
+    min(1, p_new(x_old) / q_old(x_old)) and otherwise draws from norm(max(0, p_new - q_old)); ``gumbel`` takes
+    argmax(log p_new + g) with one Gumbel vector per cell kept for the whole image. Independent resampling
+    (``none``) changes most drafts every iteration on flat image distributions, which is what coupling fixes.
+    """
+
+    INITS = ("random", "spatial")
+    COUPLINGS = ("none", "maximal", "gumbel")
+
+    def __init__(self, vocab_size: int, init: str = "random", coupling: str = "none"):
+        if init not in self.INITS:
+            raise MulosdError(f"init {init!r} unknown; allowed: {', '.join(self.INITS)}")
+        if coupling not in self.COUPLINGS:
+            raise MulosdError(f"coupling {coupling!r} unknown; allowed: {', '.join(self.COUPLINGS)}")
+        self.V, self.init, self.coupling = vocab_size, init, coupling
+
+    def start(self, labels, cfg, slack):
+        self.tok = self.q = self.gumbel = None
+        self.slack = slack
+        return 0
+
+    def _initialise(self, tok, q, first, last_committed, streams):
+        """Fill window positions i >= first [B] with fresh initial drafts (in place on tok [B, G], q [B, G, V])."""
+        B, G = tok.shape
+        fresh = torch.arange(G)[None] >= first[:, None]
+        if self.init == "random":
+            init_tok = sample(torch.full((B, G, self.V), 1.0 / self.V), streams.uniform(G))
+            init_q = torch.full((self.V,), 1.0 / self.V)
+        else:  # spatial: repeat the token left of the first fresh cell (the last committed one when first = 0)
+            left = torch.cat([last_committed[:, None], tok], dim=1).gather(1, first[:, None].clamp(max=G))
+            init_tok = left.expand(-1, G)
+            init_q = None
+        tok.copy_(torch.where(fresh, init_tok, tok))
+        if init_q is None:
+            init_q = torch.nn.functional.one_hot(init_tok, self.V).to(q.dtype)
+        q.copy_(torch.where(fresh[..., None], init_q, q))
+
+    def propose(self, tokens, frontier, gamma, cfg, streams):
+        if self.tok is None:
+            B = len(frontier)
+            self.tok = torch.zeros(B, gamma, dtype=torch.long)
+            self.q = torch.zeros(B, gamma, self.V)
+            self._initialise(self.tok, self.q, torch.zeros(B, dtype=torch.long), tokens.gather(1, frontier[:, None] - 1)[:, 0], streams)
+            if self.coupling == "gumbel":
+                u = streams.uniform(tokens.shape[1], self.V).clamp(1e-12, 1 - 1e-7)
+                self.gumbel = -torch.log(-torch.log(u))
+        return Proposal(tokens=self.tok.clone(), q=self.q.clone(), forwards=0)
+
+    def observe(self, p, frontier, count, tokens, streams):
+        B, G1, V = p.shape
+        G = G1 - 1
+        j = count[:, None] + torch.arange(G)  # new window position i sits at old offset j from the old frontier
+        p_new = p.gather(1, j.clamp(max=G)[..., None].expand(-1, -1, V))
+        u = streams.uniform(G)
+        if self.coupling == "gumbel":
+            cells = (frontier[:, None] + j).clamp(max=self.gumbel.shape[1] - 1)
+            g = self.gumbel.gather(1, cells[..., None].expand(-1, -1, V))
+            new = torch.where(p_new > 0, p_new.log() + g, torch.full_like(g, float("-inf"))).argmax(-1)
+        else:
+            new = sample(p_new, u)
+        if self.coupling == "maximal":
+            was_drafted = j < G
+            jo = j.clamp(max=G - 1)
+            old_tok = self.tok.gather(1, jo)
+            old_q = self.q.gather(1, jo[..., None].expand(-1, -1, V))
+            a = acceptance_probability(p_new.gather(-1, old_tok[..., None])[..., 0], old_q.gather(-1, old_tok[..., None])[..., 0])
+            keep = streams.uniform(G) < a
+            moved = sample(residual_distribution(p_new, old_q), u)
+            new = torch.where(was_drafted, torch.where(keep, old_tok, moved), new)
+        tok, q = new, p_new.clone()
+        last = tokens.gather(1, (frontier + count - 1).clamp_min(0)[:, None])[:, 0]
+        self._initialise(tok, q, (G - count + 1).clamp(0, G), last, streams)
+        self.tok, self.q = tok, q
+
+    def finish(self):
+        self.tok = self.q = self.gumbel = None

@@ -1,0 +1,101 @@
+import pytest
+import torch
+
+from mulosd import Pipeline
+from mulosd.errors import MulosdError
+from mulosd.models.gpt import GPT, GPTConfig
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return Pipeline.from_pretrained("fmnist-32")
+
+
+def test_shipped_set_is_consistent(pipe):
+    t = pipe.target.config
+    assert t.grid_size == 16 and t.vocab_size == pipe.tokenizer.config.codebook_size
+    assert pipe.drafters["r2"].config.grid_size == 8 and pipe.drafters["r4"].config.grid_size == 4
+    for role in ("r2", "r4"):  # same architecture and size as the target
+        d = pipe.drafters[role].config
+        assert (d.n_layer, d.dim, d.n_head) == (t.n_layer, t.dim, t.n_head)
+    assert pipe.drafters["small"].config.grid_size == 16
+    assert sum(p.numel() for p in pipe.drafters["small"].parameters()) < 0.2 * sum(p.numel() for p in pipe.target.parameters())
+
+
+def test_greedy_is_deterministic_and_batch_invariant(pipe):
+    kw = dict(classes=[7, 1], num_per_class=2, temperature=0.0, cfg_scale=2.0)
+    a = pipe(batch_size=4, **kw)
+    b = pipe(batch_size=4, **kw)
+    c = pipe(batch_size=1, **kw)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.tokens, c.tokens)
+    assert torch.equal(a.tokens[0], a.tokens[1])  # greedy: same class -> same image, whatever the seed stream
+
+
+def test_same_seed_same_images(pipe):
+    kw = dict(classes="sneaker,bag", num_per_class=2, seed=5, top_k=50, top_p=0.95)
+    a, b = pipe(batch_size=3, **kw), pipe(batch_size=2, **kw)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.images, b.images)
+    assert not torch.equal(a.tokens, pipe(**{**kw, "seed": 6}).tokens)
+
+
+def test_stats_and_images(pipe):
+    out = pipe(classes=[0], num_per_class=2, batch_size=2)
+    s = out.stats
+    for key in ("method", "num_images", "batch_size", "wall_time_s", "tokens_per_image", "target_forwards",
+                "drafter_forwards", "mean_accepted_length", "class_accuracy"):
+        assert key in s
+    assert (s["method"], s["num_images"], s["tokens_per_image"], s["drafter_forwards"]) == ("ar", 2, 256, 0)
+    assert s["mean_accepted_length"] == 1.0 and s["target_forwards"] == 256 and s["target_forwards_per_image"] == 256
+    assert out.images.shape == (2, 1, 32, 32) and 0 <= out.images.min() and out.images.max() <= 1
+
+
+def test_drafters_sample_alone_at_their_resolution(pipe):
+    out = pipe(classes=[1], num_per_class=1, method="ar", model="r2")
+    assert out.images.shape[-1] == 16 and out.stats["tokens_per_image"] == 64
+    with pytest.raises(MulosdError, match="no model 'r3'"):
+        pipe(classes=[1], method="ar", model="r3")
+
+
+def test_target_samples_are_recognisable(pipe):
+    """Quality regression guard on a small sample (the full measurement lives in docs/MODELS.md)."""
+    out = pipe(classes=list(range(10)), num_per_class=3, batch_size=10, seed=1, cfg_scale=3.0)
+    assert out.stats["class_accuracy"] >= 0.7
+
+
+def test_bad_inputs(pipe):
+    with pytest.raises(MulosdError, match="unknown class 'cat'"):
+        pipe.class_ids("0,cat")
+    with pytest.raises(MulosdError, match="out of range"):
+        pipe.class_ids([10])
+    with pytest.raises(MulosdError, match="num_per_class"):
+        pipe(classes=[0], num_per_class=0)
+    with pytest.raises(MulosdError, match="unknown method"):
+        pipe(classes=[0], method="nope")
+    with pytest.raises(MulosdError, match="no parameters"):
+        pipe(classes=[0], method="ar", gamma=3)
+
+
+def test_vocab_mismatch_is_an_error(pipe):
+    other = GPT(GPTConfig(vocab_size=100, grid_size=16, dim=32, n_layer=1, n_head=4))
+    with pytest.raises(MulosdError, match="vocab_size 100 does not match the tokenizer's codebook size 512"):
+        Pipeline(pipe.tokenizer, other)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_sd_greedy_is_token_identical_to_ar_on_fmnist(pipe, batch):
+    kw = dict(classes=[0, 5, 9], num_per_class=1, temperature=0.0, cfg_scale=3.0, batch_size=batch)
+    ar = pipe(method="ar", **kw)
+    sd = pipe(method="sd", gamma=4, **kw)
+    assert torch.equal(ar.tokens, sd.tokens)
+    assert sd.stats["target_forwards_per_image"] < 256 and sd.stats["drafter_forwards"] > 0
+
+
+def test_sd_sampling_stats(pipe):
+    out = pipe(classes=[7, 8], num_per_class=2, method="sd", gamma=6, batch_size=4, seed=2)
+    s = out.stats
+    assert 0 < s["acceptance_rate"] < 1 and s["mean_accepted_length"] > 1 and s["step_compression"] > 1
+    assert s["params"] == {"gamma": 6, "drafter": "small"}
+    with pytest.raises(MulosdError, match="gamma must be an integer >= 1"):
+        pipe(classes=[0], method="sd", gamma=0)
+    with pytest.raises(MulosdError, match="works on a 8x8 grid"):
+        pipe(classes=[0], method="sd", drafter="r2")
