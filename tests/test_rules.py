@@ -52,3 +52,73 @@ def test_batched_monte_carlo_two_token_sequences():
     assert chisquare(c1, (p[0] * N).numpy()).pvalue > 1e-3
     c2 = torch.bincount(second, minlength=V).numpy()
     assert chisquare(c2, (p[1] * ok.sum()).numpy()).pvalue > 1e-3
+
+
+from mulosd.decoding.rules import codebook_neighbours, lantern_pooling, verify_grouped, verify_lantern  # noqa: E402
+
+
+def batch_case(seed, B=64, G=5, V=12):
+    g = torch.Generator().manual_seed(seed)
+    p = random_dist(g, B, G + 1, V).float()
+    q = random_dist(g, B, G, V).float()
+    draft = torch.multinomial(q.reshape(-1, V), 1, generator=g).view(B, G)
+    return p, q, draft, torch.rand(B, G, generator=g), torch.rand(B, generator=g), torch.randn(V, 4, generator=g)
+
+
+def same(a, b):
+    return all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("accept", "num_accepted", "next_token"))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_lantern_limits_reproduce_exact_sd(seed):
+    p, q, draft, ua, ur, book = batch_case(seed)
+    exact = verify_exact(p, q, draft, ua, ur)
+    assert same(exact, verify_lantern(p, q, draft, ua, ur, codebook_neighbours(book, 5), delta=0.0))
+    assert same(exact, verify_lantern(p, q, draft, ua, ur, codebook_neighbours(book, 0), delta=0.4))
+    assert same(exact, verify_lantern(p, q, draft, ua, ur, codebook_neighbours(book, 5), lam=1.0))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_gsd_group_one_reproduces_exact_rule(seed):
+    p, q, draft, ua, ur, book = batch_case(seed)
+    book = torch.nn.functional.normalize(book, dim=-1)
+    assert same(verify_exact(p, q, draft, ua, ur), verify_grouped(p, q, draft, ua, ur, book, group=1))
+    # a group spanning the whole vocabulary has p(C) = q(C) = 1 (up to float rounding): every draft is accepted
+    everything = verify_grouped(p, q, draft, ua.clamp(max=0.999), ur, book, group=2 * p.shape[-1], prob_tol=1.1, embed_tol=3.0)
+    assert everything.accept.all()
+
+
+def lantern_one_step(p, q, neighbours, delta):
+    """Exact one-step output distribution of the LANTERN rule, from its own pooling function."""
+    out = torch.zeros_like(p)
+    for x in range(len(p)):
+        if q[x] == 0:
+            continue
+        p_tilde, pooled = lantern_pooling(p, torch.tensor(x), neighbours, delta)
+        a = acceptance_probability(p_tilde, q[x])
+        out[x] += q[x] * a
+        out += q[x] * (1 - a) * residual_distribution(p, q.masked_fill(pooled, 0.0))
+    return out
+
+
+def test_lantern_deviation_grows_with_delta():
+    """Lossy by design: report the one-step total variation to p for growing delta (0 at delta = 0)."""
+    g = torch.Generator().manual_seed(4)
+    V = 16
+    book = torch.randn(V, 3, generator=g, dtype=torch.float64)
+    nb = codebook_neighbours(book, 6)
+    pairs = [(random_dist(g, V), random_dist(g, V)) for _ in range(10)]
+    tv = {}
+    for delta in (0.0, 0.05, 0.1, 0.2, 0.4):
+        tv[delta] = sum(0.5 * (lantern_one_step(p, q, nb, delta) - p).abs().sum().item() for p, q in pairs) / len(pairs)
+    assert tv[0.0] < 1e-9 and tv[0.4] > tv[0.05] > 0
+    for out in (lantern_one_step(random_dist(g, V), random_dist(g, V), nb, 0.3),):
+        assert abs(out.sum().item() - 1) < 1e-9  # still a distribution
+
+
+def test_neighbour_tables():
+    book = torch.tensor([[0.0], [1.0], [3.0], [3.5]])
+    assert codebook_neighbours(book, 2).tolist() == [[1, 2], [0, 2], [3, 1], [2, 1]]
+    assert codebook_neighbours(book, 2, include_self=True).tolist() == [[0, 1], [1, 0], [2, 3], [3, 2]]
+    with pytest.raises(ValueError, match="allowed: 0..3"):
+        codebook_neighbours(book, 4)

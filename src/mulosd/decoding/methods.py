@@ -6,6 +6,7 @@ Each method is a small object naming its parameters (validated at construction, 
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -13,7 +14,7 @@ import torch
 from mulosd.decoding.ar import DecodeStats, generate_ar
 from mulosd.decoding.engine import speculative_generate
 from mulosd.decoding.proposers import DrafterProposer, JacobiProposer
-from mulosd.decoding.rules import verify_exact
+from mulosd.decoding.rules import codebook_neighbours, verify_exact, verify_grouped, verify_lantern
 from mulosd.decoding.sampling import RandomStreams, SamplingConfig
 from mulosd.errors import MulosdError
 
@@ -87,9 +88,10 @@ class SD(Method):
         super().__init__(pipe, **params)
         self.gamma = _int_param(self._params, "gamma", 1)
         self.proposer = DrafterProposer(check_drafter(pipe, self._params["drafter"], pipe.target.config.grid_size))
+        self.rule = verify_exact
 
     def generate(self, labels, sampling, streams):
-        return speculative_generate(self.pipe.target, self.proposer, verify_exact, labels, sampling, streams, self.gamma)
+        return speculative_generate(self.pipe.target, self.proposer, self.rule, labels, sampling, streams, self.gamma)
 
 
 class SJD(Method):
@@ -100,11 +102,11 @@ class SJD(Method):
 
     def __init__(self, pipe, **params):
         super().__init__(pipe, **params)
-        self.window = _int_param(self._params, "window", 1)
+        self.gamma = _int_param(self._params, "window", 1)
         self.proposer = JacobiProposer(pipe.target.config.vocab_size, self._params["init"], self._params["coupling"])
+        self.rule = verify_exact
 
-    def generate(self, labels, sampling, streams):
-        return speculative_generate(self.pipe.target, self.proposer, verify_exact, labels, sampling, streams, self.window)
+    generate = SD.generate
 
 
 class MCSJD(SJD):
@@ -119,7 +121,55 @@ class MCSJD(SJD):
         super().__init__(pipe, **params)
 
 
-REGISTRY: dict[str, type[Method]] = {m.name: m for m in (AR, SD, SJD, MCSJD)}
+def _float_param(params: dict, key: str, low: float, high: float, low_open: bool = False) -> float:
+    value = params[key]
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        value = float(value)
+        ok = (low < value if low_open else low <= value) and value <= high
+    if not ok:
+        raise MulosdError(f"{key} must be a number in {'(' if low_open else '['}{low}, {high}], got {params[key]!r}")
+    return value
+
+
+class Lantern(SD):
+    """LANTERN relaxed acceptance: target mass of the k nearest codes pooled onto the draft (budget delta, or
+    LANTERN++'s lam * p(x) when lam is set), small drafter. Lossy."""
+
+    name = "lantern"
+    exact = False
+    defaults = {"gamma": 8, "drafter": "small", "k": 20, "delta": 0.1, "lam": None}
+
+    def __init__(self, pipe, **params):
+        super().__init__(pipe, **params)
+        V = pipe.target.config.vocab_size
+        k = _int_param(self._params, "k", 0)
+        if k > V - 1:
+            raise MulosdError(f"k must be at most {V - 1} (the codebook has {V} entries), got {k}")
+        delta = _float_param(self._params, "delta", 0.0, 1.0)
+        lam = None if self._params["lam"] is None else _float_param(self._params, "lam", 1.0, 1e6)
+        neighbours = codebook_neighbours(pipe.tokenizer.codebook.detach(), k)
+        self.rule = functools.partial(verify_lantern, neighbours=neighbours, delta=delta, lam=lam)
+
+
+class GSD(SJD):
+    """Grouped Speculative Decoding on SJD drafts: accept by the target/draft mass of a group of close,
+    similarly ranked codes. Lossy; group=1 is SJD."""
+
+    name = "gsd"
+    exact = False
+    defaults = {"window": 16, "init": "random", "coupling": "none", "group": 10, "prob_tol": 0.15, "embed_tol": 0.5}
+
+    def __init__(self, pipe, **params):
+        super().__init__(pipe, **params)
+        group = _int_param(self._params, "group", 1)
+        prob_tol = _float_param(self._params, "prob_tol", 0.0, 1.0, low_open=True)
+        embed_tol = _float_param(self._params, "embed_tol", 0.0, 2.0, low_open=True)
+        self.rule = functools.partial(verify_grouped, codebook=pipe.tokenizer.codebook.detach(), group=group,
+                                      prob_tol=prob_tol, embed_tol=embed_tol)
+
+
+REGISTRY: dict[str, type[Method]] = {m.name: m for m in (AR, SD, SJD, MCSJD, Lantern, GSD)}
 
 
 def get_method(name: str) -> type[Method]:

@@ -51,8 +51,96 @@ def verify_exact(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, u_accept
     p_x = p[:, :G].gather(-1, draft[..., None]).squeeze(-1)
     q_x = q.gather(-1, draft[..., None]).squeeze(-1)
     accept = u_accept < acceptance_probability(p_x, q_x)
+    return _truncate_and_resample(p, q, draft, accept, u_resample)
+
+
+# ---- relaxed (lossy) rules --------------------------------------------------------------------------------------
+
+
+def codebook_neighbours(codebook: torch.Tensor, k: int, include_self: bool = False) -> torch.Tensor:
+    """[V, D] code vectors -> [V, k] indices of each code's k nearest codes by L2 distance, nearest first.
+    ``include_self`` puts the code itself first (MuLo-SD's pooling set); LANTERN's list excludes it."""
+    V = codebook.shape[0]
+    limit = V if include_self else V - 1
+    if not 0 <= k <= limit:
+        raise ValueError(f"k={k} neighbours requested; allowed: 0..{limit} for a codebook of {V} entries")
+    dist = torch.cdist(codebook.double(), codebook.double())
+    if not include_self:
+        dist.fill_diagonal_(float("inf"))
+    else:
+        dist.fill_diagonal_(-1.0)
+    return dist.argsort(dim=-1, stable=True)[:, :k]
+
+
+def _truncate_and_resample(p, q, draft, accept, u_resample, q_zero_mask=None) -> Verdict:
+    """Shared tail of the rules: first rejection, then the residual norm(max(0, p - q)) at that cell (q optionally
+    zeroed where ``q_zero_mask`` [B, G, V] is set), or the bonus sample from p after a fully accepted window."""
+    B, G = draft.shape
     n = first_rejection(accept)
     rows = torch.arange(B, device=p.device)
-    q_next = torch.cat([q, torch.zeros_like(q[:, :1])], dim=1)[rows, n]  # q = 0 at the bonus cell -> residual = p
-    next_token = sample(residual_distribution(p[rows, n], q_next), u_resample)
-    return Verdict(accept=accept, num_accepted=n, next_token=next_token)
+    if q_zero_mask is not None:
+        q = q.masked_fill(q_zero_mask, 0.0)
+    q_next = torch.cat([q, torch.zeros_like(q[:, :1])], dim=1)[rows, n]
+    return Verdict(accept=accept, num_accepted=n, next_token=sample(residual_distribution(p[rows, n], q_next), u_resample))
+
+
+def lantern_pooling(p: torch.Tensor, draft: torch.Tensor, neighbours: torch.Tensor, delta: float = 0.1,
+                    lam: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """LANTERN's relaxed target mass for each draft: p [..., V], draft [...] -> (p~(x) [...], pooled [..., V]),
+    where ``pooled`` marks the neighbours whose mass was moved onto x (see :func:`verify_lantern`)."""
+    nb = neighbours[draft]  # [..., k]
+    p_nb = p.gather(-1, nb)
+    p_x = p.gather(-1, draft[..., None]).squeeze(-1)
+    budget = (lam - 1.0) * p_x if lam is not None else torch.full_like(p_x, delta)
+    pooled = p_nb.cumsum(-1) <= budget[..., None]  # a prefix of the neighbour list (running sums only grow)
+    p_tilde = p_x + (p_nb * pooled).sum(-1)
+    return p_tilde, torch.zeros_like(p, dtype=torch.bool).scatter(-1, nb, pooled)
+
+
+def verify_lantern(p, q, draft, u_accept, u_resample, neighbours: torch.Tensor, delta: float = 0.1,
+                   lam: float | None = None) -> Verdict:
+    """LANTERN relaxed acceptance (Jang et al., ICLR 2025), and LANTERN++'s multiplicative bound (Park et al.).
+
+    For draft x with nearest codes n_1..n_k (``neighbours`` [V, k], self excluded) and running sums
+    S_j = p(n_1) + ... + p(n_j), pool the longest prefix with S_j <= budget onto x: p~(x) = p(x) + S_J, where the
+    budget is ``delta`` (absolute total-variation budget, LANTERN) or, when ``lam`` > 1 is given,
+    (lam - 1) * p(x) (LANTERN++: p~(x) <= lam * p(x)). Accept with probability min(1, p~(x) / q(x)). At the first
+    rejection sample norm(max(0, p - q')) where q' is q with the *pooled* neighbours zeroed.
+
+    Deliberate deviation from the reference code, which zeroes q on the whole neighbour list whenever any
+    neighbour was pooled: zeroing only the pooled ones makes delta = 0 (or k = 0) exactly speculative sampling
+    (pooled neighbours then carry no target mass, so zeroing their q leaves max(0, p - q) unchanged)."""
+    G = draft.shape[1]
+    q_x = q.gather(-1, draft[..., None]).squeeze(-1)
+    p_tilde, zero = lantern_pooling(p[:, :G], draft, neighbours, delta, lam)
+    accept = u_accept < acceptance_probability(p_tilde, q_x)
+    return _truncate_and_resample(p, q, draft, accept, u_resample, zero)
+
+
+def verify_grouped(p, q, draft, u_accept, u_resample, codebook: torch.Tensor, group: int = 10,
+                   prob_tol: float = 0.15, embed_tol: float = 0.5) -> Verdict:
+    """Grouped Speculative Decoding (So et al., ICCV 2025), applied to SJD drafts.
+
+    The group C(x) of draft x holds the tokens whose rank in the target distribution lies within
+    floor(group / 2) of x's rank, whose probability differs from p(x) by less than ``prob_tol`` and whose
+    (L2-normalised) code vector lies within ``embed_tol`` of x's. Accept with probability
+    min(1, p(C) / q(C)); the residual is unchanged, norm(max(0, p - q)). ``group = 1`` gives C(x) = {x}: SJD."""
+    B, G = draft.shape
+    V = p.shape[-1]
+    half = group // 2
+    p_draft = p[:, :G]
+    order = p_draft.argsort(dim=-1, descending=True, stable=True)  # tokens by target rank
+    rank_x = order.argsort(dim=-1, stable=True).gather(-1, draft[..., None])  # [B, G, 1]
+    offsets = torch.arange(-half, half + 1, device=p.device)
+    ranks = rank_x + offsets  # [B, G, 2h + 1]
+    in_range = (ranks >= 0) & (ranks < V)
+    cand = order.gather(-1, ranks.clamp(0, V - 1))
+    p_c = p_draft.gather(-1, cand)
+    p_x = p_draft.gather(-1, draft[..., None])
+    dist = (codebook[cand] - codebook[draft][..., None, :]).norm(dim=-1)
+    close = ((p_c - p_x).abs() < prob_tol) & (dist < embed_tol)
+    member = in_range & (close | (offsets == 0))  # x itself (offset 0) always belongs to its group, once
+    mass_p = (p_c * member).sum(-1)
+    mass_q = (q.gather(-1, cand) * member).sum(-1)
+    accept = u_accept < acceptance_probability(mass_p, mass_q)
+    return _truncate_and_resample(p, q, draft, accept, u_resample)
