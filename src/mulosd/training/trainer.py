@@ -121,8 +121,10 @@ def train(recipe: Recipe, out_dir: str | Path, cfg: TrainConfig, resume: bool = 
     n = recipe.num_examples()
     model.train()
     t0 = time.perf_counter() - elapsed
-    last = {}
-    log = open(out / "log.jsonl", "a")
+    log_path = out / "log.jsonl"
+    lines = log_path.read_text().splitlines() if log_path.exists() else []
+    last = json.loads(lines[-1]) if lines else {}  # a resumed run that was already finished reports its last step
+    log = open(log_path, "a")
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {recipe.name}", disable=not progress)
     for step in bar:
         for group in opt.param_groups:
