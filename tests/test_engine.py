@@ -117,3 +117,53 @@ def test_coupling_raises_draft_persistence():
                                      torch.zeros(400, dtype=torch.long), cfg, RandomStreams.from_seed(0, range(400)), 6)
         rates[coupling] = st.accepted / st.drafted
     assert rates["maximal"] > rates["none"]
+
+
+from mulosd.decoding.zipar import generate_zipar, zipar_schedule_step  # noqa: E402
+
+
+@pytest.mark.parametrize("cfg", [SamplingConfig(cfg_scale=2.0), SamplingConfig(temperature=0.0)])
+def test_zipar_with_full_window_is_ar(cfg):
+    target = toy(32, 2, 2, grid=4, vocab=16, std=0.3)
+    labels = torch.tensor([0, 1, 1])
+    ar, _ = generate_ar(target, labels, cfg, RandomStreams.from_seed(3, range(3)))
+    for window in (4, 9):
+        out, stats = generate_zipar(target, labels, cfg, RandomStreams.from_seed(3, range(3)), window)
+        assert torch.equal(ar, out) and stats.target_forwards == 16
+
+
+def test_zipar_parallel_schedule():
+    """Window 2 on a 4x4 grid: row r starts once row r-1 has 2 tokens, one token per active row per forward."""
+    W, counts, fed, steps = 4, [1, 0, 0, 0], set(), 0
+    while min(counts) < W:
+        feeds, stand_ins = zipar_schedule_step(counts, fed, W, 2)
+        for cell, nxt in feeds:
+            if cell not in stand_ins:
+                fed.add(cell)
+            if nxt is not None:
+                counts[nxt // W] += 1
+        steps += 1
+        if steps == 2:  # forward 1 gives row 0 its 2nd token; forward 2 gives its 3rd and starts row 1
+            assert counts[:2] == [3, 1]
+    assert steps == 9  # forwards after the prefill, instead of AR's 15
+    target = toy(32, 2, 2, grid=4, vocab=16, std=0.3)
+    out, stats = generate_zipar(target, torch.tensor([0, 1]), SamplingConfig(), RandomStreams.from_seed(0, range(2)), 2)
+    assert stats.target_forwards == 1 + steps and out.shape == (2, 16)
+
+
+def test_zipar_never_attends_to_unwritten_slots():
+    """Poison every unwritten cache slot with huge values: outputs must not change."""
+    target = toy(32, 2, 2, grid=4, vocab=16, std=0.3)
+    cfg = SamplingConfig()
+    a, _ = generate_zipar(target, torch.tensor([1]), cfg, RandomStreams.from_seed(0, [0]), 2)
+    original = target.setup_cache
+
+    def poisoned(batch, dtype=None, slack=0):
+        original(batch, dtype, slack)
+        for layer in target.layers:
+            layer.attention.kv_cache.k.fill_(1e4)
+            layer.attention.kv_cache.v.fill_(1e4)
+
+    target.setup_cache = poisoned
+    b, _ = generate_zipar(target, torch.tensor([1]), cfg, RandomStreams.from_seed(0, [0]), 2)
+    assert torch.equal(a, b)

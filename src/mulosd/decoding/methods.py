@@ -16,6 +16,7 @@ from mulosd.decoding.engine import speculative_generate
 from mulosd.decoding.proposers import DrafterProposer, JacobiProposer
 from mulosd.decoding.rules import codebook_neighbours, verify_exact, verify_grouped, verify_lantern
 from mulosd.decoding.sampling import RandomStreams, SamplingConfig
+from mulosd.decoding.zipar import generate_zipar
 from mulosd.errors import MulosdError
 
 if TYPE_CHECKING:
@@ -169,7 +170,23 @@ class GSD(SJD):
                                       prob_tol=prob_tol, embed_tol=embed_tol)
 
 
-REGISTRY: dict[str, type[Method]] = {m.name: m for m in (AR, SD, SJD, MCSJD, Lantern, GSD)}
+class ZipAR(Method):
+    """ZipAR spatially parallel decoding: a row starts once the row above has `window` tokens; one token per
+    active row per forward, no verification. Lossy; window >= grid size is AR."""
+
+    name = "zipar"
+    exact = False
+    defaults = {"window": 8}
+
+    def __init__(self, pipe, **params):
+        super().__init__(pipe, **params)
+        self.window = _int_param(self._params, "window", 1)
+
+    def generate(self, labels, sampling, streams):
+        return generate_zipar(self.pipe.target, labels, sampling, streams, self.window)
+
+
+REGISTRY: dict[str, type[Method]] = {m.name: m for m in (AR, SD, SJD, MCSJD, Lantern, GSD, ZipAR)}
 
 
 def get_method(name: str) -> type[Method]:
