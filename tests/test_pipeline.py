@@ -82,12 +82,13 @@ def test_vocab_mismatch_is_an_error(pipe):
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-def test_sd_greedy_is_token_identical_to_ar_on_fmnist(pipe, batch):
+def test_lossless_methods_greedy_token_identical_to_ar_on_fmnist(pipe, batch):
     kw = dict(classes=[0, 5, 9], num_per_class=1, temperature=0.0, cfg_scale=3.0, batch_size=batch)
     ar = pipe(method="ar", **kw)
-    sd = pipe(method="sd", gamma=4, **kw)
-    assert torch.equal(ar.tokens, sd.tokens)
-    assert sd.stats["target_forwards_per_image"] < 256 and sd.stats["drafter_forwards"] > 0
+    for method, params in [("sd", {"gamma": 4}), ("sjd", {}), ("mcsjd", {}), ("mcsjd", {"coupling": "gumbel"})]:
+        out = pipe(method=method, **kw, **params)
+        assert torch.equal(ar.tokens, out.tokens), method
+        assert out.stats["target_forwards_per_image"] < 256
 
 
 def test_sd_sampling_stats(pipe):
