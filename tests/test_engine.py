@@ -167,3 +167,17 @@ def test_zipar_never_attends_to_unwritten_slots():
     target.setup_cache = poisoned
     b, _ = generate_zipar(target, torch.tensor([1]), cfg, RandomStreams.from_seed(0, [0]), 2)
     assert torch.equal(a, b)
+
+
+def test_gsd_group_one_equals_sjd_end_to_end():
+    import functools
+
+    from mulosd.decoding.rules import verify_grouped
+
+    target = toy(32, 2, 2, grid=4, vocab=16, std=0.3)
+    book = torch.nn.functional.normalize(torch.randn(16, 4), dim=-1)
+    labels, cfg = torch.tensor([0, 1, 1, 0]), SamplingConfig(cfg_scale=1.5)
+    sjd, s1 = speculative_generate(target, JacobiProposer(16), verify_exact, labels, cfg, RandomStreams.from_seed(0, range(4)), 5)
+    gsd, s2 = speculative_generate(target, JacobiProposer(16), functools.partial(verify_grouped, codebook=book, group=1),
+                                   labels, cfg, RandomStreams.from_seed(0, range(4)), 5)
+    assert torch.equal(sjd, gsd) and s1.target_forwards == s2.target_forwards

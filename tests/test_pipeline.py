@@ -100,3 +100,16 @@ def test_sd_sampling_stats(pipe):
         pipe(classes=[0], method="sd", gamma=0)
     with pytest.raises(MulosdError, match="works on a 8x8 grid"):
         pipe(classes=[0], method="sd", drafter="r2")
+
+
+def test_drafter_vocab_mismatch_is_an_error(pipe):
+    other = GPT(GPTConfig(vocab_size=100, grid_size=16, dim=32, n_layer=1, n_head=4))
+    with pytest.raises(MulosdError, match="small model vocab_size 100 does not match"):
+        Pipeline(pipe.tokenizer, pipe.target, drafters={"small": other})
+
+
+@pytest.mark.parametrize("method", ["sjd", "mcsjd", "lantern", "gsd", "zipar"])
+def test_every_method_runs_at_batch_1_and_8(pipe, method):
+    for batch in (1, 8):
+        out = pipe(classes=[3], num_per_class=batch, method=method, batch_size=batch, seed=1)
+        assert out.tokens.shape == (batch, 16, 16) and out.stats["step_compression"] > 1
