@@ -26,25 +26,38 @@ p = argparse.ArgumentParser()
 p.add_argument("--reps", type=int, default=10, help="interleaved rounds; each round decodes 1 class x batch images per method")
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--cfg-scale", type=float, default=3.0)
+p.add_argument("--variants", nargs="*", default=[], metavar="METHOD:KEY=VALUE[,KEY=VALUE]",
+               help="extra rows with non-default parameters, e.g. sd:gamma=4 lantern:delta=0.05")
+p.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
 args = p.parse_args()
 
-METHODS = ["ar", "sd", "sjd", "mcsjd", "lantern", "gsd", "zipar"]
+
+def parse_variant(text: str) -> tuple[str, str, dict]:
+    method, _, rest = text.partition(":")
+    params = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in rest.split(",") if kv)}
+    return text, method, params
+
+
+RUNS = [(m, m, {}) for m in ["ar", "sd", "sjd", "mcsjd", "lantern", "gsd", "zipar"]] + [parse_variant(v) for v in args.variants]
+METHODS = [name for name, _, _ in RUNS]
+SPEC = {name: (method, params) for name, method, params in RUNS}
+BATCHES = [int(b) for b in args.batches.split(",")]
 pipe = Pipeline.from_pretrained("fmnist-32")
 report = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}", "cfg_scale": args.cfg_scale,
           "reps": args.reps, "seed": args.seed, "results": {}}
 
 for m in METHODS:  # warm-up (allocations, first-call overheads)
-    pipe(classes=[0], num_per_class=1, method=m, seed=999, cfg_scale=args.cfg_scale)
+    pipe(classes=[0], num_per_class=1, method=SPEC[m][0], seed=999, cfg_scale=args.cfg_scale, **SPEC[m][1])
 
-for batch in (1, 8):
+for batch in BATCHES:
     acc = {m: {"wall": 0.0, "images": 0, "correct": 0.0, "tf": 0, "active": 0, "df": 0, "tok": 0, "acc_d": 0.0,
                "drafted": 0, "lat": []} for m in METHODS}
     for rep in tqdm(range(args.reps), desc=f"batch {batch}"):
         cls = rep % 10
         for m in METHODS:
-            out = pipe(classes=[cls], num_per_class=batch, method=m, batch_size=batch,
-                       seed=args.seed * 1000 + rep, cfg_scale=args.cfg_scale)
+            out = pipe(classes=[cls], num_per_class=batch, method=SPEC[m][0], batch_size=batch,
+                       seed=args.seed * 1000 + rep, cfg_scale=args.cfg_scale, **SPEC[m][1])
             s, a = out.stats, acc[m]
             a["wall"] += s["wall_time_s"]
             a["lat"].append(s["latency_s_per_image"])
@@ -64,8 +77,8 @@ for batch in (1, 8):
         lat = a["wall"] / a["images"]
         lat_sorted = sorted(a["lat"])
         rows[m] = {
-            "params": REGISTRY[m].defaults,
-            "exact": REGISTRY[m].exact,
+            "params": {**REGISTRY[SPEC[m][0]].defaults, **SPEC[m][1]},
+            "exact": REGISTRY[SPEC[m][0]].exact,
             "images": a["images"],
             "latency_s_per_image": round(lat, 4),
             "latency_median_s": round(lat_sorted[len(lat_sorted) // 2], 4),
@@ -85,10 +98,11 @@ for batch in (1, 8):
 atomic_write_json("docs/methods_report.json", report)
 
 # ---- the results section of docs/METHODS.md -----------------------------------------------------------------
-lines = [f"Measured {report['date']} on {report['machine']} by `scripts/methods_report.py --reps {args.reps}` "
-         f"(one process, methods interleaved per round, CFG {args.cfg_scale}, default parameters; "
+cmd = " ".join(["--reps", str(args.reps)] + (["--variants", *args.variants] if args.variants else []))
+lines = [f"Measured {report['date']} on {report['machine']} by `scripts/methods_report.py {cmd}` "
+         f"(one process, methods interleaved per round, CFG {args.cfg_scale}, default parameters unless the row names others; "
          f"{args.reps} rounds of one class x batch images per method; raw numbers in `docs/methods_report.json`).", ""]
-for batch in (1, 8):
+for batch in BATCHES:
     rows = report["results"][f"batch{batch}"]
     lines += [f"**Batch {batch}** ({rows['ar']['images']} images per method)", "",
               "| method | exact | latency s/img | speedup vs AR | target fwd/img | step compression | accept rate | drafter fwd/img | ms per target fwd | class acc |",
