@@ -70,7 +70,7 @@ def _copy_zoo(tmp_path):
 def test_checkpoint_config_mismatch(tmp_path):
     d = _copy_zoo(tmp_path)
     meta = json.loads((d / "target.json").read_text())
-    meta["config"]["dim"] = 64
+    meta["config"]["dim"] = 96  # a valid config (6 heads of 16) that the stored weights do not fit
     (d / "target.json").write_text(json.dumps(meta))
     r = run("generate", "--model", str(d), "--classes", "0", "--num-per-class", "1", "--out", str(tmp_path / "o.png"))
     assert r.exit_code == 1 and "has shape" in r.output and "config implies" in r.output

@@ -54,6 +54,9 @@ def check_writable(path: str | os.PathLike) -> Path:
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise MulosdError(f"output path {path} is a directory; give a file name")
+    existing = next((p for p in [parent, *parent.parents] if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise MulosdError(f"cannot create the directory {parent} for {path}: {existing} is a file")
     if not parent.exists():
         try:
             parent.mkdir(parents=True, exist_ok=True)

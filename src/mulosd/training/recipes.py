@@ -187,9 +187,10 @@ class ARRecipe:
         test = FashionMNIST.load("test", self.data_dir)
         n = min(2000, self.limit or 2000)
         tokens = encode_dataset(self.vq, test.at(self.px)[:n]).long()
+        labels = test.labels[:n]
         with torch.no_grad():
             nll = sum(
-                F.cross_entropy(model(test.labels[i : i + 200], tokens[i : i + 200]).reshape(-1, self.gpt.vocab_size),
+                F.cross_entropy(model(labels[i : i + 200], tokens[i : i + 200]).reshape(-1, self.gpt.vocab_size),
                                 tokens[i : i + 200].reshape(-1), reduction="sum").item()
                 for i in range(0, n, 200)
             )
