@@ -30,7 +30,8 @@ def test_generate_writes_grid_and_stats(tmp_path):
 def test_help_documents_every_option():
     r = run("generate", "--help")
     for opt in ("--method", "--classes", "--num-per-class", "--batch-size", "--seed", "--cfg-scale", "--temperature",
-                "--top-k", "--top-p", "--out", "--stats-json", "--model", "--param"):
+                "--top-k", "--top-p", "--out", "--stats-json", "--model", "--param", "--gamma", "--drafter", "--window",
+                "--init", "--coupling", "--k", "--delta", "--lam", "--group", "--prob-tol", "--embed-tol"):
         assert opt in r.output
 
 
@@ -45,6 +46,14 @@ def test_help_documents_every_option():
     (["--top-p", "0"], 1, "top-p 0.0 out of range"),
     (["--method", "magic"], 1, "unknown method 'magic'"),
     (["--model", "nowhere"], 1, "no model set 'nowhere'"),
+    (["--method", "sd", "--gamma", "0"], 1, "gamma must be an integer >= 1, got 0"),
+    (["--method", "sjd", "--window", "0"], 1, "window must be an integer >= 1, got 0"),
+    (["--method", "zipar", "--window", "0"], 1, "window must be an integer >= 1, got 0"),
+    (["--method", "lantern", "--delta", "1.5"], 1, "delta must be a number in [0.0, 1.0], got 1.5"),
+    (["--method", "lantern", "--k", "600"], 1, "k must be at most 511"),
+    (["--method", "sd", "--drafter", "r2"], 1, "works on a 8x8 grid; this method needs 16x16"),
+    (["--method", "mcsjd", "--coupling", "none"], 1, "mcsjd needs a coupling"),
+    (["--method", "ar", "--gamma", "3"], 1, "method 'ar' takes no --gamma"),
 ])
 def test_bad_generate_inputs(tmp_path, args, code, msg):
     out = tmp_path / "x.png"
@@ -82,6 +91,16 @@ def test_tokenizer_vocab_mismatch(tmp_path):
     GPT(GPTConfig(vocab_size=300, grid_size=16, dim=32, n_layer=1, n_head=4)).save_pretrained(d / "target")
     r = run("generate", "--model", str(d), "--classes", "0", "--num-per-class", "1", "--out", str(tmp_path / "o.png"))
     assert r.exit_code == 1 and "vocab_size 300 does not match the tokenizer's codebook size 512" in r.output
+
+
+def test_method_options_reach_the_method(tmp_path):
+    stats = tmp_path / "s.json"
+    r = run("generate", "--method", "lantern", "--gamma", "4", "--k", "5", "--delta", "0.2", "--classes", "1",
+            "--num-per-class", "1", "--out", str(tmp_path / "g.png"), "--stats-json", str(stats), "--no-progress")
+    assert r.exit_code == 0, r.output
+    s = json.loads(stats.read_text())
+    assert s["params"] == {"gamma": 4, "drafter": "small", "k": 5, "delta": 0.2, "lam": None}
+    assert s["acceptance_rate"] is not None and s["step_compression"] > 1
 
 
 def test_info_and_methods():

@@ -181,3 +181,16 @@ def test_gsd_group_one_equals_sjd_end_to_end():
     gsd, s2 = speculative_generate(target, JacobiProposer(16), functools.partial(verify_grouped, codebook=book, group=1),
                                    labels, cfg, RandomStreams.from_seed(0, range(4)), 5)
     assert torch.equal(sjd, gsd) and s1.target_forwards == s2.target_forwards
+
+
+def test_lantern_delta_zero_equals_sd_end_to_end():
+    import functools
+
+    from mulosd.decoding.rules import codebook_neighbours, verify_lantern
+
+    target, drafter = toy(32, 2, 2, grid=4, vocab=16, std=0.3), toy(16, 1, 3, grid=4, vocab=16, std=0.3)
+    rule = functools.partial(verify_lantern, neighbours=codebook_neighbours(torch.randn(16, 4), 6), delta=0.0)
+    labels, cfg = torch.tensor([0, 1, 1]), SamplingConfig(cfg_scale=2.0)
+    sd, _ = speculative_generate(target, DrafterProposer(drafter), verify_exact, labels, cfg, RandomStreams.from_seed(0, range(3)), 4)
+    lt, _ = speculative_generate(target, DrafterProposer(drafter), rule, labels, cfg, RandomStreams.from_seed(0, range(3)), 4)
+    assert torch.equal(sd, lt)

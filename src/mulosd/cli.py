@@ -43,12 +43,25 @@ def main():
 @click.option("--temperature", type=float, default=1.0, help="Sampling temperature, 0 = greedy. Range [0, 10].")
 @click.option("--top-k", type=int, default=0, help="Keep the k most likely tokens (0 = off). Integer >= 0.")
 @click.option("--top-p", type=float, default=1.0, help="Nucleus sampling mass (1 = off). Range (0, 1].")
-@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Method parameter, repeatable (e.g. --param gamma=8).")
+@click.option("--gamma", type=int, default=None, help="sd, lantern: draft length (integer >= 1). Defaults: sd 3, lantern 8.")
+@click.option("--drafter", default=None, help="sd, lantern: drafter role in the model set. Default: small.")
+@click.option("--window", type=int, default=None,
+              help="sjd, mcsjd, gsd: Jacobi window (default 16); zipar: tokens a row must lead the row below by (default 8). Integer >= 1.")
+@click.option("--init", "init", default=None, help="sjd, mcsjd, gsd: initialisation of new window cells, random or spatial. Default: random.")
+@click.option("--coupling", default=None,
+              help="sjd, gsd: none (default) / maximal / gumbel; mcsjd: maximal (default) or gumbel.")
+@click.option("--k", "k", type=int, default=None, help="lantern: codebook neighbours pooled (0..V-1). Default: 20.")
+@click.option("--delta", type=float, default=None, help="lantern: total-variation budget in [0, 1]. Default: 0.1.")
+@click.option("--lam", type=float, default=None, help="lantern: LANTERN++ bound p~(x) <= lam * p(x), >= 1 (replaces delta). Default: off.")
+@click.option("--group", type=int, default=None, help="gsd: rank window of a group (>= 1; 1 = SJD). Default: 10.")
+@click.option("--prob-tol", type=float, default=None, help="gsd: max |p(x') - p(x)| inside a group, in (0, 1]. Default: 0.15.")
+@click.option("--embed-tol", type=float, default=None, help="gsd: max code-vector distance inside a group, in (0, 2]. Default: 0.5.")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Any method parameter by name, repeatable (e.g. --param gamma=4).")
 @click.option("--out", type=click.Path(dir_okay=False), default="outputs/grid.png", help="Where to write the labelled PNG grid.")
 @click.option("--stats-json", type=click.Path(dir_okay=False), default=None, help="Also write the run statistics as JSON here.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
-def generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale, temperature, top_k, top_p, params,
-             out, stats_json, progress):
+def generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale, temperature, top_k, top_p, gamma,
+             drafter, window, init, coupling, k, delta, lam, group, prob_tol, embed_tol, params, out, stats_json, progress):
     """Generate class-conditional images and write a labelled grid (plus optional stats JSON).
 
     Stats: method, num_images, batch_size, wall_time_s, tokens_per_image, target_forwards (batched passes),
@@ -56,8 +69,10 @@ def generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale,
     class_accuracy (share classified as the requested class by the shipped classifier).
     """
     _threads()
+    given = {"gamma": gamma, "drafter": drafter, "window": window, "init": init, "coupling": coupling, "k": k,
+             "delta": delta, "lam": lam, "group": group, "prob_tol": prob_tol, "embed_tol": embed_tol}
     _run(_generate, model, method, classes, num_per_class, batch_size, seed, cfg_scale, temperature, top_k, top_p,
-         params, out, stats_json, progress)
+         {key: v for key, v in given.items() if v is not None}, params, out, stats_json, progress)
 
 
 def _parse_params(items) -> dict:
@@ -73,8 +88,8 @@ def _parse_params(items) -> dict:
     return out
 
 
-def _generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale, temperature, top_k, top_p, params,
-              out, stats_json, progress):
+def _generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale, temperature, top_k, top_p,
+              options, params, out, stats_json, progress):
     from mulosd.decoding.methods import get_method
     from mulosd.decoding.sampling import SamplingConfig
     from mulosd.evaluation.grids import image_grid
@@ -83,7 +98,12 @@ def _generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale
 
     # Validate everything cheap before loading models or doing work.
     SamplingConfig(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
-    get_method(method)
+    method_cls = get_method(method)
+    method_params = {**options, **_parse_params(params)}
+    foreign = sorted(set(method_params) - set(method_cls.defaults))
+    if foreign:
+        raise MulosdError(f"method {method!r} takes no {', '.join('--' + f.replace('_', '-') for f in foreign)}; "
+                          f"its parameters: {', '.join(sorted(method_cls.defaults)) or 'none'}")
     if Path(out).suffix.lower() != ".png":
         raise MulosdError(f"--out {out!r} must end in .png")
     check_writable(out)
@@ -92,7 +112,7 @@ def _generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale
     pipe = Pipeline.from_pretrained(model)
     result = pipe(classes, num_per_class=num_per_class, method=method, seed=seed, batch_size=batch_size,
                   cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, progress=progress,
-                  **_parse_params(params))
+                  **method_params)
     grid = image_grid(result.images, result.labels, pipe.class_names)
     atomic_write(out, lambda tmp: grid.save(tmp, format="PNG"))
     click.echo(f"wrote {out} ({result.stats['num_images']} images, {result.stats['wall_time_s']:.2f} s, "
