@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -25,7 +25,6 @@ class DecodeStats:
     tokens: int = 0  # tokens committed over the batch
     accepted: int = 0
     drafted: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def cfg_labels(model: GPT, labels: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:

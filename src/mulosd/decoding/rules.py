@@ -47,7 +47,7 @@ def verify_exact(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, u_accept
     """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023): accept draft i with probability
     min(1, p_i(x_i) / q_i(x_i)); at the first rejection j sample norm(max(0, p_j - q_j)); if all G are accepted,
     sample the bonus token from p_G. The committed tokens follow p exactly."""
-    B, G = draft.shape
+    G = draft.shape[1]
     p_x = p[:, :G].gather(-1, draft[..., None]).squeeze(-1)
     q_x = q.gather(-1, draft[..., None]).squeeze(-1)
     accept = u_accept < acceptance_probability(p_x, q_x)
@@ -125,7 +125,7 @@ def verify_grouped(p, q, draft, u_accept, u_resample, codebook: torch.Tensor, gr
     floor(group / 2) of x's rank, whose probability differs from p(x) by less than ``prob_tol`` and whose
     (L2-normalised) code vector lies within ``embed_tol`` of x's. Accept with probability
     min(1, p(C) / q(C)); the residual is unchanged, norm(max(0, p - q)). ``group = 1`` gives C(x) = {x}: SJD."""
-    B, G = draft.shape
+    G = draft.shape[1]
     V = p.shape[-1]
     half = group // 2
     p_draft = p[:, :G]
