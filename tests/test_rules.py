@@ -122,3 +122,22 @@ def test_neighbour_tables():
     assert codebook_neighbours(book, 2, include_self=True).tolist() == [[0, 1], [1, 0], [2, 3], [3, 2]]
     with pytest.raises(ValueError, match="allowed: 0..3"):
         codebook_neighbours(book, 4)
+
+
+def test_pooled_threshold_acceptance():
+    from mulosd.decoding.rules import pooled_threshold_accept
+
+    book = torch.tensor([[0.0], [1.0], [3.0], [3.5]])
+    p = torch.tensor([[0.10, 0.30, 0.25, 0.35]])
+    nb1, nb2 = codebook_neighbours(book, 1, include_self=True), codebook_neighbours(book, 2, include_self=True)
+    draft = torch.tensor([[0, 1, 2, 3]]).T.expand(-1, 1)  # each code as the draft, [4, 1]
+    pp = p.expand(4, -1)[:, None]  # [4, 1, V]
+    assert pooled_threshold_accept(pp, draft, nb1, 0.3)[:, 0].tolist() == [False, True, False, True]
+    # k = 2 pools {0,1}, {1,0}, {2,3}, {3,2}: masses 0.4, 0.4, 0.6, 0.6
+    assert pooled_threshold_accept(pp, draft, nb2, 0.5)[:, 0].tolist() == [False, False, True, True]
+    assert not pooled_threshold_accept(pp, draft, nb2, 1.01).any()
+    g = torch.Generator().manual_seed(0)
+    big = random_dist(g, 3, 5, 12).float()
+    d = torch.randint(0, 12, (3, 5), generator=g)
+    all_codes = codebook_neighbours(torch.randn(12, 2, generator=g), 12, include_self=True)
+    assert pooled_threshold_accept(big, d, all_codes, 0.999).all()  # pooling every code gives mass 1

@@ -144,3 +144,12 @@ def verify_grouped(p, q, draft, u_accept, u_resample, codebook: torch.Tensor, gr
     mass_q = (q.gather(-1, cand) * member).sum(-1)
     accept = u_accept < acceptance_probability(mass_p, mass_q)
     return _truncate_and_resample(p, q, draft, accept, u_resample)
+
+
+def pooled_threshold_accept(p: torch.Tensor, draft: torch.Tensor, neighbours: torch.Tensor, tau: float) -> torch.Tensor:
+    """MuLo-SD's deterministic acceptance: draft x at a cell is accepted when the target probability pooled over
+    its k nearest codes, x included (``neighbours`` [V, k] from ``codebook_neighbours(..., include_self=True)``),
+    reaches ``tau``. No draft distribution is involved. p [..., V], draft [...] -> accept [...] bool.
+    k = 1 tests p(x) >= tau alone; tau > 1 rejects everything."""
+    pooled = p.gather(-1, neighbours[draft]).sum(-1)
+    return pooled >= tau
