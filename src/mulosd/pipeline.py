@@ -132,9 +132,8 @@ class Pipeline:
             idx = range(start, min(start + batch_size, len(labels)))
             tokens, stats = decoder.generate(labels[start : idx.stop], sampling, RandomStreams.from_seed(seed, idx))
             all_tokens.append(tokens)
-            for key, value in vars(stats).items():
-                if isinstance(value, (int, float)):
-                    totals[key] = totals.get(key, 0) + value
+            for key, value in vars(stats).items():  # every DecodeStats field is a count
+                totals[key] = totals.get(key, 0) + value
         wall = time.perf_counter() - t0
         tokens = torch.cat(all_tokens).view(-1, g, g)
         images = self.decode_images(tokens)
