@@ -195,3 +195,114 @@ class ARRecipe:
                 for i in range(0, n, 200)
             )
         return {"test_nll_per_token": round(nll / tokens.numel(), 4), "test_images": n}
+
+
+@dataclass
+class UpsamplerRecipe:
+    """The learned latent up-/down-sampler for one factor r (MuLo-SD's U_r and D_r), on pairs of Fashion-MNIST
+    codes at 32 px and 32/r px from one tokenizer.
+
+    Stage 1 (steps < ``ce_steps``): cross-entropy of the up-sampler's logits against the high-res codes, plus
+    cross-entropy of the down-sampler against the low-res codes. Stage 2: the up-sampler's most likely codes are
+    decoded by the frozen VQ decoder and compared with the 32 px image (MSE, weight ``pixel_weight``), gradients
+    reaching the logits through a straight-through softmax; the cross-entropy terms stay on (up-sampler weight
+    ``ce_weight``) so the output remains a calibrated distribution over codes."""
+
+    tokenizer: str
+    r: int = 2
+    dim: int = 64
+    n_blocks: int = 4
+    ce_steps: int = 2000
+    pixel_weight: float = 10.0
+    ce_weight: float = 0.5
+    data_dir: str | None = None
+    limit: int | None = None
+    name: str = "upsampler"
+
+    def __post_init__(self):
+        from mulosd.errors import MulosdError
+        from mulosd.models.upsample import tokenizer_fingerprint
+
+        if self.r not in (2, 4):
+            raise MulosdError(f"r must be 2 or 4 for 32 px Fashion-MNIST (16x16 target grid), got {self.r}")
+        self.vq = VQModel.from_pretrained(self.tokenizer).eval()
+        for p in self.vq.parameters():
+            p.requires_grad_(False)
+        self.fingerprint = tokenizer_fingerprint(self.vq)
+        data = FashionMNIST.load("train", self.data_dir).head(self.limit)
+        self.images = data.at(32)
+        with torch.no_grad():
+            self.hi = encode_dataset(self.vq, self.images)
+            self.lo = encode_dataset(self.vq, data.at(32 // self.r))
+
+    def describe(self) -> dict:
+        return {"tokenizer": str(Path(self.tokenizer).resolve()), "r": self.r, "dim": self.dim, "n_blocks": self.n_blocks,
+                "ce_steps": self.ce_steps, "pixel_weight": self.pixel_weight, "ce_weight": self.ce_weight,
+                "limit": self.limit}
+
+    def build_model(self):
+        from mulosd.models.upsample import LatentResampler, LatentResamplerConfig
+
+        return LatentResampler(LatentResamplerConfig(r=self.r, vocab_size=self.vq.config.codebook_size, dim=self.dim,
+                                                     n_blocks=self.n_blocks, tokenizer_id=self.fingerprint))
+
+    def num_examples(self) -> int:
+        return len(self.images)
+
+    def _grids(self, index):
+        g = 32 // self.vq.config.downsample
+        hi = self.hi[index].long().view(-1, g, g)
+        lo = self.lo[index].long().view(-1, g // self.r, g // self.r)
+        return hi, lo
+
+    def loss(self, model, index, step, gen):
+        hi, lo = self._grids(index)
+        logits = model.up_logits(lo)
+        ce_up = F.cross_entropy(logits, hi)
+        ce_down = F.cross_entropy(model.down_logits(hi), lo)
+        metrics = {"ce_up": ce_up.item(), "ce_down": ce_down.item(), "acc_up": (logits.argmax(1) == hi).float().mean().item()}
+        if step < self.ce_steps:
+            return ce_up + ce_down, metrics
+        soft = logits.softmax(1)
+        hard = F.one_hot(soft.argmax(1), soft.shape[1]).permute(0, 3, 1, 2).to(soft.dtype)
+        weights = hard + soft - soft.detach()  # forward: the argmax code; backward: through the softmax
+        codes = torch.einsum("bvhw,vd->bdhw", weights, self.vq.codebook)
+        mse = F.mse_loss(self.vq.decode_latent(codes), self.images[index])
+        metrics["mse"] = mse.item()
+        return self.pixel_weight * mse + self.ce_weight * ce_up + ce_down, metrics
+
+    def after_step(self, model, step):
+        pass
+
+    def evaluate(self, model) -> dict:
+        """On the first 2000 test images: exact-code accuracy of U_r and D_r, how often the true code is among the
+        up-sampler's 5 most likely, PSNR of the decoded up-sampled codes, and the same for the pixel resampler."""
+        from mulosd.models.upsample import PixelResampler
+
+        test = FashionMNIST.load("test", self.data_dir).head(min(2000, self.limit or 2000))
+        g = 32 // self.vq.config.downsample
+        images = test.at(32)
+        with torch.no_grad():
+            hi = encode_dataset(self.vq, images).long().view(-1, g, g)
+            lo = encode_dataset(self.vq, test.at(32 // self.r)).long().view(-1, g // self.r, g // self.r)
+            logits = torch.cat([model.up_logits(lo[i : i + 250]) for i in range(0, len(lo), 250)])
+            up = logits.argmax(1)
+            top5 = (logits.topk(5, dim=1).indices == hi[:, None]).any(1)
+            down = torch.cat([model.down_logits(hi[i : i + 250]).argmax(1) for i in range(0, len(hi), 250)])
+            pix = PixelResampler(self.vq, self.r)
+            pix_up = torch.cat([pix.up(lo[i : i + 250]) for i in range(0, len(lo), 250)])
+            pix_down = torch.cat([pix.down(hi[i : i + 250]) for i in range(0, len(hi), 250)])
+
+            def psnr(tokens):
+                rec = torch.cat([self.vq.decode(tokens[i : i + 250]) for i in range(0, len(tokens), 250)])
+                return round(10 * math.log10(4.0 / F.mse_loss(rec, images).item()), 2)
+
+        return {
+            "test_images": len(images),
+            "learned": {"up_token_acc": round((up == hi).float().mean().item(), 4),
+                        "up_top5_acc": round(top5.float().mean().item(), 4),
+                        "up_psnr_db": psnr(up), "down_token_acc": round((down == lo).float().mean().item(), 4)},
+            "pixel": {"up_token_acc": round((pix_up == hi).float().mean().item(), 4), "up_psnr_db": psnr(pix_up),
+                      "down_token_acc": round((pix_down == lo).float().mean().item(), 4)},
+            "tokenizer_psnr_db": psnr(hi),
+        }
