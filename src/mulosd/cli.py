@@ -44,24 +44,45 @@ def main():
 @click.option("--top-k", type=int, default=0, help="Keep the k most likely tokens (0 = off). Integer >= 0.")
 @click.option("--top-p", type=float, default=1.0, help="Nucleus sampling mass (1 = off). Range (0, 1].")
 @click.option("--gamma", type=int, default=None, help="sd, lantern: draft length (integer >= 1). Defaults: sd 3, lantern 8.")
-@click.option("--drafter", default=None, help="sd, lantern: drafter role in the model set. Default: small.")
+@click.option("--drafter", default=None, help="sd, lantern: drafter role in the model set (default small); mulo: the low-res drafter (default r2 or r4 to match --r).")
 @click.option("--window", type=int, default=None,
               help="sjd, mcsjd, gsd: Jacobi window (default 16); zipar: tokens a row must lead the row below by (default 8). Integer >= 1.")
 @click.option("--init", "init", default=None, help="sjd, mcsjd, gsd: initialisation of new window cells, random or spatial. Default: random.")
 @click.option("--coupling", default=None,
               help="sjd, gsd: none (default) / maximal / gumbel; mcsjd: maximal (default) or gumbel.")
-@click.option("--k", "k", type=int, default=None, help="lantern: codebook neighbours pooled (0..V-1). Default: 20.")
+@click.option("--k", "k", type=int, default=None,
+              help="lantern: codebook neighbours pooled (0..V-1, default 20); mulo: size of the pooling set, the candidate included (1..V, 1 = no pooling, default 8).")
 @click.option("--delta", type=float, default=None, help="lantern: total-variation budget in [0, 1]. Default: 0.1.")
 @click.option("--lam", type=float, default=None, help="lantern: LANTERN++ bound p~(x) <= lam * p(x), >= 1 (replaces delta). Default: off.")
 @click.option("--group", type=int, default=None, help="gsd: rank window of a group (>= 1; 1 = SJD). Default: 10.")
 @click.option("--prob-tol", type=float, default=None, help="gsd: max |p(x') - p(x)| inside a group, in (0, 1]. Default: 0.15.")
 @click.option("--embed-tol", type=float, default=None, help="gsd: max code-vector distance inside a group, in (0, 2]. Default: 0.5.")
+@click.option("--r", "r", type=int, default=None, help="mulo: resolution ratio between target and drafter grids (2 or 4). Default: 2.")
+@click.option("--rows", type=int, default=None, help="mulo: low-resolution rows drafted per cycle (>= 1). Default: all (the whole low-res image in one cycle).")
+@click.option("--drafting", default=None, help="mulo: serial (token by token) or parallel (ZipAR inside the drafted rows). Default: parallel.")
+@click.option("--draft-window", type=int, default=None, help="mulo: ZipAR window of parallel drafting (>= 1). Default: 2.")
+@click.option("--upsampler", default=None, help="mulo: learned (shipped latent up-sampler) or pixel (decode, resize, re-encode). Default: learned.")
+@click.option("--downsampler", default=None, help="mulo: learned or pixel down-sampler re-synchronising the drafter with committed rows. Default: pixel.")
+@click.option("--resize", default=None, help="mulo, pixel up-sampler: bicubic, bilinear or lanczos. Default: bicubic.")
+@click.option("--acceptance", default=None,
+              help="mulo: threshold (pooled target mass >= tau, lossy, the paper's rule) or exact (speculative sampling with the up-sampler's distribution, lossless). Default: threshold.")
+@click.option("--tau", type=float, default=None, help="mulo: acceptance threshold in (0, 1]; inf rejects every candidate. Default: 0.1.")
+@click.option("--rejection", default=None,
+              help="mulo: local (windows of radius --radius), naive_local (rejected cells only) or raster (everything after the first rejection). Default: local.")
+@click.option("--radius", default=None, help="mulo, rejection=local: neighbourhood radius l >= 0 (window 2l+1), or inf. Default: 1.")
+@click.option("--resampling", default=None, help="mulo: serial (raster, one cell per forward) or parallel (rejection islands at once). Default: parallel.")
+@click.option("--island-window", type=int, default=None, help="mulo, parallel resampling: ZipAR window inside an island (>= 1). Default: 2.")
+@click.option("--acceptance-map", type=click.Path(dir_okay=False), default=None,
+              help="mulo: write a PNG of every cycle's drafted/accepted/rejected/resampled cells (first 8 images).")
+@click.option("--acceptance-gif", type=click.Path(dir_okay=False), default=None, help="mulo: the same as an animated GIF, one frame per cycle.")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Any method parameter by name, repeatable (e.g. --param gamma=4).")
 @click.option("--out", type=click.Path(dir_okay=False), default="outputs/grid.png", help="Where to write the labelled PNG grid.")
 @click.option("--stats-json", type=click.Path(dir_okay=False), default=None, help="Also write the run statistics as JSON here.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale, temperature, top_k, top_p, gamma,
-             drafter, window, init, coupling, k, delta, lam, group, prob_tol, embed_tol, params, out, stats_json, progress):
+             drafter, window, init, coupling, k, delta, lam, group, prob_tol, embed_tol, r, rows, drafting, draft_window,
+             upsampler, downsampler, resize, acceptance, tau, rejection, radius, resampling, island_window,
+             acceptance_map, acceptance_gif, params, out, stats_json, progress):
     """Generate class-conditional images and write a labelled grid (plus optional stats JSON).
 
     Stats: method, num_images, batch_size, wall_time_s, tokens_per_image, target_forwards (batched passes),
@@ -70,9 +91,22 @@ def generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale,
     """
     _threads()
     given = {"gamma": gamma, "drafter": drafter, "window": window, "init": init, "coupling": coupling, "k": k,
-             "delta": delta, "lam": lam, "group": group, "prob_tol": prob_tol, "embed_tol": embed_tol}
+             "delta": delta, "lam": lam, "group": group, "prob_tol": prob_tol, "embed_tol": embed_tol, "r": r,
+             "rows": rows, "drafting": drafting, "draft_window": draft_window, "upsampler": upsampler,
+             "downsampler": downsampler, "resize": resize, "acceptance": acceptance, "tau": tau, "rejection": rejection,
+             "radius": _radius_option(radius), "resampling": resampling, "island_window": island_window}
     _run(_generate, model, method, classes, num_per_class, batch_size, seed, cfg_scale, temperature, top_k, top_p,
-         {key: v for key, v in given.items() if v is not None}, params, out, stats_json, progress)
+         {key: v for key, v in given.items() if v is not None}, params, out, stats_json, progress, acceptance_map,
+         acceptance_gif)
+
+
+def _radius_option(value):
+    if value is None or value.strip().lower() in ("inf", "infinity"):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an integer >= 0 or inf", param_hint="--radius") from None
 
 
 def _parse_params(items) -> dict:
@@ -89,7 +123,7 @@ def _parse_params(items) -> dict:
 
 
 def _generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale, temperature, top_k, top_p,
-              options, params, out, stats_json, progress):
+              options, params, out, stats_json, progress, acceptance_map=None, acceptance_gif=None):
     from mulosd.decoding.methods import get_method
     from mulosd.decoding.sampling import SamplingConfig
     from mulosd.evaluation.grids import image_grid
@@ -109,10 +143,19 @@ def _generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale
     check_writable(out)
     if stats_json:
         check_writable(stats_json)
+    for path, ext, flag in ((acceptance_map, ".png", "--acceptance-map"), (acceptance_gif, ".gif", "--acceptance-gif")):
+        if path is None:
+            continue
+        if not getattr(method_cls, "traces_cycles", False):
+            raise MulosdError(f"{flag} needs --method mulo (the method that records its cycles), not {method!r}")
+        if Path(path).suffix.lower() != ext:
+            raise MulosdError(f"{flag} {path!r} must end in {ext}")
+        check_writable(path)
+    trace = bool(acceptance_map or acceptance_gif)
     pipe = Pipeline.from_pretrained(model)
     result = pipe(classes, num_per_class=num_per_class, method=method, seed=seed, batch_size=batch_size,
                   cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, progress=progress,
-                  **method_params)
+                  trace=trace, **method_params)
     grid = image_grid(result.images, result.labels, pipe.class_names)
     atomic_write(out, lambda tmp: grid.save(tmp, format="PNG"))
     click.echo(f"wrote {out} ({result.stats['num_images']} images, {result.stats['wall_time_s']:.2f} s, "
@@ -120,6 +163,71 @@ def _generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale
     if stats_json:
         atomic_write_json(stats_json, result.stats)
         click.echo(f"wrote {stats_json}")
+    if trace:
+        from mulosd.evaluation.maps import save_acceptance_gif, save_acceptance_map
+
+        grid_size = result.tokens.shape[-1]
+        if acceptance_map:
+            save_acceptance_map(acceptance_map, result.images, result.traces, grid_size)
+            click.echo(f"wrote {acceptance_map}")
+        if acceptance_gif:
+            save_acceptance_gif(acceptance_gif, result.images, result.traces, grid_size)
+            click.echo(f"wrote {acceptance_gif}")
+
+
+@main.command()
+@click.option("--model", default="fmnist-32", help="Shipped model-set name or a directory with a manifest.json.")
+@click.option("--methods", "methods_", default="ar,sd,sjd,mcsjd,lantern,gsd,zipar,mulo",
+              help="Comma-separated methods; `ar` (default parameters) is the speed-up reference.")
+@click.option("--sweep", "sweeps", multiple=True, metavar="METHOD.KEY=V1,V2,...",
+              help="Sweep a parameter (repeatable; several sweeps of one method give every combination).")
+@click.option("--param", "params", multiple=True, metavar="METHOD.KEY=VALUE", help="Fix a parameter of a method (repeatable).")
+@click.option("--setting", "extra", multiple=True, metavar="METHOD:KEY=VALUE[,KEY=VALUE]",
+              help="One more row with these parameters (repeatable; e.g. mulo:upsampler=pixel,resampling=serial).")
+@click.option("--num-images", type=int, default=100, help="Images per setting (>= 1); image i has class i mod 10.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, help="Images decoded together.")
+@click.option("--seed", type=int, default=0, help="Image i uses random stream (seed, i) in every setting.")
+@click.option("--cfg-scale", type=float, default=3.0, help="Classifier-free guidance scale (1 = off).")
+@click.option("--temperature", type=float, default=1.0, help="Sampling temperature (0 = greedy).")
+@click.option("--top-k", type=int, default=0, help="Top-k filter (0 = off).")
+@click.option("--top-p", type=float, default=1.0, help="Nucleus mass (1 = off).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory (results.json/csv/md, state, samples/).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out after its last finished round.")
+@click.option("--warmup/--no-warmup", default=True, help="Decode one uncounted batch per setting first.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Fashion-MNIST directory (reference statistics).")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+def bench(model, methods_, sweeps, params, extra, num_images, batch_size, seed, cfg_scale, temperature, top_k, top_p, out,
+          resume, warmup, data_dir, progress):
+    """Speed and quality of decoding methods side by side, in one process on the same images.
+
+    Rounds are interleaved (every setting decodes batch b before any decodes batch b+1) and results are written
+    atomically after every round. Per setting: median latency per image with its p10-p90 spread, speed-up over
+    `ar` from the same run, target/drafter forwards per image, step compression, acceptance rate, class
+    accuracy, FID in the shipped classifier's feature space against the test split (real-vs-real floor at the
+    same N in the config), and the time per phase (drafting, up-sampling, verification, resampling,
+    down-sampling) for methods that measure it.
+    """
+    _threads()
+    _run(_bench, model, methods_, sweeps, params, extra, num_images, batch_size, seed, cfg_scale, temperature, top_k, top_p,
+         out, resume, warmup, data_dir, progress)
+
+
+def _bench(model, methods_, sweeps, params, extra, num_images, batch_size, seed, cfg_scale, temperature, top_k, top_p, out,
+           resume, warmup, data_dir, progress):
+    from mulosd.evaluation.bench import BenchConfig, parse_settings, run_bench
+    from mulosd.io import check_writable
+    from mulosd.pipeline import Pipeline
+
+    cfg = BenchConfig(num_images=num_images, batch_size=batch_size, seed=seed, cfg_scale=cfg_scale,
+                      temperature=temperature, top_k=top_k, top_p=top_p, warmup=warmup)
+    cfg.validate()
+    settings = parse_settings(methods_, sweeps, params, extra)
+    check_writable(Path(out) / "results.json")
+    pipe = Pipeline.from_pretrained(model)
+    result = run_bench(pipe, settings, cfg, out, resume=resume, progress=progress, data_dir=data_dir)
+    click.echo((Path(out) / "results.md").read_text())
+    click.echo(f"wrote {out}/results.json, results.csv, results.md, samples/ "
+               f"({result['config']['rounds_done']}/{result['config']['rounds_total']} rounds)")
 
 
 @main.command()
@@ -187,7 +295,7 @@ def _train(recipe_fn, out, steps, batch_size, lr, warmup, seed, checkpoint_every
 
 @main.group()
 def train():
-    """Train the tokenizer, an AR transformer, or the evaluation classifier (resumable)."""
+    """Train the tokenizer, an AR transformer, the MuLo-SD up-sampler, or the evaluation classifier (resumable)."""
 
 
 @train.command("tokenizer")
@@ -248,6 +356,29 @@ def train_classifier(out, steps, batch_size, lr, warmup, seed, checkpoint_every,
     _run(_train, lambda: ClassifierRecipe(cfg=cfg, data_dir=data_dir, limit=limit), out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume)
 
 
+@train.command("upsampler")
+@_train_options
+@click.option("--tokenizer", required=True, type=click.Path(dir_okay=False),
+              help="Tokenizer stem (path without .json/.safetensors) whose codes the up-sampler maps.")
+@click.option("--r", "r", type=click.Choice(["2", "4"]), default="2",
+              help="Resolution factor: 2 maps 8x8 codes (16 px) to 16x16 (32 px), 4 maps 4x4 (8 px) to 16x16.")
+@click.option("--dim", type=click.IntRange(min=8), default=64, help="Trunk width (a multiple of 8).")
+@click.option("--blocks", type=click.IntRange(min=1), default=4, help="Row-causal residual blocks in the up trunk.")
+@click.option("--ce-steps", type=click.IntRange(min=0), default=2000,
+              help="Steps of stage 1 (cross-entropy on codes only); the remaining steps add the pixel loss.")
+@click.option("--pixel-weight", type=click.FloatRange(min=0), default=10.0, help="Weight of the stage-2 pixel MSE.")
+@click.option("--ce-weight", type=click.FloatRange(min=0), default=0.5, help="Weight of the up-sampler cross-entropy in stage 2.")
+def train_upsampler(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, data_dir, limit, tokenizer, r, dim,
+                    blocks, ce_steps, pixel_weight, ce_weight):
+    """Learned latent up-/down-sampler for MuLo-SD (row-causal masked conv + pixel-shuffle), one per factor r."""
+    _threads()
+    from mulosd.training.recipes import UpsamplerRecipe
+
+    _run(_train, lambda: UpsamplerRecipe(tokenizer=tokenizer, r=int(r), dim=dim, n_blocks=blocks, ce_steps=ce_steps,
+                                         pixel_weight=pixel_weight, ce_weight=ce_weight, data_dir=data_dir, limit=limit),
+         out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume)
+
+
 # ---------------------------------------------------------------------------------------------- pack
 @main.command()
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Model-set directory to write.")
@@ -256,13 +387,15 @@ def train_classifier(out, steps, batch_size, lr, warmup, seed, checkpoint_every,
 @click.option("--target", required=True, help="Target GPT stem.")
 @click.option("--classifier", default=None, help="Classifier stem.")
 @click.option("--drafter", "drafters", multiple=True, metavar="ROLE=STEM", help="Drafter GPT, repeatable (e.g. r2=runs/ar8/model).")
+@click.option("--upsampler", "upsamplers", multiple=True, metavar="STEM",
+              help="Learned MuLo-SD up-sampler, repeatable (its r comes from its config).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp16", help="Storage dtype for the shipped weights.")
-def pack(out, name, tokenizer, target, classifier, drafters, dtype):
+def pack(out, name, tokenizer, target, classifier, drafters, upsamplers, dtype):
     """Assemble trained models into a loadable model set (manifest.json + config/safetensors per component)."""
-    _run(_pack, out, name, tokenizer, target, classifier, drafters, dtype)
+    _run(_pack, out, name, tokenizer, target, classifier, drafters, upsamplers, dtype)
 
 
-def _pack(out, name, tokenizer, target, classifier, drafters, dtype):
+def _pack(out, name, tokenizer, target, classifier, drafters, upsamplers, dtype):
     import torch
 
     from mulosd.data.fashion_mnist import CLASS_NAMES
@@ -281,7 +414,14 @@ def _pack(out, name, tokenizer, target, classifier, drafters, dtype):
         role, stem = item.split("=", 1)
         roles[role] = GPT.from_pretrained(stem)
     clf = Classifier.from_pretrained(classifier) if classifier else None
-    Pipeline(comps["tokenizer"], comps["target"], clf, roles)  # validates vocab/classes before writing anything
+    from mulosd.models.upsample import LatentResampler
+
+    ups = {}
+    for stem in upsamplers:
+        m = LatentResampler.from_pretrained(stem)
+        m.check(comps["tokenizer"], m.config.r)
+        ups[m.config.r] = m
+    Pipeline(comps["tokenizer"], comps["target"], clf, roles, upsamplers=ups)  # validates before writing anything
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     comps["tokenizer"].save_pretrained(out / "tokenizer", torch_dtype)
@@ -290,10 +430,13 @@ def _pack(out, name, tokenizer, target, classifier, drafters, dtype):
         m.save_pretrained(out / f"drafter_{role}", torch_dtype)
     if clf is not None:
         clf.save_pretrained(out / "classifier", torch_dtype)
+    for r, m in ups.items():
+        m.save_pretrained(out / f"upsampler_r{r}", torch_dtype)
     atomic_write_json(out / "manifest.json", {
         "name": name or out.name, "tokenizer": "tokenizer", "target": "target",
         "classifier": "classifier" if clf is not None else None,
-        "drafters": {role: f"drafter_{role}" for role in roles}, "class_names": list(CLASS_NAMES),
+        "drafters": {role: f"drafter_{role}" for role in roles},
+        "upsamplers": {str(r): f"upsampler_r{r}" for r in sorted(ups)}, "class_names": list(CLASS_NAMES),
     })
     click.echo(f"packed {out}")
 

@@ -25,6 +25,7 @@ from mulosd.errors import MulosdError
 from mulosd.models.classifier import Classifier
 from mulosd.models.gpt import GPT
 from mulosd.models.vq import VQModel
+from mulosd.models.upsample import LatentResampler, PixelResampler
 from mulosd.zoo import manifest, resolve
 
 
@@ -34,13 +35,16 @@ class GenerationOutput:
     tokens: torch.Tensor  # [N, grid, grid]
     labels: torch.Tensor  # [N]
     stats: dict
+    traces: list | None = None  # per image, per cycle: {"block", "accept", "region"} (``trace=True``, MuLo-SD)
 
 
 class Pipeline:
     def __init__(self, tokenizer: VQModel, target: GPT, classifier: Classifier | None = None,
-                 drafters: dict[str, GPT] | None = None, class_names: tuple[str, ...] = CLASS_NAMES, name: str = "custom"):
+                 drafters: dict[str, GPT] | None = None, class_names: tuple[str, ...] = CLASS_NAMES, name: str = "custom",
+                 upsamplers: dict[int, LatentResampler] | None = None):
         self.tokenizer, self.target, self.classifier = tokenizer, target, classifier
         self.drafters = dict(drafters or {})
+        self.upsamplers = {int(r): m for r, m in (upsamplers or {}).items()}
         self.class_names = tuple(class_names)
         self.name = name
         self._check()
@@ -61,6 +65,7 @@ class Pipeline:
         spec = manifest(directory)
         drafters = {role: GPT.from_pretrained(directory / stem) for role, stem in spec.get("drafters", {}).items()}
         classifier = Classifier.from_pretrained(directory / spec["classifier"]) if spec.get("classifier") else None
+        upsamplers = {int(r): LatentResampler.from_pretrained(directory / stem) for r, stem in spec.get("upsamplers", {}).items()}
         return cls(
             tokenizer=VQModel.from_pretrained(directory / spec["tokenizer"]),
             target=GPT.from_pretrained(directory / spec["target"]),
@@ -68,6 +73,7 @@ class Pipeline:
             drafters=drafters,
             class_names=tuple(spec.get("class_names", CLASS_NAMES)),
             name=spec.get("name", Path(directory).name),
+            upsamplers=upsamplers,
         )
 
     def model(self, role: str) -> GPT:
@@ -77,6 +83,21 @@ class Pipeline:
         if role not in self.drafters:
             raise MulosdError(f"no model {role!r} in model set {self.name}; allowed: target, {', '.join(sorted(self.drafters))}")
         return self.drafters[role]
+
+    def resampler(self, kind: str, r: int, mode: str = "bicubic"):
+        """MuLo-SD's up/down-sampler for factor r: ``pixel`` (training-free, any tokenizer) or ``learned`` (the
+        shipped latent resampler for this r, checked against this pipeline's tokenizer)."""
+        if kind == "pixel":
+            return PixelResampler(self.tokenizer, r, mode)
+        if kind != "learned":
+            raise MulosdError(f"up-sampler {kind!r} unknown; allowed: pixel, learned")
+        if r not in self.upsamplers:
+            have = ", ".join(f"r={k}" for k in sorted(self.upsamplers)) or "none"
+            raise MulosdError(f"model set {self.name} has no learned up-sampler for r={r} (it has: {have}); "
+                              f"train one with `mulosd train upsampler --r {r}` or use upsampler=pixel")
+        model = self.upsamplers[r]
+        model.check(self.tokenizer, r)
+        return model
 
     # ---- inputs -------------------------------------------------------------------------------------------
     def class_ids(self, classes) -> list[int]:
@@ -117,23 +138,40 @@ class Pipeline:
     @torch.inference_mode()
     def __call__(self, classes, num_per_class: int = 1, method: str = "ar", seed: int = 0, batch_size: int = 8,
                  cfg_scale: float = 3.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 progress: bool = False, **method_params) -> GenerationOutput:
+                 progress: bool = False, trace: bool = False, first_index: int = 0, **method_params) -> GenerationOutput:
+        """Decode ``num_per_class`` images of every class in ``classes``. Image i (counting from ``first_index``)
+        draws from random stream (seed, i), so an image does not depend on the batch it was decoded in."""
         if num_per_class < 1:
             raise MulosdError(f"num_per_class must be >= 1, got {num_per_class}")
         if batch_size < 1:
             raise MulosdError(f"batch_size must be >= 1, got {batch_size}")
         sampling = SamplingConfig(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
         decoder = get_method(method)(self, **method_params)
+        if trace and not getattr(decoder, "traces_cycles", False):
+            raise MulosdError(f"acceptance maps need a method that records its cycles (mulo); {method!r} does not")
+        traces = [] if trace else None
         labels = torch.tensor([c for c in self.class_ids(classes) for _ in range(num_per_class)])
         g = decoder.output_grid
         all_tokens, totals = [], {}
         t0 = time.perf_counter()
         for start in tqdm(range(0, len(labels), batch_size), desc=f"generate {method}", disable=not progress):
             idx = range(start, min(start + batch_size, len(labels)))
-            tokens, stats = decoder.generate(labels[start : idx.stop], sampling, RandomStreams.from_seed(seed, idx))
+            streams = RandomStreams.from_seed(seed, range(first_index + idx.start, first_index + idx.stop))
+            if trace:
+                cycles: list[dict] = []
+                tokens, stats = decoder.generate(labels[start : idx.stop], sampling, streams, trace=cycles)
+                traces.extend([{"block": c["block"], "accept": c["accept"][b], "region": c["region"][b]} for c in cycles]
+                              for b in range(len(idx)))
+            else:
+                tokens, stats = decoder.generate(labels[start : idx.stop], sampling, streams)
             all_tokens.append(tokens)
-            for key, value in vars(stats).items():  # every DecodeStats field is a count
-                totals[key] = totals.get(key, 0) + value
+            for key, value in vars(stats).items():  # counts, plus the per-phase time dict
+                if isinstance(value, dict):
+                    phases = totals.setdefault(key, {})
+                    for name, v in value.items():
+                        phases[name] = phases.get(name, 0.0) + v
+                else:
+                    totals[key] = totals.get(key, 0) + value
         wall = time.perf_counter() - t0
         tokens = torch.cat(all_tokens).view(-1, g, g)
         images = self.decode_images(tokens)
@@ -155,8 +193,12 @@ class Pipeline:
             # AR needs one target forward per token, so the compression is tokens per image / forwards per image
             "step_compression": round(g * g * n / max(1, totals.get("active_forwards", 0)), 4),
             "acceptance_rate": round(totals["accepted"] / totals["drafted"], 4) if totals.get("drafted") else None,
+            "resampled_per_image": round(totals.get("resampled", 0) / n, 3),
+            "refreshed_per_image": round(totals.get("refreshed", 0) / n, 3),
+            "time_breakdown_s": {k: round(v, 4) for k, v in totals.get("time_s", {}).items()},
+            "counts": {k: totals.get(k, 0) for k in ("active_forwards", "tokens", "accepted", "drafted", "resampled", "refreshed")},
         }
         if self.classifier is not None:
             pred = self.classify(images)
             stats["class_accuracy"] = round((pred == labels).float().mean().item(), 4)
-        return GenerationOutput(images=images, tokens=tokens, labels=labels, stats=stats)
+        return GenerationOutput(images=images, tokens=tokens, labels=labels, stats=stats, traces=traces)

@@ -153,3 +153,19 @@ def pooled_threshold_accept(p: torch.Tensor, draft: torch.Tensor, neighbours: to
     k = 1 tests p(x) >= tau alone; tau > 1 rejects everything."""
     pooled = p.gather(-1, neighbours[draft]).sum(-1)
     return pooled >= tau
+
+
+def verify_block_exact(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, done: torch.Tensor,
+                       u_accept: torch.Tensor, u_resample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Speculative sampling over a block whose first cells may already be committed (MuLo-SD's exact variant).
+    p, q [B, M, V]; draft, done [B, M] (``done`` a committed prefix, treated as accepted). Returns (n [B]: cells
+    accepted or committed before the first rejection (M = none rejected), the residual sample
+    norm(max(0, p_n - q_n)) [B] (meaningless where n == M), accept [B, M] bool)."""
+    M = draft.shape[1]
+    p_x = p.gather(-1, draft[..., None]).squeeze(-1)
+    q_x = q.gather(-1, draft[..., None]).squeeze(-1)
+    accept = done | (u_accept < acceptance_probability(p_x, q_x))
+    n = first_rejection(accept)
+    rows = torch.arange(draft.shape[0], device=p.device)
+    at = n.clamp_max(M - 1)
+    return n, sample(residual_distribution(p[rows, at], q[rows, at]), u_resample), accept

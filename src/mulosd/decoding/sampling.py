@@ -18,6 +18,7 @@ randomness does not depend on which batch it was drawn in.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -100,9 +101,20 @@ class RandomStreams:
     def __len__(self) -> int:
         return len(self.generators)
 
-    def uniform(self, *shape: int) -> torch.Tensor:
-        """[B, *shape] uniforms in [0, 1), row b from stream b."""
-        return torch.stack([torch.rand(shape, generator=g) for g in self.generators])
+    def fork(self, salt: int) -> "RandomStreams":
+        """Independent per-image streams for another consumer (e.g. a drafter), so its draws never shift the
+        target's: the target sees the same uniforms whatever the drafter does. (torch's CPU generator keeps only
+        the low 32 bits of a seed, so the derived seeds are hashed into that range, never offset past it.)"""
+        return RandomStreams([int.from_bytes(hashlib.sha256(f"{s}/{salt}".encode()).digest()[:4], "little")
+                              for s in self.seeds])
+
+    def uniform(self, *shape: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, *shape] uniforms in [0, 1), row b from stream b. ``rows`` [B] bool: only those streams draw (the
+        others return zeros and do not advance), so an image's draws never depend on its batch-mates."""
+        if rows is None:
+            return torch.stack([torch.rand(shape, generator=g) for g in self.generators])
+        return torch.stack([torch.rand(shape, generator=g) if bool(on) else torch.zeros(shape)
+                            for g, on in zip(self.generators, rows)])
 
 
 def sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

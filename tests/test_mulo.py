@@ -1,0 +1,282 @@
+"""MuLo-SD: limiting cases of the threshold rule, exactness of the lossless variant, island scheduling, batching."""
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from mulosd.decoding.ar import generate_ar
+from mulosd.decoding.grid import label_islands
+from mulosd.decoding.mulo import MuloDecoder, MuloSettings, island_ready
+from mulosd.decoding.rules import codebook_neighbours
+from mulosd.decoding.sampling import RandomStreams, SamplingConfig
+from mulosd.models.upsample import LatentResampler, LatentResamplerConfig
+from toys import sequence_distribution, toy
+
+
+def toy_resampler(r, vocab, seed, std=1.0):
+    torch.manual_seed(seed)
+    m = LatentResampler(LatentResamplerConfig(r=r, vocab_size=vocab, dim=16, n_blocks=1, hi_dim=8)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.ndim >= 2:
+                p.normal_(0, std / max(1, p[0].numel()) ** 0.5)
+    return m
+
+
+class FixedUpsampler:
+    """A deterministic training-free stand-in: each low-res code becomes an r x r block of (code * 7 + offset) % V."""
+
+    def __init__(self, r, vocab, down_from):
+        self.r, self.V, self.down_from = r, vocab, down_from
+
+    def up(self, tokens):
+        B, h, w = tokens.shape
+        blocks = (tokens[..., None, None] * 7 + torch.arange(self.r * self.r).view(self.r, self.r)) % self.V
+        return blocks.permute(0, 1, 3, 2, 4).reshape(B, h * self.r, w * self.r)
+
+    def down(self, tokens):
+        return self.down_from.down(tokens)
+
+
+def make(grid=4, r=2, vocab=8, k=3, learned=True, seed=0, **settings):
+    target = toy(24, 2, seed, grid=grid, vocab=vocab, std=0.5)
+    drafter = toy(16, 1, seed + 1, grid=grid // r, vocab=vocab, std=0.5)
+    resampler = toy_resampler(r, vocab, seed + 2)
+    if not learned:
+        resampler = FixedUpsampler(r, vocab, resampler)
+    codebook = torch.randn(vocab, 4, generator=torch.Generator().manual_seed(seed))
+    neighbours = codebook_neighbours(codebook, k, include_self=True)
+    settings.setdefault("rows", 1)  # several cycles, so re-synchronisation is exercised
+    settings.setdefault("drafting", "serial")
+    return target, MuloDecoder(target, drafter, resampler, neighbours, MuloSettings(r=r, k=k, **settings), learned=learned)
+
+
+CFGS = [SamplingConfig(), SamplingConfig(cfg_scale=2.0, top_k=5), SamplingConfig(temperature=0.8, top_p=0.9)]
+
+
+@pytest.mark.parametrize("cfg", CFGS)
+@pytest.mark.parametrize("radius", [None, 8])
+def test_always_reject_with_the_whole_suffix_is_plain_target_sampling(cfg, radius):
+    """tau = inf rejects every candidate; with l covering the block's suffix and serial resampling every cell is
+    drawn from the target in raster order with the target's own random stream: AR token for token."""
+    target, mulo = make(grid=4, tau=float("inf"), radius=radius, resampling="serial")
+    labels = torch.tensor([0, 1, 1])
+    ar, _ = generate_ar(target, labels, cfg, RandomStreams.from_seed(3, range(3)))
+    out, stats = mulo.generate(labels, cfg, RandomStreams.from_seed(3, range(3)))
+    assert torch.equal(out, ar)
+    assert stats.accepted == 0 and stats.resampled == 3 * 16
+
+
+def test_radius_infinity_is_raster_rejection():
+    for resampling in ("serial", "parallel"):
+        outs = []
+        for radius in (None, 50):
+            _, mulo = make(grid=8, tau=0.2, radius=radius, resampling=resampling, seed=5)
+            outs.append(mulo.generate(torch.tensor([0, 1]), SamplingConfig(), RandomStreams.from_seed(0, range(2)))[0])
+        assert torch.equal(outs[0], outs[1])
+
+
+def test_accepting_everything_commits_the_upsampled_drafts_with_one_verification_per_block():
+    trace = []
+    target, mulo = make(grid=8, vocab=8, k=8, tau=1e-9, seed=2)  # k = V pools all mass: every candidate passes
+    out, stats = mulo.generate(torch.tensor([0, 1]), SamplingConfig(), RandomStreams.from_seed(0, range(2)), trace=trace)
+    assert stats.resampled == 0 and stats.accepted == stats.drafted == 2 * 64
+    assert stats.target_forwards == 1 + 4  # prefill + one verification per block of 2 high-res rows
+    assert len(trace) == 4
+    for rec in trace:
+        s, e = rec["block"]
+        assert torch.equal(out[:, s:e], rec["draft"]) and bool(rec["accept"].all()) and not bool(rec["region"].any())
+
+
+@pytest.mark.parametrize("learned", [True, False])
+@pytest.mark.parametrize("cfg", [SamplingConfig(), SamplingConfig(cfg_scale=2.0, top_k=2, temperature=0.9)])
+def test_exact_acceptance_samples_the_target_sequence_distribution(learned, cfg):
+    target, mulo = make(grid=2, r=2, vocab=3, k=1, learned=learned, acceptance="exact", seed=1)
+    seqs, want = sequence_distribution(target, 1, cfg)
+    n = 10_000
+    out, stats = mulo.generate(torch.ones(n, dtype=torch.long), cfg, RandomStreams.from_seed(0, range(n)))
+    index = (out * torch.tensor([27, 9, 3, 1])).sum(-1)
+    counts = torch.bincount(index, minlength=81).double()
+    keep = want > 0
+    assert counts[~keep].sum() == 0
+    expected = want[keep].double() / want[keep].double().sum() * counts[keep].sum()
+    assert chisquare(counts[keep].numpy(), expected.numpy()).pvalue > 1e-3
+    assert 0 < stats.accepted < stats.drafted
+
+
+@pytest.mark.parametrize("r", [2, 4])
+def test_exact_acceptance_greedy_is_token_identical_to_ar(r):
+    target, mulo = make(grid=8, r=r, vocab=16, acceptance="exact", rows=1, seed=3)
+    cfg = SamplingConfig(temperature=0.0, cfg_scale=2.0)
+    labels = torch.tensor([0, 1, 0])
+    ar, _ = generate_ar(target, labels, cfg, RandomStreams.from_seed(0, range(3)))
+    out, _ = mulo.generate(labels, cfg, RandomStreams.from_seed(0, range(3)))
+    assert torch.equal(out, ar)
+
+
+@pytest.mark.parametrize("resampling", ["serial", "parallel"])
+@pytest.mark.parametrize("acceptance", ["threshold", "exact"])
+def test_a_batch_decodes_each_image_as_if_alone(resampling, acceptance):
+    """Samples in a batch get different rejection patterns and resampling lengths; each image still comes out as
+    it does alone with the same seed."""
+    _, mulo = make(grid=8, vocab=16, k=3, tau=0.15, resampling=resampling, acceptance=acceptance, seed=4,
+                   drafting="parallel", rows=2)
+    cfg = SamplingConfig(cfg_scale=1.5)
+    labels = torch.tensor([0, 1, 1, 0])
+    trace = []
+    batch, _ = mulo.generate(labels, cfg, RandomStreams.from_seed(7, range(4)), trace=trace)
+    patterns = {tuple(rec["accept"][b].flatten().tolist()) for rec in trace[:1] for b in range(4)}
+    assert len(patterns) > 1  # the samples really did differ
+    for b in range(4):
+        alone, _ = mulo.generate(labels[b : b + 1], cfg, RandomStreams.from_seed(7, [b]))
+        assert torch.equal(alone[0], batch[b])
+
+
+def test_local_rejection_keeps_accepted_cells_outside_the_windows():
+    trace = []
+    _, mulo = make(grid=8, vocab=16, k=8, tau=0.1, radius=1, seed=6)
+    out, stats = mulo.generate(torch.tensor([1]), SamplingConfig(), RandomStreams.from_seed(1, [0]), trace=trace)
+    kept = 0
+    for rec in trace:
+        s, e = rec["block"]
+        keep = (~rec["region"][0]).flatten()
+        assert torch.equal(out[0, s:e][keep], rec["draft"][0][keep])  # accepted and outside every window
+        rejected = ~rec["accept"][0].flatten()
+        assert bool((rec["region"][0].flatten() | ~rejected).all())  # every rejected cell is regenerated
+        if rejected.any():  # accepted cells after the first rejection that were kept (raster rejection drops them)
+            after = torch.arange(e - s) > int(rejected.float().argmax())
+            kept += int((keep & after).sum())
+    assert stats.resampled < 64 and kept > 0  # some accepted cells after a first rejection survived
+
+
+def test_island_ready_follows_the_zipar_rule_inside_islands_only():
+    pending = torch.zeros(1, 4, 6, dtype=torch.bool)
+    pending[0, 0, 1:4] = True  # island 1: rows 0-1, columns 1-3
+    pending[0, 1, 1:4] = True
+    pending[0, 2:4, 5] = True  # island 2: column 5, rows 2-3
+    islands = torch.zeros(1, 4, 6, dtype=torch.long)
+    islands[0, 0:2, 1:4] = 1
+    islands[0, 2:4, 5] = 2
+    ready = island_ready(pending, islands, window=2)
+    want = torch.zeros_like(pending)
+    want[0, 0, 1] = True  # first cell of island 1
+    want[0, 2, 5] = True  # island 2 starts at once: its predecessor (2, 4) is final
+    assert torch.equal(ready, want)
+    pending[0, 0, 1:3] = False  # island 1's first row is done up to column 2
+    ready = island_ready(pending, islands, window=2)
+    assert bool(ready[0, 1, 1]) and not bool(ready[0, 1, 2])  # (1, 1) waits for (0, 1..2); (1, 2) needs (1, 1)
+    assert bool(ready[0, 0, 3])
+    # the first pending cell in raster order is always ready
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        mask = torch.rand(2, 5, 5, generator=g) < 0.4
+        ready = island_ready(mask, label_islands(mask), window=int(torch.randint(1, 4, (1,), generator=g)))
+        flat = mask.flatten(1)
+        for b in range(2):
+            if flat[b].any():
+                assert bool(ready.flatten(1)[b, int(flat[b].float().argmax())])
+        assert not bool((ready & ~mask).any())
+
+
+# ---- on the shipped fmnist-32 set ---------------------------------------------------------------------------------
+
+import json  # noqa: E402
+
+from click.testing import CliRunner  # noqa: E402
+
+from mulosd import Pipeline  # noqa: E402
+from mulosd.cli import main  # noqa: E402
+from mulosd.errors import MulosdError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return Pipeline.from_pretrained("fmnist-32")
+
+
+@pytest.mark.parametrize("params", [
+    {}, {"r": 4}, {"upsampler": "pixel", "resampling": "serial"}, {"drafting": "serial", "rows": 2},
+    {"rows": 1, "downsampler": "learned"},
+    {"acceptance": "exact"}, {"rejection": "raster"}, {"rejection": "naive_local", "k": 1},
+])
+def test_mulo_runs_on_fmnist_at_batch_1_and_3(pipe, params):
+    for batch in (1, 3):
+        out = pipe(classes=[1, 7, 9], num_per_class=1, method="mulo", batch_size=batch, seed=2, **params)
+        s = out.stats
+        assert out.tokens.shape == (3, 16, 16)
+        assert s["target_forwards_per_image"] <= 257 and 0 <= s["acceptance_rate"] <= 1
+        assert set(s["time_breakdown_s"]) == {"drafting", "upsampling", "verification", "resampling", "downsampling"}
+
+
+def test_mulo_exact_greedy_is_ar_on_fmnist(pipe):
+    kw = dict(classes=[0, 5, 9], num_per_class=1, temperature=0.0, batch_size=3)
+    ar = pipe(method="ar", **kw)
+    for r in (2, 4):
+        out = pipe(method="mulo", acceptance="exact", r=r, **kw)
+        assert torch.equal(ar.tokens, out.tokens)
+
+
+def test_mulo_always_reject_is_ar_on_fmnist(pipe):
+    kw = dict(classes=[2, 8], num_per_class=1, batch_size=2, seed=4)
+    ar = pipe(method="ar", **kw)
+    out = pipe(method="mulo", tau="inf", rejection="raster", resampling="serial", **kw)
+    assert torch.equal(ar.tokens, out.tokens)
+    assert out.stats["acceptance_rate"] == 0 and out.stats["resampled_per_image"] == 256
+
+
+@pytest.mark.parametrize("params,msg", [
+    ({"tau": 0}, "tau must be a number in (0.0, 1.0], got 0"),
+    ({"tau": 1.5}, "tau must be a number in (0.0, 1.0], got 1.5"),
+    ({"radius": -1}, "radius must be an integer >= 0 or inf, got -1"),
+    ({"k": 513}, "k must be at most 512 (the codebook has 512 entries), got 513"),
+    ({"k": 0}, "k must be an integer >= 1, got 0"),
+    ({"drafter": "small"}, "drafter 'small' works on a 16x16 grid; this method needs 8x8"),
+    ({"r": 4, "drafter": "r2"}, "drafter 'r2' works on a 8x8 grid; this method needs 4x4"),
+    ({"r": 3}, "r=3 does not divide the target's 16x16 grid"),
+    ({"rejection": "global"}, "rejection must be one of raster, naive_local, local; got 'global'"),
+    ({"resampling": "random"}, "resampling must be one of serial, parallel"),
+    ({"acceptance": "lossless"}, "acceptance must be one of threshold, exact"),
+    ({"rows": 0}, "rows must be an integer >= 1, got 0"),
+])
+def test_mulo_bad_parameters(pipe, params, msg):
+    with pytest.raises(MulosdError, match=msg.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
+        pipe(classes=[0], method="mulo", **params)
+
+
+def test_mulo_refuses_an_upsampler_for_another_r_or_tokenizer(pipe):
+    swapped = Pipeline(pipe.tokenizer, pipe.target, pipe.classifier, pipe.drafters,
+                       upsamplers={2: pipe.upsamplers[4], 4: pipe.upsamplers[2]})
+    with pytest.raises(MulosdError, match="trained for r=4; this run needs r=2"):
+        swapped(classes=[0], method="mulo", r=2)
+    from mulosd.models.vq import VQModel
+
+    other_tok = VQModel(pipe.tokenizer.config)
+    foreign = Pipeline(other_tok, pipe.target, pipe.classifier, pipe.drafters, upsamplers=pipe.upsamplers)
+    with pytest.raises(MulosdError, match="trained for tokenizer"):
+        foreign(classes=[0], method="mulo")
+    bare = Pipeline(pipe.tokenizer, pipe.target, pipe.classifier, pipe.drafters)
+    with pytest.raises(MulosdError, match="no learned up-sampler for r=2"):
+        bare(classes=[0], method="mulo")
+    bare(classes=[0], method="mulo", upsampler="pixel")  # the training-free path needs nothing extra
+
+
+def test_cli_acceptance_map_png_and_gif(tmp_path):
+    out, png, gif, stats = tmp_path / "g.png", tmp_path / "map.png", tmp_path / "map.gif", tmp_path / "s.json"
+    r = CliRunner().invoke(main, ["generate", "--method", "mulo", "--classes", "0,7", "--num-per-class", "1",
+                                  "--tau", "0.2", "--radius", "2", "--resampling", "serial", "--rows", "1",
+                                  "--drafting", "serial", "--out", str(out),
+                                  "--acceptance-map", str(png), "--acceptance-gif", str(gif), "--stats-json", str(stats),
+                                  "--no-progress"])
+    assert r.exit_code == 0, r.output
+    from PIL import Image
+
+    s = json.loads(stats.read_text())
+    assert s["params"]["tau"] == 0.2 and s["params"]["radius"] == 2 and s["params"]["resampling"] == "serial"
+    assert Image.open(png).size[1] > 2 * 128
+    g = Image.open(gif)
+    assert g.n_frames == 8 + 1  # one frame per cycle (8 low-res rows at r=2) plus the summary
+    bad = CliRunner().invoke(main, ["generate", "--method", "sd", "--classes", "0", "--num-per-class", "1",
+                                    "--out", str(out), "--acceptance-map", str(png), "--no-progress"])
+    assert bad.exit_code == 1 and "--acceptance-map needs --method mulo" in bad.output
+    bad = CliRunner().invoke(main, ["generate", "--method", "mulo", "--radius", "x", "--out", str(out), "--no-progress"])
+    assert bad.exit_code == 2 and "not an integer >= 0 or inf" in bad.output
