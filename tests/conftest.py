@@ -15,3 +15,15 @@ needs_fmnist = pytest.mark.skipif(
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Reference statistics go to a per-session folder, never the user's ~/.cache."""
+    old = os.environ.get("MULOSD_CACHE")
+    os.environ["MULOSD_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("MULOSD_CACHE", None)
+    else:
+        os.environ["MULOSD_CACHE"] = old

@@ -67,6 +67,12 @@ def check_writable(path: str | os.PathLike) -> Path:
     return path
 
 
+def cache_dir() -> Path:
+    """Where derived, recomputable data (reference statistics) is cached: $MULOSD_CACHE, else ~/.cache/mulosd."""
+    root = os.environ.get("MULOSD_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "mulosd")
+    return Path(root)
+
+
 def config_from_dict(cls, data: dict, source: str):
     """Build a config dataclass from JSON, rejecting unknown or missing fields."""
     fields = {f.name: f for f in dataclasses.fields(cls)}

@@ -1,0 +1,87 @@
+"""mulosd bench: settings parsing, bad input before any work, interleaved rounds, resume, outputs."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import needs_fmnist
+from mulosd.cli import main
+from mulosd.evaluation.bench import parse_settings
+from mulosd.errors import MulosdError
+
+
+def test_settings_expand_sweeps_as_products():
+    s = parse_settings("ar,mulo", sweeps=("mulo.tau=0.05,0.1", "mulo.k=1,8"), params=("mulo.r=4",))
+    assert [x.label for x in s] == ["ar", "mulo[r=4,tau=0.05,k=1]", "mulo[r=4,tau=0.05,k=8]",
+                                    "mulo[r=4,tau=0.1,k=1]", "mulo[r=4,tau=0.1,k=8]"]
+    assert s[2].params == {"r": 4, "tau": 0.05, "k": 8}
+
+
+@pytest.mark.parametrize("methods,sweeps,msg", [
+    ("ar,magic", (), "unknown method 'magic'"),
+    ("ar,sd", ("sd.tau=0.1",), "method 'sd' has no parameter 'tau'"),
+    ("ar", ("mulo.tau=0.1",), "which is not in --methods"),
+    ("ar", ("ar.model",), "must look like METHOD.KEY=VALUE"),
+    ("", (), "--methods is empty"),
+])
+def test_bad_settings(methods, sweeps, msg):
+    with pytest.raises(MulosdError, match=msg.replace("(", r"\(")):
+        parse_settings(methods, sweeps)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--methods", "ar,nope"], "unknown method 'nope'"),
+    (["--sweep", "mulo.tau=0.1,2"], "tau must be a number in (0.0, 1.0], got 2"),
+    (["--num-images", "0"], "--num-images must be an integer >= 1, got 0"),
+])
+def test_bad_bench_input_fails_before_work(tmp_path, args, msg):
+    r = CliRunner().invoke(main, ["bench", "--methods", "ar,mulo", "--out", str(tmp_path / "b"), "--no-progress", *args])
+    assert r.exit_code == 1 and msg in r.output
+    assert not (tmp_path / "b" / "results.json").exists()
+
+
+def test_unwritable_out(tmp_path):
+    # a regular file where a folder must go: unwritable even for root (chmod is not)
+    (tmp_path / "file").write_text("x")
+    r = CliRunner().invoke(main, ["bench", "--methods", "ar", "--num-images", "1", "--out",
+                                  str(tmp_path / "file" / "y"), "--no-progress"])
+    assert r.exit_code == 1 and "cannot" in r.output, r.output
+
+
+@needs_fmnist
+def test_bench_runs_resumes_and_reports(tmp_path):
+    out = tmp_path / "bench"
+    args = ["bench", "--methods", "ar,mulo", "--sweep", "mulo.r=2,4", "--num-images", "2", "--out", str(out),
+            "--no-warmup", "--no-progress"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    rows = {m["label"]: m for m in res["methods"]}
+    assert list(rows) == ["ar", "mulo[r=2]", "mulo[r=4]"]
+    assert res["config"]["complete"] and res["config"]["rounds_done"] == 2
+    assert rows["ar"]["speedup_vs_ar"] == 1.0 and rows["ar"]["step_compression"] == 1.0
+    for m in rows.values():
+        assert m["num_images"] == 2 and m["fid_classifier"] is not None and 0 <= m["class_accuracy"] <= 1
+    assert set(rows["mulo[r=4]"]["time_breakdown_s"]) >= {"drafting", "verification", "resampling"}
+    assert rows["mulo[r=4]"]["step_compression"] > 1
+    assert (out / "results.csv").read_text().startswith("label,method")
+    assert "| `mulo[r=2]` |" in (out / "results.md").read_text()
+    assert {p.name for p in (out / "samples").iterdir()} == {"ar.png", "mulo_r=2_.png", "mulo_r=4_.png"}
+    # interrupt after the first round: the state keeps round 1, --resume redoes round 2 only, same numbers
+    state = json.loads((out / "state.json").read_text())
+    state["done_rounds"] = 1
+    state["records"] = {k: v[:1] for k, v in state["records"].items()}
+    (out / "state.json").write_text(json.dumps(state))
+    from safetensors.torch import load_file, save_file
+
+    feats = load_file(str(out / "state.safetensors"))
+    save_file({k: v[:1].contiguous() for k, v in feats.items()}, str(out / "state.safetensors"))
+    r = CliRunner().invoke(main, args + ["--resume"])
+    assert r.exit_code == 0, r.output
+    again = {m["label"]: m for m in json.loads((out / "results.json").read_text())["methods"]}
+    for k in rows:
+        for key in ("num_images", "class_accuracy", "fid_classifier", "step_compression", "acceptance_rate"):
+            assert again[k][key] == rows[k][key], (k, key)
+    r = CliRunner().invoke(main, args[:-2] + ["--num-images", "3", "--resume", "--no-progress"])
+    assert r.exit_code == 1 and "holds a run with other settings" in r.output
