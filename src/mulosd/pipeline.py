@@ -165,8 +165,13 @@ class Pipeline:
             else:
                 tokens, stats = decoder.generate(labels[start : idx.stop], sampling, streams)
             all_tokens.append(tokens)
-            for key, value in vars(stats).items():  # counts, plus the per-phase time dict
-                if isinstance(value, dict):
+            for key, value in vars(stats).items():  # counts, the per-phase time dict, the accepted-length histogram
+                if isinstance(value, list):
+                    acc = totals.setdefault(key, [])
+                    acc.extend([0] * (len(value) - len(acc)))
+                    for i, v in enumerate(value):
+                        acc[i] += v
+                elif isinstance(value, dict):
                     phases = totals.setdefault(key, {})
                     for name, v in value.items():
                         phases[name] = phases.get(name, 0.0) + v
@@ -196,6 +201,8 @@ class Pipeline:
             "resampled_per_image": round(totals.get("resampled", 0) / n, 3),
             "refreshed_per_image": round(totals.get("refreshed", 0) / n, 3),
             "time_breakdown_s": {k: round(v, 4) for k, v in totals.get("time_s", {}).items()},
+            # accepted_length_histogram[n]: verifications (per image) that accepted exactly n drafted tokens
+            "accepted_length_histogram": totals.get("accept_hist", []),
             "counts": {k: totals.get(k, 0) for k in ("active_forwards", "tokens", "accepted", "drafted", "resampled", "refreshed")},
         }
         if self.classifier is not None:

@@ -98,6 +98,7 @@ def speculative_generate(target: GPT, proposer: Proposer, rule: Rule, labels: to
             stats.tokens += int(count.sum())
             real = (N - frontier + count).clamp(0, gamma)  # drafts that landed on grid cells (before advancing)
             stats.drafted += int(real[active].sum())
+            stats.add_accepted(torch.minimum(verdict.num_accepted, real)[active])
             stats.accepted += int(torch.minimum(verdict.num_accepted, real)[active].sum())
     finally:
         target.clear_cache()

@@ -215,7 +215,7 @@ class Mulo(Method):
     traces_cycles = True  # generate(..., trace=list) records every cycle (acceptance maps)
     # defaults from the measured sweep in docs/MULOSD.md: the whole low-res image drafted ZipAR-style in one cycle
     defaults = {"r": 2, "drafter": None, "rows": None, "drafting": "parallel", "draft_window": 2, "upsampler": "learned",
-                "downsampler": "pixel", "resize": "bicubic", "acceptance": "threshold", "tau": 0.1, "k": 8,
+                "downsampler": "auto", "candidates": "argmax", "resize": "bicubic", "acceptance": "threshold", "tau": 0.1, "k": 32,
                 "rejection": "local", "radius": 1, "resampling": "parallel", "island_window": 2}
 
     def __init__(self, pipe, **params):
@@ -236,9 +236,13 @@ class Mulo(Method):
         drafting = _choice(p, "drafting", ("serial", "parallel"))
         draft_window = _int_param(p, "draft_window", 1)
         up_kind = _choice(p, "upsampler", ("learned", "pixel"))
-        # the pixel down-sampler reproduces the drafter's training codes far better (70 % vs 35 % exact codes on
-        # the test split, docs/MULOSD.md), so it is the default whatever the up-sampler
-        down_kind = _choice(p, "downsampler", ("learned", "pixel"))
+        # re-synchronisation down-samples the committed top rows of an unfinished image; only the row-causal learned
+        # down-sampler maps them as it would the full image (docs/MULOSD.md), so it is the default
+        # (auto: learned when the model set ships one for this r, else pixel)
+        down_kind = _choice(p, "downsampler", ("auto", "learned", "pixel"))
+        if down_kind == "auto":
+            down_kind = p["downsampler"] = "learned" if r in pipe.upsamplers else "pixel"
+        candidates = _choice(p, "candidates", ("argmax", "sample"))
         resize = _choice(p, "resize", ("bicubic", "bilinear", "lanczos"))
         acceptance = _choice(p, "acceptance", ("threshold", "exact"))
         if acceptance == "exact":
@@ -261,7 +265,8 @@ class Mulo(Method):
         down = up if down_kind == up_kind else pipe.resampler(down_kind, r, resize)
         resampler = _Resampler(up, down)
         settings = MuloSettings(r=r, rows=rows, drafting=drafting, draft_window=draft_window, acceptance=acceptance,
-                                tau=tau, k=k, radius=radius, resampling=resampling, island_window=island_window)
+                                tau=tau, k=k, radius=radius, resampling=resampling, island_window=island_window,
+                                candidates=candidates)
         neighbours = codebook_neighbours(pipe.tokenizer.codebook.detach(), k, include_self=True)
         self.decoder = MuloDecoder(pipe.target, drafter, resampler, neighbours, settings, learned=up_kind == "learned")
 

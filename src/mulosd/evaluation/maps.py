@@ -56,13 +56,22 @@ def _panel(image: torch.Tensor, grid: int, cycles: list[dict], upto: int | None,
 
 
 def _legend(width: int) -> Image.Image:
-    img = Image.new("RGB", (width, 18), (255, 255, 255))
+    """Colour keys, wrapped onto as many 18 px lines as the width needs (narrow single-column maps too)."""
+    items = LEGEND + [("block", "verified block")]
+    lines, x = [[]], 4
+    for key, text in items:
+        w = 18 + 6 * len(text)
+        if x + w > width and lines[-1]:
+            lines.append([])
+            x = 4
+        lines[-1].append((x, key, text))
+        x += w
+    img = Image.new("RGB", (max(width, 4), 18 * len(lines)), (255, 255, 255))
     draw = ImageDraw.Draw(img)
-    x = 4
-    for key, text in LEGEND + [("block", "verified block")]:
-        draw.rectangle([x, 4, x + 10, 14], fill=COLOURS[key])
-        draw.text((x + 14, 3), text, fill=(0, 0, 0))
-        x += 18 + 6 * len(text)
+    for i, line in enumerate(lines):
+        for x, key, text in line:
+            draw.rectangle([x, 18 * i + 4, x + 10, 18 * i + 14], fill=COLOURS[key])
+            draw.text((x + 14, 18 * i + 3), text, fill=(0, 0, 0))
     return img
 
 
