@@ -4,19 +4,10 @@
 # continues where it stopped (--resume); a finished one is not redone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-M=${MULOSD_BIN:-.venv/bin/mulosd}
-O=${OUT:-docs/bench}
+. scripts/bench_lib.sh  # bench NAME ARGS...: run once, resume if killed
 N_MAIN=${N_MAIN:-100}   # images per setting: batch-1 comparison
 N_SWEEP=${N_SWEEP:-40}  # images per setting: sweeps and ablations
 N_B8=${N_B8:-48}        # images per setting: batch 8
-
-bench() {  # bench NAME ARGS...
-  local name=$1; shift
-  if [ -f "$O/$name/results.json" ] && grep -q '"complete": true' "$O/$name/results.json"; then echo "== $name: done"; return; fi
-  local resume=(); [ -f "$O/$name/state.json" ] && resume=(--resume)
-  echo "== $name: $M bench $* --out $O/$name ${resume[*]}"
-  $M bench "$@" --out "$O/$name" "${resume[@]}" --no-progress > /dev/null
-}
 
 bench main_b1 --methods ar,lantern,sjd,zipar,mulo --sweep mulo.r=2,4 --num-images "$N_MAIN" --batch-size 1
 bench sweep_tau_k --methods ar,mulo --sweep mulo.tau=0.02,0.05,0.1,0.2 --sweep mulo.k=1,8,32 --num-images "$N_SWEEP"

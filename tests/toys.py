@@ -28,3 +28,17 @@ def sequence_distribution(model, label, cfg):
                    torch.cat([seqs, seqs]) if cfg.uses_cfg else seqs)
     probs = process_logits(logits, cfg)
     return seqs, probs.gather(-1, seqs[..., None]).squeeze(-1).prod(-1)
+
+
+def assert_matches_distribution(out: torch.Tensor, want: torch.Tensor, vocab: int = 3) -> None:
+    """``out`` [n, L] sampled sequences over ``vocab`` symbols follow ``want`` (probabilities of every sequence in
+    lexicographic order): no impossible sequence appears and a chi-square test does not reject (p > 1e-3)."""
+    from scipy.stats import chisquare
+
+    L = out.shape[1]
+    index = (out * (vocab ** torch.arange(L - 1, -1, -1))).sum(-1)
+    counts = torch.bincount(index, minlength=vocab**L).double()
+    keep = want > 0
+    assert counts[~keep].sum() == 0
+    expected = want[keep].double() / want[keep].double().sum() * counts[keep].sum()
+    assert chisquare(counts[keep].numpy(), expected.numpy()).pvalue > 1e-3
