@@ -195,18 +195,28 @@ class GPT(Pretrained, nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.tok_embeddings = self._input_layer(config)
         self.cls_embedding = ClassEmbedder(config.num_classes, config.dim)
         self.tok_dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output = self._output_layer(config)
         self.register_buffer(
             "rope", rope_2d_table(config.grid_size, config.head_dim, config.rope_base, config.cls_token_num),
             persistent=False,
         )
         self.apply(self._init_weights)
         self.cache_batch = 0
+
+    @staticmethod
+    def _input_layer(config) -> nn.Module:
+        """Token -> model width: a code embedding here; a linear projection for continuous tokens (subclasses)."""
+        return nn.Embedding(config.vocab_size, config.dim)
+
+    @staticmethod
+    def _output_layer(config) -> nn.Module:
+        """Final hidden state -> what the model emits per position: logits over the codebook here."""
+        return nn.Linear(config.dim, config.vocab_size, bias=False)
 
     @staticmethod
     def _init_weights(module):
@@ -224,10 +234,10 @@ class GPT(Pretrained, nn.Module):
         ``slack`` extra slots past the last grid cell let speculative methods feed fixed-width windows that run
         off the end of the grid: those padding cells are written and scored like any other but, lying after every
         real cell, are never seen by a real cell's query."""
-        dtype = dtype or self.output.weight.dtype
+        dtype = dtype or self.norm.weight.dtype
         c = self.config
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(batch, c.max_seq_len + slack, c.kv_heads, c.head_dim, dtype).to(self.output.weight.device)
+            layer.attention.kv_cache = KVCache(batch, c.max_seq_len + slack, c.kv_heads, c.head_dim, dtype).to(self.norm.weight.device)
         self.cache_batch = batch
         self._rope_cache = torch.cat([self.rope, self.rope.new_zeros(slack, *self.rope.shape[1:])]) if slack else self.rope
 

@@ -306,3 +306,117 @@ class UpsamplerRecipe:
                       "down_token_acc": round((pix_down == lo).float().mean().item(), 4)},
             "tokenizer_psnr_db": psnr(hi),
         }
+
+
+@dataclass
+class KLTokenizerRecipe:
+    """The continuous tokenizer: KL autoencoder on 32 px Fashion-MNIST, MSE + kl_weight * KL (posterior samples).
+    At the end the per-channel latent statistics over the training set are stored in the model (tokens are
+    standardised with them)."""
+
+    kl: "KLConfig" = None
+    data_dir: str | None = None
+    limit: int | None = None
+    name: str = "kl_tokenizer"
+
+    def __post_init__(self):
+        from mulosd.models.kl import KLConfig
+
+        self.kl = self.kl or KLConfig()
+        self.images = FashionMNIST.load("train", self.data_dir).head(self.limit).at(32)
+
+    def describe(self) -> dict:
+        return {"kl": asdict(self.kl), "limit": self.limit}
+
+    def build_model(self):
+        from mulosd.models.kl import KLAutoencoder
+
+        return KLAutoencoder(self.kl)
+
+    def num_examples(self) -> int:
+        return len(self.images)
+
+    def loss(self, model, index, step, gen):
+        x = self.images[index]
+        rec, kl, _ = model(x, gen)
+        mse = F.mse_loss(rec, x)
+        return mse + self.kl.kl_weight * kl, {"mse": mse.item(), "kl": kl.item()}
+
+    def after_step(self, model, step):
+        pass
+
+    def evaluate(self, model) -> dict:
+        """Stores the latent statistics, then: test-split reconstruction MSE/PSNR from the tokens (posterior means)."""
+        model.set_latent_statistics(self.images)
+        test = FashionMNIST.load("test", self.data_dir).head(self.limit).at(32)
+        with torch.no_grad():
+            tokens = torch.cat([model.encode(test[i : i + 500]) for i in range(0, len(test), 500)])
+            rec = torch.cat([model.decode(tokens[i : i + 500]) for i in range(0, len(tokens), 500)])
+        mse = F.mse_loss(rec, test).item()
+        return {"test_mse_pm1": round(mse, 6), "test_psnr_db": round(10 * math.log10(4.0 / mse), 2),
+                "token_std": [round(v, 3) for v in tokens.reshape(-1, self.kl.token_dim).std(0).tolist()],
+                "latent_std": [round(v, 4) for v in model.latent_std.tolist()]}
+
+
+@dataclass
+class ContinuousARRecipe:
+    """Class-conditional continuous-token AR (transformer + diffusion head) on Fashion-MNIST tokenised by a KL
+    tokenizer at 32 px (16x16 tokens), class dropout for CFG, the diffusion loss per token."""
+
+    gpt: "ContinuousGPTConfig"
+    tokenizer: str
+    data_dir: str | None = None
+    bf16: bool = False
+    limit: int | None = None
+    name: str = "car"
+
+    def __post_init__(self):
+        from mulosd.errors import MulosdError
+        from mulosd.models.kl import KLAutoencoder
+
+        self.kl = KLAutoencoder.from_pretrained(self.tokenizer)
+        if self.kl.config.token_dim != self.gpt.token_dim:
+            raise MulosdError(f"tokenizer tokens have {self.kl.config.token_dim} channels, the model expects {self.gpt.token_dim}")
+        if self.gpt.grid_size * self.kl.config.downsample != 32:
+            raise MulosdError(f"grid {self.gpt.grid_size} does not match 32 px images with factor {self.kl.config.downsample}")
+        self.gpt.tokenizer_id = self.kl.fingerprint()
+        data = FashionMNIST.load("train", self.data_dir).head(self.limit)
+        self.labels = data.labels
+        images = data.at(32)
+        self.tokens = torch.cat([self.kl.encode(images[i : i + 500]) for i in range(0, len(images), 500)])
+
+    def describe(self) -> dict:
+        return {"gpt": asdict(self.gpt), "tokenizer": str(Path(self.tokenizer).resolve()), "bf16": self.bf16, "limit": self.limit}
+
+    def build_model(self):
+        from mulosd.models.cgpt import ContinuousGPT
+
+        return ContinuousGPT(self.gpt)
+
+    def num_examples(self) -> int:
+        return len(self.labels)
+
+    def loss(self, model, index, step, gen):
+        tokens = self.tokens[index]
+        labels = self.labels[index].clone()
+        drop = torch.rand(len(labels), generator=gen) < self.gpt.class_dropout_prob
+        labels[drop] = self.gpt.num_classes
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            z = model(labels, tokens)
+        return model.head_loss(tokens, z.float())
+
+    def after_step(self, model, step):
+        pass
+
+    def evaluate(self, model) -> dict:
+        """Diffusion loss (noise MSE) on 1000 test images at random timesteps, seeded."""
+        test = FashionMNIST.load("test", self.data_dir)
+        n = min(1000, self.limit or 1000)
+        images = test.at(32)[:n]
+        tokens = torch.cat([self.kl.encode(images[i : i + 500]) for i in range(0, n, 500)])
+        labels = test.labels[:n]
+        torch.manual_seed(0)
+        with torch.no_grad():
+            mses = [model.head_loss(tokens[i : i + 100], model(labels[i : i + 100], tokens[i : i + 100]))[1]["mse"]
+                    for i in range(0, n, 100)]
+        return {"test_noise_mse": round(sum(mses) / len(mses), 5), "test_images": n}
