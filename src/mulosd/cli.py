@@ -43,8 +43,12 @@ def main():
 @click.option("--temperature", type=float, default=1.0, help="Sampling temperature, 0 = greedy. Range [0, 10].")
 @click.option("--top-k", type=int, default=0, help="Keep the k most likely tokens (0 = off). Integer >= 0.")
 @click.option("--top-p", type=float, default=1.0, help="Nucleus sampling mass (1 = off). Range (0, 1].")
-@click.option("--gamma", type=int, default=None, help="sd, lantern: draft length (integer >= 1). Defaults: sd 3, lantern 8.")
-@click.option("--drafter", default=None, help="sd, lantern: drafter role in the model set (default small); mulo: the low-res drafter (default r2 or r4 to match --r).")
+@click.option("--gamma", type=int, default=None, help="sd, lantern, cspd: draft length (integer >= 1). Defaults: sd 3, lantern 8, cspd 4.")
+@click.option("--drafter", default=None, help="sd, lantern: drafter role in the model set (default small); mulo: the low-res drafter (default r2 or r4 to match --r); cspd: continuous drafter role (default small).")
+@click.option("--prefill", type=float, default=None, help="cspd: fraction of the tokens the target generates alone before drafting starts, in [0, 1] (1 = car). Default: 0.05.")
+@click.option("--align/--no-align", default=None, help="cspd: replay the drafter's diffusion noises in the target's head (trajectory alignment). Default: on.")
+@click.option("--relax", type=float, default=None, help="cspd: the public code's inner temperature dividing the squared distances of the ratio (>= 1; 1 = the paper's ratio, > 1 is approximate). Default: 1.")
+@click.option("--max-tries", type=int, default=None, help="cspd: bound on acceptance-rejection proposals per residual sample (>= 1; then a plain target draw, counted as a fallback). Default: 100.")
 @click.option("--window", type=int, default=None,
               help="sjd, mcsjd, gsd: Jacobi window (default 16); zipar: tokens a row must lead the row below by (default 8). Integer >= 1.")
 @click.option("--init", "init", default=None, help="sjd, mcsjd, gsd: initialisation of new window cells, random or spatial. Default: random.")
@@ -81,7 +85,7 @@ def main():
 @click.option("--stats-json", type=click.Path(dir_okay=False), default=None, help="Also write the run statistics as JSON here.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale, temperature, top_k, top_p, gamma,
-             drafter, window, init, coupling, k, delta, lam, group, prob_tol, embed_tol, r, rows, drafting, draft_window,
+             drafter, prefill, align, relax, max_tries, window, init, coupling, k, delta, lam, group, prob_tol, embed_tol, r, rows, drafting, draft_window,
              upsampler, downsampler, candidates, resize, acceptance, tau, rejection, radius, resampling, island_window,
              acceptance_map, acceptance_gif, params, out, stats_json, progress):
     """Generate class-conditional images and write a labelled grid (plus optional stats JSON).
@@ -91,7 +95,8 @@ def generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale,
     class_accuracy (share classified as the requested class by the shipped classifier).
     """
     _threads()
-    given = {"gamma": gamma, "drafter": drafter, "window": window, "init": init, "coupling": coupling, "k": k,
+    given = {"gamma": gamma, "drafter": drafter, "prefill": prefill, "align": align, "relax": relax, "max_tries": max_tries,
+             "window": window, "init": init, "coupling": coupling, "k": k,
              "delta": delta, "lam": lam, "group": group, "prob_tol": prob_tol, "embed_tol": embed_tol, "r": r,
              "rows": rows, "drafting": drafting, "draft_window": draft_window, "upsampler": upsampler,
              "downsampler": downsampler, "candidates": candidates, "resize": resize, "acceptance": acceptance, "tau": tau, "rejection": rejection,
@@ -405,65 +410,158 @@ def train_upsampler(out, steps, batch_size, lr, warmup, seed, checkpoint_every, 
          out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume)
 
 
+@train.command("kl-tokenizer")
+@_train_options
+@click.option("--channels", type=click.IntRange(min=4), default=32, help="Base conv width.")
+@click.option("--z-channels", type=click.IntRange(min=1), default=32, help="Trunk channels at the latent resolution.")
+@click.option("--token-dim", type=click.IntRange(min=1), default=4, help="Channels of a continuous token.")
+@click.option("--kl-weight", type=click.FloatRange(min=0), default=1e-4, help="Weight of the KL term (per latent element) against the pixel MSE.")
+def train_kl_tokenizer(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, data_dir, limit, channels,
+                       z_channels, token_dim, kl_weight):
+    """Continuous tokenizer: KL autoencoder, factor 2 (32 px -> 16x16 tokens of --token-dim channels), for car / cspd."""
+    _threads()
+    from mulosd.models.kl import KLConfig
+    from mulosd.training.recipes import KLTokenizerRecipe
+
+    kl = KLConfig(channels=channels, z_channels=z_channels, token_dim=token_dim, kl_weight=kl_weight)
+    _run(_train, lambda: KLTokenizerRecipe(kl=kl, data_dir=data_dir, limit=limit), out, steps, batch_size, lr, warmup,
+         seed, checkpoint_every, resume)
+
+
+@train.command("car")
+@_train_options
+@click.option("--tokenizer", required=True, type=click.Path(dir_okay=False),
+              help="KL tokenizer stem (path without .json/.safetensors), e.g. runs/kl_tokenizer/model.")
+@click.option("--dim", type=click.IntRange(min=8), default=128, help="Transformer width.")
+@click.option("--layers", type=click.IntRange(min=1), default=8, help="Transformer layers.")
+@click.option("--heads", type=click.IntRange(min=1), default=4, help="Attention heads (head dim must be a multiple of 4).")
+@click.option("--head-width", type=click.IntRange(min=4), default=128, help="Diffusion head MLP width.")
+@click.option("--head-depth", type=click.IntRange(min=1), default=3, help="Diffusion head residual blocks.")
+@click.option("--diffusion-steps", type=click.IntRange(min=2), default=1000, help="Training timesteps of the head (cosine schedule).")
+@click.option("--sample-steps", type=click.IntRange(min=1), default=10, help="Reverse steps when sampling (<= --diffusion-steps).")
+@click.option("--head-batch-mul", type=click.IntRange(min=1), default=2, help="Noise draws per token per step for the diffusion loss.")
+@click.option("--class-dropout", type=click.FloatRange(0, 1), default=0.1, help="Probability of the null class (for CFG).")
+@click.option("--bf16/--fp32", default=False, help="bf16 autocast for the transformer's forward (the head stays fp32).")
+def train_car(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, data_dir, limit, tokenizer, dim, layers,
+              heads, head_width, head_depth, diffusion_steps, sample_steps, head_batch_mul, class_dropout, bf16):
+    """Continuous-token AR model (transformer + small MLP diffusion head) on KL-tokenised Fashion-MNIST: the target
+    and the drafter of cspd."""
+    _threads()
+    from mulosd.models.cgpt import ContinuousGPTConfig
+    from mulosd.models.kl import KLAutoencoder
+    from mulosd.training.recipes import ContinuousARRecipe
+
+    def recipe():
+        kl = KLAutoencoder.from_pretrained(tokenizer)
+        cfg = ContinuousGPTConfig(grid_size=32 // kl.config.downsample, dim=dim, n_layer=layers, n_head=heads,
+                                  token_dim=kl.config.token_dim, head_width=head_width, head_depth=head_depth,
+                                  diffusion_steps=diffusion_steps, sample_steps=sample_steps, head_batch_mul=head_batch_mul,
+                                  class_dropout_prob=class_dropout)
+        return ContinuousARRecipe(gpt=cfg, tokenizer=tokenizer, data_dir=data_dir, bf16=bf16, limit=limit)
+
+    _run(_train, recipe, out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume)
+
+
 # ---------------------------------------------------------------------------------------------- pack
 @main.command()
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Model-set directory to write.")
-@click.option("--name", default=None, help="Model-set name (default: the directory name).")
-@click.option("--tokenizer", required=True, help="Tokenizer stem.")
-@click.option("--target", required=True, help="Target GPT stem.")
+@click.option("--from", "base", default=None,
+              help="Start from this model set (name or directory): its components are kept unless replaced by the options "
+                   "below; --out may be the same directory (everything is loaded before anything is written).")
+@click.option("--name", default=None, help="Model-set name (default: the --from set's name, else the directory name).")
+@click.option("--tokenizer", default=None, help="VQ tokenizer stem (required without --from).")
+@click.option("--target", default=None, help="Target GPT stem (required without --from).")
 @click.option("--classifier", default=None, help="Classifier stem.")
 @click.option("--drafter", "drafters", multiple=True, metavar="ROLE=STEM", help="Drafter GPT, repeatable (e.g. r2=runs/ar8/model).")
 @click.option("--upsampler", "upsamplers", multiple=True, metavar="STEM",
               help="Learned MuLo-SD up-sampler, repeatable (its r comes from its config).")
+@click.option("--continuous-tokenizer", default=None, help="KL tokenizer stem of the continuous-token family (car, cspd).")
+@click.option("--continuous-target", default=None, help="Continuous target stem (transformer + diffusion head).")
+@click.option("--continuous-drafter", "cdrafters", multiple=True, metavar="ROLE=STEM",
+              help="Continuous drafter, repeatable (e.g. small=runs/car_small/model).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp16", help="Storage dtype for the shipped weights.")
-def pack(out, name, tokenizer, target, classifier, drafters, upsamplers, dtype):
+def pack(out, base, name, tokenizer, target, classifier, drafters, upsamplers, continuous_tokenizer, continuous_target,
+         cdrafters, dtype):
     """Assemble trained models into a loadable model set (manifest.json + config/safetensors per component)."""
-    _run(_pack, out, name, tokenizer, target, classifier, drafters, upsamplers, dtype)
+    _run(_pack, out, base, name, tokenizer, target, classifier, drafters, upsamplers, continuous_tokenizer,
+         continuous_target, cdrafters, dtype)
 
 
-def _pack(out, name, tokenizer, target, classifier, drafters, upsamplers, dtype):
+def _roles(items, flag):
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise MulosdError(f"{flag} {item!r} must look like ROLE=STEM")
+        role, stem = item.split("=", 1)
+        out[role] = stem
+    return out
+
+
+def _pack(out, base, name, tokenizer, target, classifier, drafters, upsamplers, continuous_tokenizer, continuous_target,
+          cdrafters, dtype):
     import torch
 
-    from mulosd.data.fashion_mnist import CLASS_NAMES
     from mulosd.io import atomic_write_json
+    from mulosd.models.cgpt import ContinuousGPT
     from mulosd.models.classifier import Classifier
     from mulosd.models.gpt import GPT
-    from mulosd.models.vq import VQModel
-    from mulosd.pipeline import Pipeline
-
-    torch_dtype = torch.float16 if dtype == "fp16" else None
-    comps = {"tokenizer": VQModel.from_pretrained(tokenizer), "target": GPT.from_pretrained(target)}
-    roles = {}
-    for item in drafters:
-        if "=" not in item:
-            raise MulosdError(f"--drafter {item!r} must look like ROLE=STEM")
-        role, stem = item.split("=", 1)
-        roles[role] = GPT.from_pretrained(stem)
-    clf = Classifier.from_pretrained(classifier) if classifier else None
+    from mulosd.models.kl import KLAutoencoder
     from mulosd.models.upsample import LatentResampler
+    from mulosd.models.vq import VQModel
+    from mulosd.pipeline import ContinuousModels, Pipeline
 
-    ups = {}
+    start = Pipeline.from_pretrained(base) if base else None
+    if start is None and not (tokenizer and target):
+        raise MulosdError("--tokenizer and --target are required unless --from names a model set to start from")
+    tok = VQModel.from_pretrained(tokenizer) if tokenizer else start.tokenizer
+    tgt = GPT.from_pretrained(target) if target else start.target
+    clf = Classifier.from_pretrained(classifier) if classifier else (start.classifier if start else None)
+    roles = dict(start.drafters) if start else {}
+    roles.update({role: GPT.from_pretrained(stem) for role, stem in _roles(drafters, "--drafter").items()})
+    ups = dict(start.upsamplers) if start and not tokenizer else {}  # a new tokenizer invalidates the old up-samplers
     for stem in upsamplers:
         m = LatentResampler.from_pretrained(stem)
-        m.check(comps["tokenizer"], m.config.r)
         ups[m.config.r] = m
-    Pipeline(comps["tokenizer"], comps["target"], clf, roles, upsamplers=ups)  # validates before writing anything
+    for m in ups.values():
+        m.check(tok, m.config.r)
+    cont = start.continuous if start else None
+    if continuous_tokenizer or continuous_target or cdrafters:
+        ctok = KLAutoencoder.from_pretrained(continuous_tokenizer) if continuous_tokenizer else (cont.tokenizer if cont else None)
+        ctgt = ContinuousGPT.from_pretrained(continuous_target) if continuous_target else (cont.target if cont else None)
+        if ctok is None or ctgt is None:
+            raise MulosdError("the continuous family needs --continuous-tokenizer and --continuous-target")
+        cd = dict(cont.drafters) if cont and not (continuous_tokenizer or continuous_target) else {}
+        cd.update({role: ContinuousGPT.from_pretrained(stem) for role, stem in _roles(cdrafters, "--continuous-drafter").items()})
+        cont = ContinuousModels(ctok, ctgt, cd)
+    class_names = start.class_names if start else None
+    pipe = Pipeline(tok, tgt, clf, roles, upsamplers=ups, continuous=cont,
+                    **({"class_names": class_names} if class_names else {}))  # validates before writing anything
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    comps["tokenizer"].save_pretrained(out / "tokenizer", torch_dtype)
-    comps["target"].save_pretrained(out / "target", torch_dtype)
+    torch_dtype = torch.float16 if dtype == "fp16" else None
+    tok.save_pretrained(out / "tokenizer", torch_dtype)
+    tgt.save_pretrained(out / "target", torch_dtype)
     for role, m in roles.items():
         m.save_pretrained(out / f"drafter_{role}", torch_dtype)
     if clf is not None:
         clf.save_pretrained(out / "classifier", torch_dtype)
     for r, m in ups.items():
         m.save_pretrained(out / f"upsampler_r{r}", torch_dtype)
-    atomic_write_json(out / "manifest.json", {
-        "name": name or out.name, "tokenizer": "tokenizer", "target": "target",
+    manifest = {
+        "name": name or (start.name if start else out.name), "tokenizer": "tokenizer", "target": "target",
         "classifier": "classifier" if clf is not None else None,
         "drafters": {role: f"drafter_{role}" for role in roles},
-        "upsamplers": {str(r): f"upsampler_r{r}" for r in sorted(ups)}, "class_names": list(CLASS_NAMES),
-    })
+        "upsamplers": {str(r): f"upsampler_r{r}" for r in sorted(ups)},
+    }
+    if cont is not None:
+        cont.tokenizer.save_pretrained(out / "continuous_tokenizer", torch_dtype)
+        cont.target.save_pretrained(out / "continuous_target", torch_dtype)
+        for role, m in cont.drafters.items():
+            m.save_pretrained(out / f"continuous_drafter_{role}", torch_dtype)
+        manifest["continuous"] = {"tokenizer": "continuous_tokenizer", "target": "continuous_target",
+                                  "drafters": {role: f"continuous_drafter_{role}" for role in cont.drafters}}
+    manifest["class_names"] = list(pipe.class_names)
+    atomic_write_json(out / "manifest.json", manifest)
     click.echo(f"packed {out}")
 
 

@@ -22,11 +22,37 @@ from mulosd.data.fashion_mnist import CLASS_NAMES
 from mulosd.decoding.methods import get_method
 from mulosd.decoding.sampling import RandomStreams, SamplingConfig
 from mulosd.errors import MulosdError
+from mulosd.models.cgpt import ContinuousGPT
 from mulosd.models.classifier import Classifier
 from mulosd.models.gpt import GPT
+from mulosd.models.kl import KLAutoencoder, check_tokenizer
 from mulosd.models.vq import VQModel
 from mulosd.models.upsample import LatentResampler, PixelResampler
 from mulosd.zoo import manifest, resolve
+
+
+@dataclass
+class ContinuousModels:
+    """A model set's continuous-token family: the KL tokenizer, the target (transformer + diffusion head) and its
+    drafters by role. Every model must work on the tokenizer's tokens (dimension and fingerprint checked)."""
+
+    tokenizer: KLAutoencoder
+    target: ContinuousGPT
+    drafters: dict
+
+    def __post_init__(self):
+        for role, m in [("continuous target", self.target), *((f"continuous drafter {r!r}", m) for r, m in self.drafters.items())]:
+            check_tokenizer(self.tokenizer, m.config.token_dim, m.config.tokenizer_id, role)
+            if m.config.grid_size != self.target.config.grid_size:
+                raise MulosdError(f"{role} works on a {m.config.grid_size}x{m.config.grid_size} grid; the target's is "
+                                  f"{self.target.config.grid_size}x{self.target.config.grid_size}")
+
+    def model(self, role: str) -> ContinuousGPT:
+        if role == "target":
+            return self.target
+        if role not in self.drafters:
+            raise MulosdError(f"no continuous model {role!r}; allowed: target, {', '.join(sorted(self.drafters)) or '(no drafters)'}")
+        return self.drafters[role]
 
 
 @dataclass
@@ -41,8 +67,9 @@ class GenerationOutput:
 class Pipeline:
     def __init__(self, tokenizer: VQModel, target: GPT, classifier: Classifier | None = None,
                  drafters: dict[str, GPT] | None = None, class_names: tuple[str, ...] = CLASS_NAMES, name: str = "custom",
-                 upsamplers: dict[int, LatentResampler] | None = None):
+                 upsamplers: dict[int, LatentResampler] | None = None, continuous: ContinuousModels | None = None):
         self.tokenizer, self.target, self.classifier = tokenizer, target, classifier
+        self.continuous = continuous
         self.drafters = dict(drafters or {})
         self.upsamplers = {int(r): m for r, m in (upsamplers or {}).items()}
         self.class_names = tuple(class_names)
@@ -66,6 +93,13 @@ class Pipeline:
         drafters = {role: GPT.from_pretrained(directory / stem) for role, stem in spec.get("drafters", {}).items()}
         classifier = Classifier.from_pretrained(directory / spec["classifier"]) if spec.get("classifier") else None
         upsamplers = {int(r): LatentResampler.from_pretrained(directory / stem) for r, stem in spec.get("upsamplers", {}).items()}
+        continuous = None
+        if spec.get("continuous"):
+            c = spec["continuous"]
+            continuous = ContinuousModels(
+                tokenizer=KLAutoencoder.from_pretrained(directory / c["tokenizer"]),
+                target=ContinuousGPT.from_pretrained(directory / c["target"]),
+                drafters={role: ContinuousGPT.from_pretrained(directory / stem) for role, stem in c.get("drafters", {}).items()})
         return cls(
             tokenizer=VQModel.from_pretrained(directory / spec["tokenizer"]),
             target=GPT.from_pretrained(directory / spec["target"]),
@@ -74,6 +108,7 @@ class Pipeline:
             class_names=tuple(spec.get("class_names", CLASS_NAMES)),
             name=spec.get("name", Path(directory).name),
             upsamplers=upsamplers,
+            continuous=continuous,
         )
 
     def model(self, role: str) -> GPT:
@@ -83,6 +118,13 @@ class Pipeline:
         if role not in self.drafters:
             raise MulosdError(f"no model {role!r} in model set {self.name}; allowed: target, {', '.join(sorted(self.drafters))}")
         return self.drafters[role]
+
+    def continuous_models(self) -> ContinuousModels:
+        """The continuous-token family (methods car and cspd), with a clear error when this set has none."""
+        if self.continuous is None:
+            raise MulosdError(f"model set {self.name} has no continuous-token models (car / cspd need a KL tokenizer and a "
+                              "continuous target; train them with `mulosd train kl-tokenizer` and `mulosd train car`)")
+        return self.continuous
 
     def resampler(self, kind: str, r: int, mode: str = "bicubic"):
         """MuLo-SD's up/down-sampler for factor r: ``pixel`` (training-free, any tokenizer) or ``learned`` (the
@@ -178,8 +220,9 @@ class Pipeline:
                 else:
                     totals[key] = totals.get(key, 0) + value
         wall = time.perf_counter() - t0
-        tokens = torch.cat(all_tokens).view(-1, g, g)
-        images = self.decode_images(tokens)
+        tokens = torch.cat(all_tokens)
+        tokens = tokens.view(-1, g, g, *tokens.shape[2:])  # continuous tokens keep their channel axis
+        images = decoder.decode_images(tokens)
         n = len(labels)
         stats = {
             "method": method,
@@ -203,7 +246,8 @@ class Pipeline:
             "time_breakdown_s": {k: round(v, 4) for k, v in totals.get("time_s", {}).items()},
             # accepted_length_histogram[n]: verifications (per image) that accepted exactly n drafted tokens
             "accepted_length_histogram": totals.get("accept_hist", []),
-            "counts": {k: totals.get(k, 0) for k in ("active_forwards", "tokens", "accepted", "drafted", "resampled", "refreshed")},
+            "counts": {k: totals.get(k, 0) for k in ("active_forwards", "tokens", "accepted", "drafted", "resampled", "refreshed",
+                                                     "residual_tries", "fallbacks")},
         }
         if self.classifier is not None:
             pred = self.classify(images)

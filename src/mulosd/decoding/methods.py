@@ -28,6 +28,7 @@ class Method:
     name: str = ""
     exact: bool = True  # does the output follow the target's distribution exactly?
     defaults: dict = {}
+    baseline = "ar"  # the plain AR method of the same model family: speed-ups are measured against it
 
     def __init__(self, pipe: "Pipeline", **params):
         unknown = sorted(set(params) - set(self.defaults))
@@ -46,6 +47,10 @@ class Method:
 
     def generate(self, labels: torch.Tensor, sampling: SamplingConfig, streams: RandomStreams) -> tuple[torch.Tensor, DecodeStats]:
         raise NotImplementedError
+
+    def decode_images(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens [N, g, g, ...] as this method produces them -> images [N, C, H, W] in [0, 1]."""
+        return self.pipe.decode_images(tokens)
 
 
 class AR(Method):
@@ -290,7 +295,69 @@ class _Resampler:
         return self._down.down(tokens)
 
 
-REGISTRY: dict[str, type[Method]] = {m.name: m for m in (AR, SD, SJD, MCSJD, Lantern, GSD, ZipAR, Mulo)}
+class _Continuous(Method):
+    """Methods on the model set's continuous-token models (KL tokenizer, transformer + diffusion head)."""
+
+    baseline = "car"
+
+    def __init__(self, pipe, **params):
+        super().__init__(pipe, **params)
+        self.cont = pipe.continuous_models()
+        self.model = self.cont.target
+
+    def decode_images(self, tokens):
+        return (self.cont.tokenizer.decode(tokens) + 1) / 2
+
+
+class CAR(_Continuous):
+    """Continuous-token AR baseline: one transformer forward and one diffusion-head chain per token."""
+
+    name = "car"
+    defaults = {"model": "target"}
+
+    def __init__(self, pipe, **params):
+        super().__init__(pipe, **params)
+        self.model = self.cont.model(self._params["model"])
+
+    def generate(self, labels, sampling, streams):
+        from mulosd.decoding.continuous import generate_car
+
+        return generate_car(self.model, labels, sampling, streams)
+
+
+class CSpD(_Continuous):
+    """Continuous speculative decoding (Wang et al.): the small continuous drafter proposes gamma tokens recording
+    its diffusion noises; the target scores them in one forward and replays its head along the aligned
+    trajectories; surrogate acceptance ratio; rejected tokens replaced by acceptance-rejection residual samples.
+    Approximately lossless (the ratio is a biased surrogate, measured in docs/CSPD.md)."""
+
+    name = "cspd"
+    exact = False
+    defaults = {"gamma": 4, "drafter": "small", "prefill": 0.05, "align": True, "relax": 1.0, "max_tries": 100}
+
+    def __init__(self, pipe, **params):
+        from mulosd.decoding.continuous import check_pair
+
+        super().__init__(pipe, **params)
+        p = self._params
+        self.gamma = _int_param(p, "gamma", 1)
+        p["prefill"] = _float_param(p, "prefill", 0.0, 1.0)
+        if not isinstance(p["align"], bool):
+            raise MulosdError(f"align must be true or false, got {p['align']!r}")
+        p["relax"] = _float_param(p, "relax", 1.0, 1e6)
+        _int_param(p, "max_tries", 1)
+        self.drafter = self.cont.model(p["drafter"])  # "target" drafts for itself: every draft is accepted (a test)
+        check_pair(self.model, self.drafter)
+
+    def generate(self, labels, sampling, streams):
+        from mulosd.decoding.continuous import generate_cspd
+
+        p = self._params
+        return generate_cspd(self.model, self.drafter, labels, sampling, streams, self.gamma, prefill=p["prefill"],
+                             align=p["align"], relax=p["relax"], max_tries=p["max_tries"])
+
+
+REGISTRY: dict[str, type[Method]] = {m.name: m for m in (AR, SD, SJD, MCSJD, Lantern, GSD, ZipAR, Mulo, CAR, CSpD)}
 
 
 def get_method(name: str) -> type[Method]:

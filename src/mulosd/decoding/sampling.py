@@ -11,6 +11,10 @@ Order of operations (fixed, documented, shared by all methods):
    reaches p (the token that crosses p is kept; the top token is always kept). ``p == 1`` disables it.
 5. **Softmax** over what is left.
 
+Continuous tokens (:mod:`mulosd.decoding.continuous`) take steps 1 and 2 inside their diffusion head: guidance
+mixes the head's predicted noise with the same scale and layout, and the temperature scales every reverse step's
+standard deviation (MAR's convention); top-k and top-p are refused (:func:`check_continuous`).
+
 ``process_logits`` returns the final probabilities (what drafters record as q and verifiers use as p);
 ``sample`` draws from them by inverse CDF with uniforms from per-sample random streams, so an image's
 randomness does not depend on which batch it was drawn in.
@@ -115,6 +119,20 @@ class RandomStreams:
             return torch.stack([torch.rand(shape, generator=g) for g in self.generators])
         return torch.stack([torch.rand(shape, generator=g) if bool(on) else torch.zeros(shape)
                             for g, on in zip(self.generators, rows)])
+
+
+    def normal(self, *shape: int) -> torch.Tensor:
+        """[B, *shape] standard normals, row b from stream b (continuous tokens: diffusion noises, proposals)."""
+        return torch.stack([torch.randn(shape, generator=g) for g in self.generators])
+
+
+def check_continuous(cfg: SamplingConfig) -> None:
+    """Continuous tokens use the same guidance and temperature, applied inside the diffusion head (CFG on the
+    predicted noise, temperature on every reverse step's std); a filter over a vocabulary has no meaning there."""
+    if cfg.top_k or cfg.top_p < 1.0:
+        raise MulosdError("top-k / top-p filter a vocabulary and do not apply to continuous tokens; use top-k 0 and top-p 1")
+    if cfg.greedy:
+        raise MulosdError("continuous tokens need temperature > 0 (the diffusion head has no greedy mode)")
 
 
 def sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

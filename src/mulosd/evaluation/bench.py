@@ -34,7 +34,7 @@ from mulosd.errors import MulosdError
 from mulosd.evaluation.fid import cached_reference, fid_from_features, kernel_distance
 from mulosd.io import atomic_write, cache_dir, atomic_write_json, atomic_write_text, check_writable
 
-PHASES = ("drafting", "upsampling", "verification", "resampling", "downsampling")
+PHASES = ("drafting", "upsampling", "verification", "resampling", "downsampling", "prefill")
 
 
 @dataclass
@@ -323,19 +323,26 @@ def run_bench(pipe, settings: list[Setting], cfg: BenchConfig, out_dir: str | Pa
                     errors[s.label] = traceback.format_exc(limit=3)
 
     def write(final: bool) -> dict:
-        ar_label = next((s.label for s in settings if s.method == "ar" and not s.params), None)
-        ar_lat = None
-        if ar_label and records[ar_label]:
-            ar_lat = statistics.median(r["wall_s"] / r["images"] for r in records[ar_label])
+        # every method is timed against the plain AR decoder of its own model family (ar for the discrete models,
+        # car for the continuous ones), run with default parameters in this same process
+        references, ref_lat = {}, {}
+        for s in settings:
+            if s.method in ("ar", "car") and not s.params and s.method not in references:
+                references[s.method] = s.label
+                if records[s.label]:
+                    ref_lat[s.method] = statistics.median(r["wall_s"] / r["images"] for r in records[s.label])
+        ar_label = references.get("ar")
         rows = []
         for s in settings:
             f = {space: torch.cat(v[s.label]) for space, v in feats.items() if v[s.label]}
-            rows.append(_aggregate(s, type(methods[s.label]), records[s.label], f, refs, ar_lat, cfg, errors.get(s.label)))
+            cls = type(methods[s.label])
+            rows.append(_aggregate(s, cls, records[s.label], f, refs, ref_lat.get(cls.baseline), cfg, errors.get(s.label)))
         result = {"config": {**config, "date": time.strftime("%Y-%m-%d %H:%M"),
                              "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
                              "rounds_done": done_rounds, "rounds_total": len(batches), "complete": final,
                              "fid_classifier_real_floor": floors["classifier"],
-                             "fid_inception_real_floor": floors.get("inception"), "speedup_reference": ar_label},
+                             "fid_inception_real_floor": floors.get("inception"), "speedup_reference": ar_label,
+                             "speedup_references": references},
                   "methods": rows}
         atomic_write_json(out / "results.json", result)
         buf = io.StringIO()

@@ -1,0 +1,238 @@
+"""Decoding continuous-token AR models: the plain AR baseline (``car``) and continuous speculative decoding
+(``cspd``, Wang et al. 2024), both on :class:`~mulosd.models.cgpt.ContinuousGPT` models.
+
+Randomness: every image has its own stream (``streams``), as in the discrete decoders. The target draws from it
+in a fixed order: per AR token one block of diffusion noises [S + 1, d]. CSpD's pre-fill phase is literally the AR
+loop, so ``prefill=1`` gives the target-only tokens of ``car`` with the same seed. After pre-fill, per cycle the
+target draws the acceptance uniforms, the residual sampler's proposals and uniforms, the bonus token's noises and
+(``align=False`` only) its own trajectory noises; the drafter draws its noises from a forked stream.
+
+A CSpD cycle, for every image at its own frontier f (images advance independently, as in
+:mod:`mulosd.decoding.engine`):
+
+1. :func:`draft_tokens`: the drafter samples gamma tokens for cells f .. f+gamma-1 (one forward each), recording
+   per token its noises, the last reverse step's Gaussian and the summed log stds of the earlier steps;
+2. :func:`score_drafts`: one target forward over cells f-1 .. f+gamma-1 gives the conditions of cells f .. f+gamma;
+   one batched run of the target's head replays the drafted cells' trajectories **with the drafter's noises**
+   (trajectory alignment; fresh noises when ``align=False``) and samples the bonus cell f+gamma;
+3. :func:`~mulosd.decoding.cspd_rules.surrogate_log_ratio` and the accept test; the accepted prefix is n;
+4. :func:`replacement_tokens`: cell f+n gets a residual sample (acceptance-rejection with the target's last step
+   as proposal, bounded tries, fallback documented in docs/CSPD.md) when a draft was rejected, else the bonus;
+5. commit n + 1 tokens, advance f.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from mulosd.decoding.ar import DecodeStats, cfg_labels, double
+from mulosd.decoding.cspd_rules import accept_continuous, residual_sample, surrogate_log_ratio
+from mulosd.decoding.sampling import RandomStreams, SamplingConfig, check_continuous
+from mulosd.errors import MulosdError
+from mulosd.models.cgpt import ContinuousGPT
+
+DRAFTER_STREAM = 1  # fork salt of the drafter's per-image streams
+
+
+def head_sample(model: ContinuousGPT, z: torch.Tensor, cfg: SamplingConfig, noise: torch.Tensor) -> dict:
+    """One token per image from the model's head: z [rows, dim] ([cond ; uncond] halves under guidance),
+    noise [S + 1, n, d]."""
+    return model.head.sample(z, noise=noise, temperature=cfg.temperature, cfg_scale=cfg.cfg_scale if cfg.uses_cfg else None)
+
+
+def head_rows(z: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """Conditions z [rows, T, dim] of T cells per image -> [rows * T, dim] in the head's layout ([cond ; uncond]
+    halves, each image-major)."""
+    if cfg.uses_cfg:
+        cond, uncond = z.chunk(2)
+        return torch.cat([cond.reshape(-1, z.shape[-1]), uncond.reshape(-1, z.shape[-1])])
+    return z.reshape(-1, z.shape[-1])
+
+
+def ar_steps(model: ContinuousGPT, tokens: torch.Tensor, z: torch.Tensor, start: int, stop: int,
+             cfg: SamplingConfig, streams: RandomStreams) -> None:
+    """Plain AR for cells start .. stop-1 (z conditions cell ``start``): sample a token with the head, feed it to
+    get the next condition (the last token is not fed). One target forward per token."""
+    d = tokens.shape[-1]
+    S = len(model.head.sampling)
+    for k in range(start, stop):
+        noise = streams.normal(S + 1, d).transpose(0, 1)
+        tokens[:, k] = head_sample(model, z, cfg, noise)["x"]
+        if k + 1 < stop:
+            cells = torch.full((z.shape[0], 1), k, dtype=torch.long)
+            z = model.decode(double(tokens[:, k : k + 1], cfg), cells)[:, 0]
+
+
+@torch.inference_mode()
+def generate_car(model: ContinuousGPT, labels: torch.Tensor, cfg: SamplingConfig,
+                 streams: RandomStreams) -> tuple[torch.Tensor, DecodeStats]:
+    """Continuous AR: one transformer forward and one head chain per token. Returns (tokens [B, N, d], stats)."""
+    check_continuous(cfg)
+    B, N = len(labels), model.config.num_tokens
+    model.setup_cache(B * (2 if cfg.uses_cfg else 1))
+    try:
+        tokens = torch.zeros(B, N, model.token_dim)
+        ar_steps(model, tokens, model.prefill(cfg_labels(model, labels, cfg)), 0, N, cfg, streams)
+    finally:
+        model.clear_cache()
+    return tokens, DecodeStats(target_forwards=N, active_forwards=B * N, tokens=B * N)
+
+
+def draft_tokens(drafter: ContinuousGPT, tokens: torch.Tensor, frontier: torch.Tensor, gamma: int,
+                 cfg: SamplingConfig, dstreams: RandomStreams) -> dict:
+    """The drafter samples gamma tokens per image for cells f .. f+gamma-1 with its own noises.
+
+    It first re-feeds the two committed cells before the frontier (the token the target placed at f-1 is new to it;
+    everything earlier is in its cache), then feeds each draft but the last. Returns {"x" [B, G, d], "noise"
+    [S + 1, B, G, d], "last_mean", "last_std" [B, G, d], "log_std_prefix" [B, G]}."""
+    B, _, d = tokens.shape
+    S = len(drafter.head.sampling)
+    noise = dstreams.normal(gamma, S + 1, d).permute(2, 0, 1, 3)  # [S + 1, B, G, d]
+    cells = torch.stack([(frontier - 2).clamp_min(0), frontier - 1], dim=1)
+    feed = tokens[torch.arange(B)[:, None], cells]
+    z = drafter.decode(double(feed, cfg), double(cells, cfg))[:, -1]
+    out = {"x": [], "last_mean": [], "last_std": [], "log_std_prefix": []}
+    for i in range(gamma):
+        chain = head_sample(drafter, z, cfg, noise[:, :, i])
+        for key in out:
+            out[key].append(chain[key])
+        if i + 1 < gamma:
+            z = drafter.decode(double(chain["x"][:, None], cfg), double((frontier + i)[:, None], cfg))[:, 0]
+    result = {key: torch.stack(v, 1) for key, v in out.items()}
+    result["noise"] = noise
+    return result
+
+
+def score_drafts(target: ContinuousGPT, tokens: torch.Tensor, frontier: torch.Tensor, drafts: dict,
+                 cfg: SamplingConfig, streams: RandomStreams, align: bool) -> dict:
+    """One target forward over cells f-1 .. f+G-1, then one batched head run over the G + 1 conditions: the drafted
+    cells replay the drafter's noises (``align``) or fresh ones, the last cell (f+G) samples the bonus token.
+    Returns the target's chains {"x", "last_mean", "last_std", "log_std_prefix"} with a G + 1 axis."""
+    B, _, d = tokens.shape
+    G = drafts["x"].shape[1]
+    S = len(target.head.sampling)
+    cells = frontier[:, None] - 1 + torch.arange(G + 1)
+    feed = torch.cat([tokens.gather(1, (frontier - 1)[:, None, None].expand(-1, 1, d)), drafts["x"]], dim=1)
+    z = target.decode(double(feed, cfg), double(cells, cfg))  # [rows, G + 1, dim]
+    own = streams.normal(G + 1 if not align else 1, S + 1, d).permute(2, 0, 1, 3)  # [S + 1, B, *, d]
+    noise = torch.cat([drafts["noise"], own[:, :, -1:]], dim=2) if align else own
+    chain = head_sample(target, head_rows(z, cfg), cfg, noise.reshape(S + 1, B * (G + 1), d))
+    return {k: v.reshape(B, G + 1, *v.shape[1:]) for k, v in chain.items() if k != "noise"}
+
+
+def replacement_tokens(drafts: dict, target: dict, n: torch.Tensor, relax: float, streams: RandomStreams,
+                       max_tries: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The token for cell f+n of every image: the bonus sample where all G drafts were accepted, else a residual
+    sample norm(max(0, S p_last - q_last)) at the rejected cell. Returns (tokens [B, d], tries [B], fell_back [B]);
+    tries and fell_back are 0 / False where no residual was needed."""
+    B, G, d = drafts["x"].shape
+    rows = torch.arange(B)
+    j = n.clamp(max=G - 1)
+    noise, u = streams.normal(max_tries, d), streams.uniform(max_tries)
+    log_scale = drafts["log_std_prefix"][rows, j] - target["log_std_prefix"][rows, j]
+    resid, tries, fell = residual_sample(target["last_mean"][rows, j], target["last_std"][rows, j],
+                                         drafts["last_mean"][rows, j], drafts["last_std"][rows, j], log_scale, noise, u, relax)
+    rejected = n < G
+    out = torch.where(rejected[:, None], resid, target["x"][:, G])
+    return out, torch.where(rejected, tries, 0), fell & rejected
+
+
+@torch.inference_mode()
+def generate_cspd(target: ContinuousGPT, drafter: ContinuousGPT, labels: torch.Tensor, cfg: SamplingConfig,
+                  streams: RandomStreams, gamma: int, prefill: float = 0.05, align: bool = True, relax: float = 1.0,
+                  max_tries: int = 100, trace: list | None = None) -> tuple[torch.Tensor, DecodeStats]:
+    """Continuous speculative decoding. Returns (tokens [B, N, d], stats); ``trace`` (a list) collects per cycle
+    the frontier, accepted lengths and log ratios (tests and docs)."""
+    check_continuous(cfg)
+    check_pair(target, drafter)
+    if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
+        raise MulosdError(f"gamma must be an integer >= 1, got {gamma!r}")
+    if not (isinstance(prefill, (int, float)) and 0.0 <= prefill <= 1.0):
+        raise MulosdError(f"prefill must be a fraction in [0, 1], got {prefill!r}")
+    if isinstance(max_tries, bool) or not isinstance(max_tries, int) or max_tries < 1:
+        raise MulosdError(f"max_tries must be an integer >= 1, got {max_tries!r}")
+    B, N, d = len(labels), target.config.num_tokens, target.token_dim
+    rows = B * (2 if cfg.uses_cfg else 1)
+    stats = DecodeStats()
+    stats.time_s = {"prefill": 0.0, "drafting": 0.0, "verification": 0.0, "resampling": 0.0}
+    dstreams = streams.fork(DRAFTER_STREAM)
+    target.setup_cache(rows, slack=gamma + 1)
+    drafter.setup_cache(rows, slack=gamma + 1)
+    try:
+        t0 = time.perf_counter()
+        tokens = torch.zeros(B, N + gamma + 1, d)
+        n_pre = min(N, max(1, math.floor(prefill * N + 0.5)))  # token 0 always comes from the target
+        ar_steps(target, tokens, target.prefill(cfg_labels(target, labels, cfg)), 0, n_pre, cfg, streams)
+        stats.target_forwards = n_pre
+        stats.active_forwards, stats.tokens = B * n_pre, B * n_pre
+        drafter.prefill(cfg_labels(drafter, labels, cfg))
+        stats.drafter_forwards = 1
+        if n_pre > 2:  # the drafter's cache for the pre-filled cells (the last two are re-fed by every cycle)
+            cells = torch.arange(n_pre - 2)[None].expand(B, -1)
+            drafter.decode(double(tokens[:, : n_pre - 2], cfg), double(cells, cfg))
+            stats.drafter_forwards += 1
+        stats.time_s["prefill"] += time.perf_counter() - t0
+        frontier = torch.full((B,), n_pre, dtype=torch.long)
+        while bool((frontier < N).any()):
+            active = frontier < N
+            t0 = time.perf_counter()
+            drafts = draft_tokens(drafter, tokens, frontier, gamma, cfg, dstreams)
+            t1 = time.perf_counter()
+            chains = score_drafts(target, tokens, frontier, drafts, cfg, streams, align)
+            log_ratio = surrogate_log_ratio(drafts["x"], drafts, {k: v[:, :gamma] for k, v in chains.items()}, relax)
+            accept = accept_continuous(log_ratio, streams.uniform(gamma))
+            n = accept.long().cumprod(1).sum(1)  # accepted prefix
+            t2 = time.perf_counter()
+            nxt, tries, fell = replacement_tokens(drafts, chains, n, relax, streams, max_tries)
+            t3 = time.perf_counter()
+            # commit drafts[:n] and the replacement at f+n, never past the grid
+            row = torch.cat([drafts["x"], nxt[:, None]], dim=1)
+            row[torch.arange(B), n] = nxt
+            count = torch.minimum(n + 1, (N - frontier).clamp_min(0))
+            cells = frontier[:, None] + torch.arange(gamma + 1)
+            keep = (torch.arange(gamma + 1)[None] < count[:, None])[..., None]
+            tokens[torch.arange(B)[:, None], cells] = torch.where(keep, row, tokens[torch.arange(B)[:, None], cells])
+            real = (N - frontier).clamp(0, gamma)  # drafts that landed on grid cells
+            acc = torch.minimum(n, real)
+            stats.target_forwards += 1
+            stats.drafter_forwards += gamma
+            stats.active_forwards += int(active.sum())
+            stats.tokens += int(count.sum())
+            stats.drafted += int(real[active].sum())
+            stats.accepted += int(acc[active].sum())
+            stats.add_accepted(acc[active])
+            needed = active & (n < real)
+            stats.resampled += int(needed.sum())
+            stats.residual_tries += int(tries[needed].sum())
+            stats.fallbacks += int(fell[needed].sum())
+            if trace is not None:
+                trace.append({"frontier": frontier.clone(), "accepted": n.clone(), "log_ratio": log_ratio.clone(),
+                              "active": active.clone()})
+            frontier = frontier + count
+            stats.time_s["drafting"] += t1 - t0
+            stats.time_s["verification"] += t2 - t1
+            stats.time_s["resampling"] += t3 - t2
+    finally:
+        target.clear_cache()
+        drafter.clear_cache()
+    return tokens[:, :N], stats
+
+
+def check_pair(target: ContinuousGPT, drafter: ContinuousGPT) -> None:
+    """A drafter must produce tokens the target can score: same token dimension, grid, classes and tokenizer,
+    and the same number of reverse steps (trajectory alignment pairs the steps one to one)."""
+    t, q = target.config, drafter.config
+    if q.token_dim != t.token_dim:
+        raise MulosdError(f"the drafter's tokens have {q.token_dim} dimensions; the target's have {t.token_dim}")
+    if q.grid_size != t.grid_size:
+        raise MulosdError(f"the drafter works on a {q.grid_size}x{q.grid_size} grid; the target's is {t.grid_size}x{t.grid_size}")
+    if q.num_classes != t.num_classes:
+        raise MulosdError(f"the drafter has {q.num_classes} classes; the target has {t.num_classes}")
+    if q.tokenizer_id and t.tokenizer_id and q.tokenizer_id != t.tokenizer_id:
+        raise MulosdError(f"the drafter was trained on another tokenizer ({q.tokenizer_id}) than the target ({t.tokenizer_id})")
+    if len(drafter.head.sampling) != len(target.head.sampling):
+        raise MulosdError(f"the drafter's head samples in {len(drafter.head.sampling)} steps, the target's in "
+                          f"{len(target.head.sampling)}; trajectory alignment needs the same number")
