@@ -181,11 +181,12 @@ def _generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale
             click.echo(f"wrote {acceptance_gif}")
 
 
+ALL_METHODS = "ar,sd,sjd,mcsjd,lantern,gsd,zipar,mulo,car,cspd"  # car / cspd: the continuous-token family
 BENCH_PRESETS = {
     # a smoke run of every method: minutes on 2 cores, classifier metrics only
-    "quick": {"methods_": "ar,sd,sjd,mcsjd,lantern,gsd,zipar,mulo", "num_images": 20, "batch_size": 1, "inception": False},
+    "quick": {"methods_": ALL_METHODS, "num_images": 20, "batch_size": 1, "inception": False},
     # the docs/RESULTS.md run: 1000 images per method, Inception FID against the 10 000 test images
-    "full": {"methods_": "ar,sd,sjd,mcsjd,lantern,gsd,zipar,mulo", "num_images": 1000, "batch_size": 1,
+    "full": {"methods_": ALL_METHODS, "num_images": 1000, "batch_size": 1,
              "inception": True},
 }
 
@@ -196,8 +197,8 @@ BENCH_PRESETS = {
               help="quick: every method, 20 images, batch 1, classifier metrics (a few minutes on 2 cores). "
                    "full: every method, 1000 images, batch 1, plus Inception FID. Options given explicitly win.")
 @click.option("--methods", "methods_", default=None,
-              help="Comma-separated methods; `ar` (default parameters) is the speed-up reference. "
-                   "Default: ar,sd,sjd,mcsjd,lantern,gsd,zipar,mulo.")
+              help="Comma-separated methods; `ar` (default parameters) is the speed-up reference of the discrete "
+                   "methods, `car` that of cspd. Default: " + ALL_METHODS + ".")
 @click.option("--sweep", "sweeps", multiple=True, metavar="METHOD.KEY=V1,V2,...",
               help="Sweep a parameter (repeatable; several sweeps of one method give every combination).")
 @click.option("--param", "params", multiple=True, metavar="METHOD.KEY=VALUE", help="Fix a parameter of a method (repeatable).")
@@ -235,7 +236,7 @@ def bench(model, preset, methods_, sweeps, params, extra, num_images, batch_size
     """
     _threads()
     given = {"methods_": methods_, "num_images": num_images, "batch_size": batch_size, "inception": inception}
-    base = {"methods_": "ar,sd,sjd,mcsjd,lantern,gsd,zipar,mulo", "num_images": 100, "batch_size": 1, "inception": False}
+    base = {"methods_": ALL_METHODS, "num_images": 100, "batch_size": 1, "inception": False}
     chosen = {k: v if v is not None else BENCH_PRESETS.get(preset, base)[k] for k, v in given.items()}
     _run(_bench, model, chosen["methods_"], sweeps, params, extra, chosen["num_images"], chosen["batch_size"], seed,
          cfg_scale, temperature, top_k, top_p, chosen["inception"], reference_images, out, resume, warmup, data_dir,
@@ -290,8 +291,18 @@ def _info(model):
         c = m.config
         click.echo(f"  {role:10s} grid {c.grid_size}x{c.grid_size}, {c.n_layer} layers, dim {c.dim}, {c.n_head} heads, "
                    f"{n(m) / 1e6:.2f} M params")
+    for r, m in sorted(pipe.upsamplers.items()):
+        click.echo(f"  up r={r}     learned latent up/down-sampler, {n(m) / 1e6:.2f} M params")
     if pipe.classifier is not None:
         click.echo(f"  classifier {n(pipe.classifier) / 1e6:.2f} M params, {pipe.classifier.num_features}-d features")
+    if pipe.continuous is not None:
+        k = pipe.continuous.tokenizer.config
+        click.echo(f"  continuous tokenizer: KL autoencoder, factor {k.downsample}, {k.token_dim}-channel tokens, "
+                   f"{n(pipe.continuous.tokenizer) / 1e6:.2f} M params")
+        for role, m in [("target", pipe.continuous.target), *pipe.continuous.drafters.items()]:
+            c = m.config
+            click.echo(f"  continuous {role:6s} grid {c.grid_size}x{c.grid_size}, {c.n_layer} layers, dim {c.dim}, "
+                       f"head {c.head_depth}x{c.head_width} ({c.sample_steps} steps), {n(m) / 1e6:.2f} M params")
 
 
 # ---------------------------------------------------------------------------------------------- train
