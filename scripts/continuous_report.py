@@ -1,0 +1,125 @@
+"""Measurements of the continuous-token family of fmnist-32 for docs/MODELS.md (run after
+scripts/train_continuous.sh):
+
+    .venv/bin/python scripts/continuous_report.py [--per-class 20] [--doc docs/MODELS.md]
+
+Training summaries (runs/ctokenizer, runs/ctarget, runs/cdrafter_small), class accuracy of CFG-3 samples from the
+shipped target and drafter (car), the decode step cost of each at batch 1 with CFG (transformer forward + one
+head chain, median of many), sample grids in docs/images/, and the fp16-vs-fp32 check on the target. Replaces the
+block between <!-- continuous:start --> and <!-- continuous:end --> in the doc (or prints it)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from mulosd.decoding.ar import double
+from mulosd.decoding.continuous import generate_car, head_sample
+from mulosd.decoding.sampling import RandomStreams, SamplingConfig
+from mulosd.evaluation.grids import image_grid
+from mulosd.io import atomic_write, atomic_write_text
+from mulosd.models.cgpt import ContinuousGPT
+from mulosd.pipeline import Pipeline
+
+
+def step_cost(model, reps: int = 200) -> dict:
+    """Median ms of one transformer decode step and of one head chain at batch 1 with CFG (2 rows)."""
+    cfg = SamplingConfig(cfg_scale=3.0)
+    model.setup_cache(2)
+    fwd, head = [], []
+    try:
+        with torch.inference_mode():
+            z = model.prefill(torch.tensor([3, 10]))
+            x = torch.zeros(1, 1, model.token_dim)
+            for k in range(reps):
+                cell = torch.full((2, 1), k % model.config.num_tokens)
+                t0 = time.perf_counter()
+                z2 = model.decode(double(x, cfg), cell)[:, 0]
+                t1 = time.perf_counter()
+                head_sample(model, z, cfg, torch.randn(len(model.head.sampling) + 1, 1, model.token_dim))
+                t2 = time.perf_counter()
+                fwd.append(t1 - t0)
+                head.append(t2 - t1)
+                z = z2
+    finally:
+        model.clear_cache()
+    return {"forward_ms": 1000 * statistics.median(fwd[10:]), "head_ms": 1000 * statistics.median(head[10:])}
+
+
+def params(m) -> float:
+    return sum(p.numel() for p in m.parameters()) / 1e6
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--per-class", type=int, default=20)
+    ap.add_argument("--runs", default="runs")
+    ap.add_argument("--doc", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    pipe = Pipeline.from_pretrained("fmnist-32")
+    cont = pipe.continuous_models()
+    runs = Path(args.runs)
+    rows = []
+    for name, role, arch in (("ctokenizer", None, "conv KL autoencoder, factor 2, 4-channel tokens"),
+                             ("ctarget", "target", None), ("cdrafter_small", "small", None)):
+        s = json.loads((runs / name / "summary.json").read_text())
+        m = cont.tokenizer if role is None else cont.model(role)
+        if arch is None:
+            c = m.config
+            arch = (f"GPT {c.n_layer}L d{c.dim} {c.n_head}h + head {c.head_depth}x{c.head_width}, "
+                    f"{c.sample_steps} reverse steps")
+        t = s["train"]
+        ev = s["eval"]
+        held = (f"PSNR {ev['test_psnr_db']} dB (32 px)" if role is None else f"test noise MSE {ev['test_noise_mse']}")
+        rows.append(f"| `{'continuous ' + (role or 'tokenizer')}` | {arch} | {params(m):.2f} M | {t['steps']} x {t['batch_size']} | "
+                    f"{s['train_time_s'] / 60:.1f} min | {s['final']['loss']:.4f} | {held} |")
+    out = ["| model | architecture | params | steps x batch | train time | final train loss | held-out |",
+           "|---|---|---|---|---|---|---|", *rows, ""]
+    classes = list(range(10))
+    out += ["| samples from (car, CFG 3) | class accuracy | transformer step (ms) | head chain (ms) | step cost (ms) |",
+            "|---|---|---|---|---|"]
+    costs = {}
+    for role in ("target", "small"):
+        r = pipe(classes, num_per_class=args.per_class, method="car", model=role, seed=0, batch_size=50, cfg_scale=3.0)
+        grid = image_grid(pipe_first(r.images, args.per_class, 8), torch.tensor([c for c in classes for _ in range(8)]),
+                          pipe.class_names)
+        atomic_write(Path("docs/images") / f"samples_continuous_{role}.png", lambda tmp: grid.save(tmp, format="PNG"))
+        c = step_cost(cont.model(role))
+        costs[role] = c["forward_ms"] + c["head_ms"]
+        out.append(f"| `{role}` | {r.stats['class_accuracy']:.3f} | {c['forward_ms']:.2f} | {c['head_ms']:.2f} | {costs[role]:.2f} |")
+    out.append("")
+    out.append(f"Drafter / target step cost at batch 1 with CFG: {costs['small'] / costs['target']:.3f} "
+               f"({args.per_class * 10} samples per model for the accuracies; step times are medians of 190 steps).")
+    # fp16 shipping vs the fp32 training weights
+    fp32 = ContinuousGPT.from_pretrained(runs / "ctarget" / "model")
+    labels = torch.arange(10).repeat_interleave(2)
+    a, _ = generate_car(fp32, labels, SamplingConfig(cfg_scale=3.0), RandomStreams.from_seed(0, range(20)))
+    b, _ = generate_car(cont.target, labels, SamplingConfig(cfg_scale=3.0), RandomStreams.from_seed(0, range(20)))
+    out.append(f"\nfp16 storage vs fp32 (target, 20 images, shared seeds): mean |token difference| "
+               f"{(a - b).abs().mean():.4f} (tokens have unit variance), max {(a - b).abs().max():.3f}.\n")
+    text = "\n".join(out)
+    if args.doc:
+        doc = open(args.doc).read()
+        new, k = re.subn(r"(<!-- continuous:start -->\n).*?(<!-- continuous:end -->)", lambda m: m.group(1) + text + m.group(2),
+                         doc, flags=re.S)
+        if not k:
+            raise SystemExit(f"{args.doc} has no continuous markers")
+        atomic_write_text(args.doc, new)
+        print(f"updated {args.doc}")
+    print(text)
+
+
+def pipe_first(images, per_class, keep):
+    """The first ``keep`` images of every class from a class-major batch."""
+    return torch.cat([images[c * per_class : c * per_class + keep] for c in range(len(images) // per_class)])
+
+
+if __name__ == "__main__":
+    main()
