@@ -31,6 +31,7 @@ class ContinuousGPTConfig(GPTConfig):
     sample_steps: int = 25  # reverse steps when sampling
     vlb_weight: float = 0.001
     clip_x0: float = 5.0
+    variance: str = "learned"  # the head's per-step std when sampling: learned, fixed_small, fixed_large
     head_batch_mul: int = 4
     tokenizer_id: str = ""  # fingerprint of the continuous tokenizer it was trained on
 
@@ -43,7 +44,8 @@ class ContinuousGPTConfig(GPTConfig):
     def head_config(self) -> DiffusionHeadConfig:
         return DiffusionHeadConfig(token_dim=self.token_dim, cond_dim=self.dim, width=self.head_width,
                                    depth=self.head_depth, train_steps=self.diffusion_steps,
-                                   sample_steps=self.sample_steps, vlb_weight=self.vlb_weight, clip_x0=self.clip_x0)
+                                   sample_steps=self.sample_steps, vlb_weight=self.vlb_weight, clip_x0=self.clip_x0,
+                                   variance=self.variance)
 
 
 class ContinuousGPT(GPT):

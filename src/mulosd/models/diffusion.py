@@ -1,5 +1,5 @@
 """A small MLP diffusion head for continuous tokens (MAR's DiffLoss, re-written small): given the AR model's hidden
-state z for a position, it denoises a token x in R^d with DDPM and a learned per-step variance.
+state z for a position, it denoises a token x in R^d with DDPM (per-step Gaussian mean and variance).
 
 Every reverse step is Gaussian, x_{t-1} = mu(x_t, t, z) + sigma_t(x_t, t, z) * eps_t, which is what continuous
 speculative decoding needs: the step means and standard deviations are exposed (:meth:`DiffusionHead.step`), the
@@ -7,9 +7,14 @@ noises can be supplied from outside (so draft and target heads can share them, "
 :meth:`DiffusionHead.sample` records the whole trajectory.
 
 Schedule: cosine alpha-bar over ``train_steps`` (Nichol & Dhariwal, 2021); sampling uses ``sample_steps`` evenly
-respaced steps with their own betas. Variance: the network outputs v in [0, 1] per dimension and
-log sigma^2 = v log beta_t + (1 - v) log beta~_t (the "learned range" parameterisation). Training loss: MSE on
-the predicted noise plus a weighted variational bound term that trains v only (the mean is detached there). When
+respaced steps with their own betas. Variance (``variance``): "learned" (MAR's choice) - the network outputs v in
+[0, 1] per dimension and log sigma^2 = v log beta_t + (1 - v) log beta~_t (the "learned range" parameterisation);
+"fixed_small" - sigma^2 = beta~_t (the DDPM posterior variance); "fixed_large" - sigma^2 = beta_t. The network is
+trained the same way for all three (the variance output is simply not read when fixed), so the choice can be changed
+on a trained head. Fixed variances matter for continuous speculative decoding: two heads on the same schedule then
+have identical per-step stds, so the surrogate ratio's std-product term is exactly 1 (docs/CSPD.md measures it).
+Training loss: MSE on the predicted noise plus a weighted variational bound term that trains v only (the mean is
+detached there). When
 sampling, the clean token implied by the predicted noise is clipped to [-clip_x0, clip_x0] (tokens are standardised
 latents) before the posterior mean is formed. The last reverse step also draws noise (sigma_1 > 0), so every step,
 the last included, is a proper Gaussian.
@@ -28,6 +33,9 @@ from mulosd.errors import MulosdError
 from mulosd.io import Pretrained
 
 
+VARIANCES = ("learned", "fixed_small", "fixed_large")
+
+
 @dataclass
 class DiffusionHeadConfig:
     token_dim: int = 4  # channels of a continuous token
@@ -38,6 +46,7 @@ class DiffusionHeadConfig:
     sample_steps: int = 25
     vlb_weight: float = 0.001  # weight of the variational-bound term (it trains the variance only)
     clip_x0: float = 5.0  # the predicted clean token is clipped to [-clip_x0, clip_x0] when sampling (0 = off)
+    variance: str = "learned"  # per-step std when sampling: "learned", "fixed_small" (beta~), "fixed_large" (beta)
 
     def __post_init__(self):
         for name in ("token_dim", "cond_dim", "width", "depth", "train_steps", "sample_steps"):
@@ -46,6 +55,8 @@ class DiffusionHeadConfig:
                 raise MulosdError(f"DiffusionHeadConfig.{name} must be an integer >= 1, got {v!r}")
         if self.sample_steps > self.train_steps:
             raise MulosdError(f"sample_steps ({self.sample_steps}) cannot exceed train_steps ({self.train_steps})")
+        if self.variance not in VARIANCES:
+            raise MulosdError(f"variance must be one of {', '.join(VARIANCES)}, got {self.variance!r}")
 
 
 def cosine_alpha_bar(steps: int, s: float = 0.008) -> torch.Tensor:
@@ -150,12 +161,14 @@ class DiffusionHead(Pretrained, nn.Module):
         return eps, (raw + 1) / 2
 
     @staticmethod
-    def _gaussian(x, eps, v, i: int, s: Schedule, clip: float):
+    def _gaussian(x, eps, v, i: int, s: Schedule, clip: float, variance: str = "learned"):
         """The reverse step's (mean, std) at x from the predicted noise and variance interpolation."""
         x0 = (x - s.k_noise[i] * eps) * s.k_inv[i]
         if clip > 0:  # near t = T, 1/sqrt(alpha-bar) magnifies any error in the predicted noise
             x0 = x0.clamp(-clip, clip)
         mean = s.c0[i] * x0 + s.ct[i] * x
+        if variance != "learned":  # a fixed variance: the v output is not read
+            v = torch.full_like(v, 0.0 if variance == "fixed_small" else 1.0)
         std = (0.5 * (s.log_post_var[i] + v * (s.log_beta[i] - s.log_post_var[i]))).exp()
         return mean, std
 
@@ -165,7 +178,7 @@ class DiffusionHead(Pretrained, nn.Module):
         returns (mean, std) of the Gaussian over the previous, less noisy x."""
         s = sched or self.sampling
         eps, v = self.net(x, s.timesteps[i].expand(len(x)), z)
-        return self._gaussian(x, eps, v, i, s, self.config.clip_x0)
+        return self._gaussian(x, eps, v, i, s, self.config.clip_x0, self.config.variance)
 
     def sample(self, z: torch.Tensor, noise: torch.Tensor | None = None, temperature: float = 1.0,
                sched: Schedule | None = None, cfg_scale: float | None = None) -> dict:
@@ -194,6 +207,7 @@ class DiffusionHead(Pretrained, nn.Module):
         c = self.time(timestep_embedding(s.timesteps, self.config.width))[:, None] + self.cond(z)[None]  # [S, rows, w]
         mods = [b.modulation(c) for b in self.blocks]
         clip = self.config.clip_x0
+        fixed = {"fixed_small": -1.0, "fixed_large": 1.0}.get(self.config.variance)  # the raw output a fixed variance means
         x, log_std_prefix = noise[0], 0.0
         log_temp = math.log(temperature)
         for k, i in enumerate(range(S - 1, -1, -1)):
@@ -204,6 +218,8 @@ class DiffusionHead(Pretrained, nn.Module):
                 cond, uncond = eps.chunk(2)
                 eps, raw = torch.lerp(uncond, cond, cfg_scale), raw[:n]
             half = 0.25 * (s.log_beta[i] - s.log_post_var[i])
+            if fixed is not None:
+                raw = torch.full_like(raw, fixed)
             log_std = raw.mul(half).add_(0.5 * s.log_post_var[i] + half + log_temp)
             x0 = torch.add(x, eps, alpha=-s.k_noise[i]).mul_(s.k_inv[i])
             if clip > 0:  # near t = T, 1/sqrt(alpha-bar) magnifies any error in the predicted noise
