@@ -1,6 +1,7 @@
 """Continuous-token decoding: car and cspd on small random continuous models (fast, seeded)."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -92,6 +93,99 @@ def test_alignment_raises_acceptance(models):
     assert on.accepted / on.drafted > off.accepted / off.drafted
 
 
+def _check_decodes_against_teacher_forcing(model, calls, final, labels):
+    """A cached ``decode`` call whose context is committed must return what a fresh teacher-forced pass over the
+    final committed tokens (with the fed cells holding what was fed) returns: a stale KV entry (a replaced token
+    still cached under its old value) would show as a difference."""
+    for feed, cells, z in calls:
+        for b in range(len(labels)):
+            # row k of the teacher-forced pass conditions token k; compare the rows that condition grid cells (drafts
+            # past the end of the grid are fed but never committed)
+            on = cells[b] + 1 < final.shape[1]
+            seq = final[b : b + 1].clone()
+            seq[0, cells[b][on]] = feed[b][on]
+            want = model(labels[b : b + 1], seq)[0, cells[b][on] + 1]
+            assert torch.allclose(z[b][on], want, atol=1e-4), (cells[b].tolist(), (z[b][on] - want).abs().max())
+
+
+def _recording(model, calls):
+    orig = model.decode
+
+    def decode(tokens, cells, mask=None):
+        z = orig(tokens, cells, mask)
+        calls.append((tokens.clone(), cells.clone(), z.clone()))
+        return z
+
+    model.decode = decode
+    return orig
+
+
+@pytest.mark.parametrize("independent", [False, True])
+def test_caches_hold_the_committed_tokens(models, independent):
+    """Both bookkeepings, target and drafter: after rejections and replacements every cached forward agrees with
+    teacher forcing on the committed image (independent mode re-feeds the last gamma + 1 cells to get there)."""
+    _, target, drafter = models
+    target, drafter = copy.deepcopy(target), copy.deepcopy(drafter)
+    labels = torch.tensor([1, 6])
+    tcalls, dcalls = [], []
+    _recording(target, tcalls), _recording(drafter, dcalls)
+    out, stats = generate_cspd(target, drafter, labels, SamplingConfig(), _streams(5, 2), gamma=3, prefill=0.1,
+                               relax=3.0, independent=independent)
+    assert 0 < stats.accepted < stats.drafted and stats.resampled > 0
+    with torch.inference_mode():
+        _check_decodes_against_teacher_forcing(target, tcalls, out, labels)
+        # the drafter's one-cell calls feed its own drafts of the cycle, whose context legitimately holds the
+        # cycle's earlier (not yet verified) drafts; its multi-cell calls (pre-fill, the re-feed that opens every
+        # cycle) must see the committed image only
+        _check_decodes_against_teacher_forcing(drafter, [c for c in dcalls if c[1].shape[1] > 1], out, labels)
+
+
+def test_independent_bookkeeping_commits_every_draft(models):
+    """The public code's bookkeeping: every cycle commits gamma cells (gamma + 1 when all were accepted), each
+    rejected draft replaced; identical heads accept everything; a batch member matches its solo run."""
+    _, target, drafter = models
+    labels = torch.tensor([2, 9, 4])
+    trace = []
+    both, stats = generate_cspd(target, drafter, labels, CFG, _streams(3, 3), gamma=3, prefill=0.1, relax=3.0,
+                                independent=True, trace=trace)
+    n_pre = 2  # round(0.1 * 16)
+    assert stats.tokens == 3 * 16 and stats.target_forwards <= n_pre + math.ceil((16 - n_pre) / 3)
+    assert stats.resampled == stats.drafted - stats.accepted > 0  # every rejected draft was replaced
+    steps = torch.stack([c["frontier"] for c in trace] + [torch.full((3,), 16)]).diff(dim=0)
+    for c, step in zip(trace, steps):  # 3 cells per cycle, 4 when all three drafts were accepted, clipped at the end
+        full = torch.where(c["accepted"] == 3, 4, 3)
+        assert torch.equal(torch.where(c["active"], torch.minimum(full, 16 - c["frontier"]), 0), step)
+    for i in range(3):
+        alone, _ = generate_cspd(target, drafter, labels[i : i + 1], CFG, _streams(3, 1, first=i), gamma=3, prefill=0.1,
+                                 relax=3.0, independent=True)
+        assert torch.allclose(both[i], alone[0], atol=1e-4), i
+    _, same = generate_cspd(target, target, labels, CFG, _streams(1, 3), gamma=4, prefill=0.0, independent=True)
+    assert same.accepted == same.drafted and same.resampled == 0
+
+
+def test_fixed_variance_makes_the_std_product_exact(models):
+    """With a fixed variance two different heads on one schedule have identical per-step stds: the surrogate's
+    std-product term is exactly 0 in log space (with learned variances it is not)."""
+    _, target, drafter = models
+    z = torch.randn(5, target.config.dim)
+    zd = torch.randn(5, drafter.config.dim)
+    noise = torch.randn(len(target.head.sampling) + 1, 5, 2)
+    learned = target.head.sample(z, noise=noise)["log_std_prefix"] - drafter.head.sample(zd, noise=noise)["log_std_prefix"]
+    assert learned.abs().max() > 1e-3
+    for variance in ("fixed_small", "fixed_large"):
+        t, d = copy.deepcopy(target), copy.deepcopy(drafter)
+        t.head.config.variance = d.head.config.variance = variance
+        a, b = t.head.sample(z, noise=noise), d.head.sample(zd, noise=noise)
+        assert torch.equal(a["log_std_prefix"], b["log_std_prefix"]) and torch.equal(a["last_std"], b["last_std"])
+        # the reference step uses the same fixed std: beta~ (small) or beta (large) of the step, for every row
+        i, sched = len(t.head.sampling) - 1, t.head.sampling
+        _, std = t.head.step(noise[0], i, z)
+        want = 0.5 * (sched.log_post_var[i] if variance == "fixed_small" else sched.log_beta[i])
+        assert torch.allclose(std, torch.full_like(std, math.exp(want)))
+    with pytest.raises(MulosdError, match="variance must be one of learned, fixed_small, fixed_large"):
+        ContinuousGPTConfig(grid_size=4, dim=16, n_layer=1, n_head=1, token_dim=2, variance="wide")
+
+
 def test_bad_inputs_are_clear_errors(models):
     kl, target, drafter = models
     labels = torch.tensor([0])
@@ -165,6 +259,13 @@ def test_pack_and_generate_through_the_cli(models, tmp_path):
                                "--num-per-class", "1", "--gamma", "2", "--no-align", "--relax", "42",
                                "--out", str(tmp_path / "g.png"), "--no-progress"])
     assert res.exit_code == 0, res.output
+    res = runner.invoke(main, ["generate", "--model", str(tmp_path / "set"), "--method", "cspd", "--classes", "3",
+                               "--num-per-class", "1", "--independent", "--relax", "42", "--out", str(tmp_path / "i.png"),
+                               "--stats-json", str(tmp_path / "i.json"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    import json
+    st = json.loads((tmp_path / "i.json").read_text())
+    assert st["params"]["independent"] is True and st["target_forwards_per_image"] < 16
     for bad, msg in ((["--gamma", "0"], "gamma must be an integer >= 1"), (["--prefill", "2"], "prefill must be a number in"),
                      (["--relax", "0.5"], "relax must be a number in"), (["--top-k", "3"], "top-k / top-p")):
         res = runner.invoke(main, ["generate", "--model", str(tmp_path / "set"), "--method", "cspd", "--classes", "3",

@@ -108,9 +108,13 @@ def test_surrogate_ratio_is_one_for_identical_chains_and_matches_hand_computatio
     assert torch.allclose(surrogate_log_ratio(x0, draft, target), want, atol=1e-5)
     assert accept_continuous(torch.zeros(4), torch.rand(4)).all()
     assert not accept_continuous(torch.full((4,), -50.0), torch.full((4,), 0.5)).any()
-    # relaxation flattens the last-step term toward 1; below 1 it is refused
+    # relaxation (the public code's inner temperature) divides the standardised distances, normalisers unchanged
     relaxed = surrogate_log_ratio(x0, draft, target, relax=42.0)
-    assert relaxed.shape == (3,)
+    zt, zd = (x0 - tm[-1]) / ts[-1] / 42, (x0 - means[-1]) / stds[-1] / 42
+    want_relaxed = (stds[:-1].log() - ts[:-1].log()).sum((0, 2)) + (-0.5 * zt**2 - ts[-1].log() + 0.5 * zd**2
+                                                                     + stds[-1].log()).sum(-1)
+    assert torch.allclose(relaxed, want_relaxed, atol=1e-5)
+    assert not torch.allclose(relaxed, surrogate_log_ratio(x0, draft, target))
     with pytest.raises(MulosdError, match="relaxation temperature must be >= 1"):
         surrogate_log_ratio(x0, draft, target, relax=0.5)
 

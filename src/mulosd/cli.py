@@ -47,7 +47,8 @@ def main():
 @click.option("--drafter", default=None, help="sd, lantern: drafter role in the model set (default small); mulo: the low-res drafter (default r2 or r4 to match --r); cspd: continuous drafter role (default small).")
 @click.option("--prefill", type=float, default=None, help="cspd: fraction of the tokens the target generates alone before drafting starts, in [0, 1] (1 = car). Default: 0.05.")
 @click.option("--align/--no-align", default=None, help="cspd: replay the drafter's diffusion noises in the target's head (trajectory alignment). Default: on.")
-@click.option("--relax", type=float, default=None, help="cspd: the public code's inner temperature dividing the squared distances of the ratio (>= 1; 1 = the paper's ratio, > 1 is approximate). Default: 1.")
+@click.option("--relax", type=float, default=None, help="cspd: the public code's inner temperature, dividing the standardised distances (x - mean) / std inside the ratio's Gaussians (>= 1; 1 = the paper's ratio; the public code uses 42; > 1 is approximate). Default: 1.")
+@click.option("--independent/--prefix-accept", default=None, help="cspd: test every draft on its own and keep the drafts after a rejected one (the public code's bookkeeping; approximate) instead of the paper's accept-left-to-right-and-truncate. Default: --prefix-accept.")
 @click.option("--max-tries", type=int, default=None, help="cspd: bound on acceptance-rejection proposals per residual sample (>= 1; then a plain target draw, counted as a fallback). Default: 100.")
 @click.option("--window", type=int, default=None,
               help="sjd, mcsjd, gsd: Jacobi window (default 16); zipar: tokens a row must lead the row below by (default 8). Integer >= 1.")
@@ -85,7 +86,7 @@ def main():
 @click.option("--stats-json", type=click.Path(dir_okay=False), default=None, help="Also write the run statistics as JSON here.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale, temperature, top_k, top_p, gamma,
-             drafter, prefill, align, relax, max_tries, window, init, coupling, k, delta, lam, group, prob_tol, embed_tol, r, rows, drafting, draft_window,
+             drafter, prefill, align, relax, independent, max_tries, window, init, coupling, k, delta, lam, group, prob_tol, embed_tol, r, rows, drafting, draft_window,
              upsampler, downsampler, candidates, resize, acceptance, tau, rejection, radius, resampling, island_window,
              acceptance_map, acceptance_gif, params, out, stats_json, progress):
     """Generate class-conditional images and write a labelled grid (plus optional stats JSON).
@@ -95,7 +96,7 @@ def generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale,
     class_accuracy (share classified as the requested class by the shipped classifier).
     """
     _threads()
-    given = {"gamma": gamma, "drafter": drafter, "prefill": prefill, "align": align, "relax": relax, "max_tries": max_tries,
+    given = {"gamma": gamma, "drafter": drafter, "prefill": prefill, "align": align, "relax": relax, "independent": independent, "max_tries": max_tries,
              "window": window, "init": init, "coupling": coupling, "k": k,
              "delta": delta, "lam": lam, "group": group, "prob_tol": prob_tol, "embed_tol": embed_tol, "r": r,
              "rows": rows, "drafting": drafting, "draft_window": draft_window, "upsampler": upsampler,
@@ -451,10 +452,14 @@ def train_kl_tokenizer(out, steps, batch_size, lr, warmup, seed, checkpoint_ever
 @click.option("--diffusion-steps", type=click.IntRange(min=2), default=1000, help="Training timesteps of the head (cosine schedule).")
 @click.option("--sample-steps", type=click.IntRange(min=1), default=10, help="Reverse steps when sampling (<= --diffusion-steps).")
 @click.option("--head-batch-mul", type=click.IntRange(min=1), default=2, help="Noise draws per token per step for the diffusion loss.")
+@click.option("--variance", type=click.Choice(["learned", "fixed_small", "fixed_large"]), default="fixed_small", show_default=True,
+              help="Per-step std of the head when sampling: learned (MAR's learned range), fixed_small (DDPM posterior "
+                   "variance) or fixed_large (beta). Training is the same for all three; fixed variances give cspd an "
+                   "exact std-product term (docs/CSPD.md).")
 @click.option("--class-dropout", type=click.FloatRange(0, 1), default=0.1, help="Probability of the null class (for CFG).")
 @click.option("--bf16/--fp32", default=False, help="bf16 autocast for the transformer's forward (the head stays fp32).")
 def train_car(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, data_dir, limit, tokenizer, dim, layers,
-              heads, head_width, head_depth, diffusion_steps, sample_steps, head_batch_mul, class_dropout, bf16):
+              heads, head_width, head_depth, diffusion_steps, sample_steps, head_batch_mul, variance, class_dropout, bf16):
     """Continuous-token AR model (transformer + small MLP diffusion head) on KL-tokenised Fashion-MNIST: the target
     and the drafter of cspd."""
     _threads()
@@ -467,7 +472,7 @@ def train_car(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume
         cfg = ContinuousGPTConfig(grid_size=32 // kl.config.downsample, dim=dim, n_layer=layers, n_head=heads,
                                   token_dim=kl.config.token_dim, head_width=head_width, head_depth=head_depth,
                                   diffusion_steps=diffusion_steps, sample_steps=sample_steps, head_batch_mul=head_batch_mul,
-                                  class_dropout_prob=class_dropout)
+                                  variance=variance, class_dropout_prob=class_dropout)
         return ContinuousARRecipe(gpt=cfg, tokenizer=tokenizer, data_dir=data_dir, bf16=bf16, limit=limit)
 
     _run(_train, recipe, out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume)

@@ -19,6 +19,10 @@ A CSpD cycle, for every image at its own frontier f (images advance independentl
 4. :func:`replacement_tokens`: cell f+n gets a residual sample (acceptance-rejection with the target's last step
    as proposal, bounded tries, fallback documented in docs/CSPD.md) when a draft was rejected, else the bonus;
 5. commit n + 1 tokens, advance f.
+
+With ``independent=True`` (the public code's bookkeeping) steps 3-5 test every draft on its own, replace each
+rejected one by a residual sample, keep the rest and commit all gamma cells (plus the bonus when all were accepted);
+the next cycle's forwards then re-feed the last gamma + 1 committed cells, so the KV caches hold the replacements.
 """
 
 from __future__ import annotations
@@ -82,16 +86,17 @@ def generate_car(model: ContinuousGPT, labels: torch.Tensor, cfg: SamplingConfig
 
 
 def draft_tokens(drafter: ContinuousGPT, tokens: torch.Tensor, frontier: torch.Tensor, gamma: int,
-                 cfg: SamplingConfig, dstreams: RandomStreams) -> dict:
+                 cfg: SamplingConfig, dstreams: RandomStreams, back: int = 2) -> dict:
     """The drafter samples gamma tokens per image for cells f .. f+gamma-1 with its own noises.
 
-    It first re-feeds the two committed cells before the frontier (the token the target placed at f-1 is new to it;
-    everything earlier is in its cache), then feeds each draft but the last. Returns {"x" [B, G, d], "noise"
+    It first re-feeds the ``back`` committed cells before the frontier (2 after a prefix cycle: the last draft it
+    never fed and the token the target placed at f-1; everything earlier is in its cache; gamma + 1 after an
+    independent cycle, whose replacements can be anywhere in it), then feeds each draft but the last. Returns {"x" [B, G, d], "noise"
     [S + 1, B, G, d], "last_mean", "last_std" [B, G, d], "log_std_prefix" [B, G]}."""
     B, _, d = tokens.shape
     S = len(drafter.head.sampling)
     noise = dstreams.normal(gamma, S + 1, d).permute(2, 0, 1, 3)  # [S + 1, B, G, d]
-    cells = torch.stack([(frontier - 2).clamp_min(0), frontier - 1], dim=1)
+    cells = (frontier[:, None] - back + torch.arange(back)).clamp_min(0)
     feed = tokens[torch.arange(B)[:, None], cells]
     z = drafter.decode(double(feed, cfg), double(cells, cfg))[:, -1]
     out = {"x": [], "last_mean": [], "last_std": [], "log_std_prefix": []}
@@ -107,23 +112,25 @@ def draft_tokens(drafter: ContinuousGPT, tokens: torch.Tensor, frontier: torch.T
 
 
 def score_drafts(target: ContinuousGPT, tokens: torch.Tensor, frontier: torch.Tensor, drafts: dict,
-                 cfg: SamplingConfig, streams: RandomStreams, align: bool) -> dict:
-    """One target forward over cells f-1 .. f+G-1, then one batched head run over the G + 1 conditions: the drafted
-    cells replay the drafter's noises (``align``) or fresh ones, the last cell (f+G) samples the bonus token.
+                 cfg: SamplingConfig, streams: RandomStreams, align: bool, back: int = 1) -> dict:
+    """One target forward over cells f-back .. f+G-1 (``back`` committed cells: 1 after a prefix cycle, gamma + 1
+    after an independent one, which re-writes the cache of its replaced cells and of everything after them), then
+    one batched head run over the G + 1 conditions of cells f .. f+G: the drafted cells replay the drafter's noises
+    (``align``) or fresh ones, the last cell (f+G) samples the bonus token.
     Returns the target's chains {"x", "last_mean", "last_std", "log_std_prefix"} with a G + 1 axis."""
     B, _, d = tokens.shape
     G = drafts["x"].shape[1]
     S = len(target.head.sampling)
-    cells = frontier[:, None] - 1 + torch.arange(G + 1)
-    feed = torch.cat([tokens.gather(1, (frontier - 1)[:, None, None].expand(-1, 1, d)), drafts["x"]], dim=1)
-    z = target.decode(double(feed, cfg), double(cells, cfg))  # [rows, G + 1, dim]
+    cells = frontier[:, None] - back + torch.arange(back + G)
+    feed = torch.cat([tokens[torch.arange(B)[:, None], cells[:, :back]], drafts["x"]], dim=1)
+    z = target.decode(double(feed, cfg), double(cells, cfg))[:, back - 1:]  # [rows, G + 1, dim]
     own = streams.normal(G + 1 if not align else 1, S + 1, d).permute(2, 0, 1, 3)  # [S + 1, B, *, d]
     noise = torch.cat([drafts["noise"], own[:, :, -1:]], dim=2) if align else own
     chain = head_sample(target, head_rows(z, cfg), cfg, noise.reshape(S + 1, B * (G + 1), d))
     return {k: v.reshape(B, G + 1, *v.shape[1:]) for k, v in chain.items() if k != "noise"}
 
 
-def replacement_tokens(drafts: dict, target: dict, n: torch.Tensor, relax: float, streams: RandomStreams,
+def replacement_tokens(drafts: dict, target: dict, n: torch.Tensor, streams: RandomStreams,
                        max_tries: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The token for cell f+n of every image: the bonus sample where all G drafts were accepted, else a residual
     sample norm(max(0, S p_last - q_last)) at the rejected cell. Returns (tokens [B, d], tries [B], fell_back [B]);
@@ -134,18 +141,39 @@ def replacement_tokens(drafts: dict, target: dict, n: torch.Tensor, relax: float
     noise, u = streams.normal(max_tries, d), streams.uniform(max_tries)
     log_scale = drafts["log_std_prefix"][rows, j] - target["log_std_prefix"][rows, j]
     resid, tries, fell = residual_sample(target["last_mean"][rows, j], target["last_std"][rows, j],
-                                         drafts["last_mean"][rows, j], drafts["last_std"][rows, j], log_scale, noise, u, relax)
+                                         drafts["last_mean"][rows, j], drafts["last_std"][rows, j], log_scale, noise, u)
     rejected = n < G
     out = torch.where(rejected[:, None], resid, target["x"][:, G])
     return out, torch.where(rejected, tries, 0), fell & rejected
 
 
+def residual_tokens(drafts: dict, target: dict, streams: RandomStreams,
+                    max_tries: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Independent bookkeeping: a residual sample for **every** drafted cell at once (the caller keeps those of the
+    rejected ones). Returns (tokens [B, G, d], tries [B, G], fell_back [B, G])."""
+    B, G, d = drafts["x"].shape
+    noise = streams.normal(G, max_tries, d).reshape(B * G, max_tries, d)
+    u = streams.uniform(G, max_tries).reshape(B * G, max_tries)
+    flat = lambda t: t[:, :G].reshape(B * G, *t.shape[2:])  # noqa: E731
+    log_scale = flat(drafts["log_std_prefix"]) - flat(target["log_std_prefix"])
+    x, tries, fell = residual_sample(flat(target["last_mean"]), flat(target["last_std"]), flat(drafts["last_mean"]),
+                                     flat(drafts["last_std"]), log_scale, noise, u)
+    return x.reshape(B, G, d), tries.reshape(B, G), fell.reshape(B, G)
+
+
 @torch.inference_mode()
 def generate_cspd(target: ContinuousGPT, drafter: ContinuousGPT, labels: torch.Tensor, cfg: SamplingConfig,
                   streams: RandomStreams, gamma: int, prefill: float = 0.05, align: bool = True, relax: float = 1.0,
-                  max_tries: int = 100, trace: list | None = None) -> tuple[torch.Tensor, DecodeStats]:
+                  max_tries: int = 100, independent: bool = False,
+                  trace: list | None = None) -> tuple[torch.Tensor, DecodeStats]:
     """Continuous speculative decoding. Returns (tokens [B, N, d], stats); ``trace`` (a list) collects per cycle
-    the frontier, accepted lengths and log ratios (tests and docs)."""
+    the frontier, accepted lengths and log ratios (tests and docs).
+
+    ``independent=False`` (the paper): accept left to right, replace the first rejected draft, drop the rest.
+    ``independent=True`` (the public code's bookkeeping, approximate): every draft is tested on its own, each
+    rejected one is replaced by a residual sample and the later drafts are kept although they were drafted after
+    the rejected token (so they condition on a token the image does not contain); all gamma cells are committed,
+    plus the bonus token when all were accepted."""
     check_continuous(cfg)
     check_pair(target, drafter)
     if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
@@ -176,27 +204,42 @@ def generate_cspd(target: ContinuousGPT, drafter: ContinuousGPT, labels: torch.T
             stats.drafter_forwards += 1
         stats.time_s["prefill"] += time.perf_counter() - t0
         frontier = torch.full((B,), n_pre, dtype=torch.long)
+        back_t, back_d = 1, 2  # committed cells re-fed before the frontier (see score_drafts / draft_tokens)
         while bool((frontier < N).any()):
             active = frontier < N
             t0 = time.perf_counter()
-            drafts = draft_tokens(drafter, tokens, frontier, gamma, cfg, dstreams)
+            drafts = draft_tokens(drafter, tokens, frontier, gamma, cfg, dstreams, back_d)
             t1 = time.perf_counter()
-            chains = score_drafts(target, tokens, frontier, drafts, cfg, streams, align)
+            chains = score_drafts(target, tokens, frontier, drafts, cfg, streams, align, back_t)
             log_ratio = surrogate_log_ratio(drafts["x"], drafts, {k: v[:, :gamma] for k, v in chains.items()}, relax)
             accept = accept_continuous(log_ratio, streams.uniform(gamma))
-            n = accept.long().cumprod(1).sum(1)  # accepted prefix
             t2 = time.perf_counter()
-            nxt, tries, fell = replacement_tokens(drafts, chains, n, relax, streams, max_tries)
+            real = (N - frontier).clamp(0, gamma)  # drafts that landed on grid cells
+            on_grid = torch.arange(gamma)[None] < real[:, None]
+            if independent:
+                resid, tries_all, fell_all = residual_tokens(drafts, chains, streams, max_tries)
+                all_ok = accept.all(1)
+                row = torch.cat([torch.where(accept[..., None], drafts["x"], resid), chains["x"][:, gamma:]], dim=1)
+                n = accept.long().sum(1)  # accepted drafts (anywhere in the row)
+                count = torch.minimum(gamma + all_ok.long(), (N - frontier).clamp_min(0))
+                rejected = ~accept & on_grid
+                tries, fell = (tries_all * rejected).sum(1), (fell_all & rejected).sum(1)
+                n_resampled = rejected.sum(1)
+                acc = (accept & on_grid).sum(1)
+                back_t = back_d = gamma + 1
+            else:
+                n = accept.long().cumprod(1).sum(1)  # accepted prefix
+                nxt, tries, fell = replacement_tokens(drafts, chains, n, streams, max_tries)
+                # commit drafts[:n] and the replacement at f+n, never past the grid
+                row = torch.cat([drafts["x"], nxt[:, None]], dim=1)
+                row[torch.arange(B), n] = nxt
+                count = torch.minimum(n + 1, (N - frontier).clamp_min(0))
+                acc = torch.minimum(n, real)
+                n_resampled = (n < real).long()
             t3 = time.perf_counter()
-            # commit drafts[:n] and the replacement at f+n, never past the grid
-            row = torch.cat([drafts["x"], nxt[:, None]], dim=1)
-            row[torch.arange(B), n] = nxt
-            count = torch.minimum(n + 1, (N - frontier).clamp_min(0))
             cells = frontier[:, None] + torch.arange(gamma + 1)
             keep = (torch.arange(gamma + 1)[None] < count[:, None])[..., None]
             tokens[torch.arange(B)[:, None], cells] = torch.where(keep, row, tokens[torch.arange(B)[:, None], cells])
-            real = (N - frontier).clamp(0, gamma)  # drafts that landed on grid cells
-            acc = torch.minimum(n, real)
             stats.target_forwards += 1
             stats.drafter_forwards += gamma
             stats.active_forwards += int(active.sum())
@@ -204,10 +247,14 @@ def generate_cspd(target: ContinuousGPT, drafter: ContinuousGPT, labels: torch.T
             stats.drafted += int(real[active].sum())
             stats.accepted += int(acc[active].sum())
             stats.add_accepted(acc[active])
-            needed = active & (n < real)
-            stats.resampled += int(needed.sum())
-            stats.residual_tries += int(tries[needed].sum())
-            stats.fallbacks += int(fell[needed].sum())
+            stats.resampled += int(n_resampled[active].sum())
+            if independent:
+                stats.residual_tries += int(tries[active].sum())
+                stats.fallbacks += int(fell[active].sum())
+            else:
+                needed = active & (n < real)
+                stats.residual_tries += int(tries[needed].sum())
+                stats.fallbacks += int(fell[needed].sum())
             if trace is not None:
                 trace.append({"frontier": frontier.clone(), "accepted": n.clone(), "log_ratio": log_ratio.clone(),
                               "active": active.clone()})

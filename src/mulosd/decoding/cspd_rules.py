@@ -24,10 +24,11 @@ LOG_2PI = math.log(2 * math.pi)
 
 
 def gaussian_log_density(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, relax: float = 1.0) -> torch.Tensor:
-    """Sum over the last axis of log N(x; mean, std^2); ``relax`` > 1 divides the standardised squared distance
-    (the public code's inner temperature: normalisers unchanged, so it is not a density any more)."""
-    z = (x - mean) / std
-    return (-0.5 * z.pow(2) / relax - std.log() - 0.5 * LOG_2PI).sum(-1)
+    """Sum over the last axis of log N(x; mean, std^2); ``relax`` > 1 divides the standardised distance
+    z = (x - mean) / std (so z^2 by relax^2), as the public code's inner temperature does: normalisers unchanged,
+    so it is not a density any more."""
+    z = (x - mean) / (std * relax) if relax != 1 else (x - mean) / std
+    return (-0.5 * z.pow(2) - std.log() - 0.5 * LOG_2PI).sum(-1)
 
 
 def surrogate_log_ratio(x0: torch.Tensor, draft: dict, target: dict, relax: float = 1.0) -> torch.Tensor:
@@ -49,12 +50,13 @@ def accept_continuous(log_ratio: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def residual_sample(p_mean: torch.Tensor, p_std: torch.Tensor, q_mean: torch.Tensor, q_std: torch.Tensor,
-                    log_scale: torch.Tensor | float, noise: torch.Tensor, u: torch.Tensor,
-                    relax: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    log_scale: torch.Tensor | float, noise: torch.Tensor,
+                    u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Draw x ~ norm(max(0, S p(x) - q(x))), p = N(p_mean, p_std^2), q = N(q_mean, q_std^2), S = exp(log_scale),
     for every row [n, d] at once by acceptance-rejection with p as proposal: proposal j of row r is
     p_mean + p_std * noise[r, j], accepted when u[r, j] < max(0, 1 - q(x) / (S p(x))); the first accepted proposal
-    is returned. ``noise`` [n, T, d] and ``u`` [n, T] are pre-drawn (T = the bound on attempts), so all attempts are
+    is returned. The densities are the true Gaussians even when the accept test was relaxed (as in the public
+    code). ``noise`` [n, T, d] and ``u`` [n, T] are pre-drawn (T = the bound on attempts), so all attempts are
     scored in one batched pass and a row's result depends on its own draws only.
 
     Fallback (documented in docs/CSPD.md): a row with no accepted proposal among its T returns its last proposal, a
@@ -67,8 +69,8 @@ def residual_sample(p_mean: torch.Tensor, p_std: torch.Tensor, q_mean: torch.Ten
     x = p_mean[:, None] + p_std[:, None] * noise  # [n, T, d]
     log_scale = torch.as_tensor(log_scale, dtype=p_mean.dtype)
     log_scale = log_scale[:, None] if log_scale.dim() else log_scale
-    log_p = gaussian_log_density(x, p_mean[:, None], p_std[:, None], relax) + log_scale
-    log_q = gaussian_log_density(x, q_mean[:, None], q_std[:, None], relax)
+    log_p = gaussian_log_density(x, p_mean[:, None], p_std[:, None]) + log_scale
+    log_q = gaussian_log_density(x, q_mean[:, None], q_std[:, None])
     alpha = (1 - (log_q - log_p).exp()).clamp_min(0)
     ok = u < alpha
     T = noise.shape[1]

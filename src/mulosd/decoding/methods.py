@@ -333,7 +333,8 @@ class CSpD(_Continuous):
 
     name = "cspd"
     exact = False
-    defaults = {"gamma": 4, "drafter": "small", "prefill": 0.05, "align": True, "relax": 1.0, "max_tries": 100}
+    defaults = {"gamma": 4, "drafter": "small", "prefill": 0.05, "align": True, "relax": 1.0, "independent": False,
+                "max_tries": 100}
 
     def __init__(self, pipe, **params):
         from mulosd.decoding.continuous import check_pair
@@ -342,8 +343,9 @@ class CSpD(_Continuous):
         p = self._params
         self.gamma = _int_param(p, "gamma", 1)
         p["prefill"] = _float_param(p, "prefill", 0.0, 1.0)
-        if not isinstance(p["align"], bool):
-            raise MulosdError(f"align must be true or false, got {p['align']!r}")
+        for flag in ("align", "independent"):
+            if not isinstance(p[flag], bool):
+                raise MulosdError(f"{flag} must be true or false, got {p[flag]!r}")
         p["relax"] = _float_param(p, "relax", 1.0, 1e6)
         _int_param(p, "max_tries", 1)
         self.drafter = self.cont.model(p["drafter"])  # "target" drafts for itself: every draft is accepted (a test)
@@ -354,7 +356,8 @@ class CSpD(_Continuous):
 
         p = self._params
         return generate_cspd(self.model, self.drafter, labels, sampling, streams, self.gamma, prefill=p["prefill"],
-                             align=p["align"], relax=p["relax"], max_tries=p["max_tries"])
+                             align=p["align"], relax=p["relax"], max_tries=p["max_tries"],
+                             independent=p["independent"])
 
 
 REGISTRY: dict[str, type[Method]] = {m.name: m for m in (AR, SD, SJD, MCSJD, Lantern, GSD, ZipAR, Mulo, CAR, CSpD)}

@@ -80,7 +80,7 @@ def cspd_step(target: MixtureChain, drafter: MixtureChain, n: int, sched: Schedu
     resid, _, fell = residual_sample(p["last_mean"], p["last_std"], q["last_mean"], q["last_std"],
                                      q["log_std_prefix"] - p["log_std_prefix"],
                                      torch.randn(n, max_tries, 1, generator=g, dtype=torch.float64),
-                                     torch.rand(n, max_tries, generator=g, dtype=torch.float64), relax)
+                                     torch.rand(n, max_tries, generator=g, dtype=torch.float64))
     out = torch.where(accept[:, None], q["x"], resid)
     ref = target.sample(torch.randn(shape, generator=g, dtype=torch.float64), sched)["x"]
     ref2 = target.sample(torch.randn(shape, generator=g, dtype=torch.float64), sched)["x"]
