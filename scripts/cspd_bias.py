@@ -31,7 +31,7 @@ def main():
         for align in (True, False):
             for relax in (1.0, 42.0):
                 r = cspd_step(p, q, args.n, sched, align=align, relax=relax, seed=1)
-                lines.append(f"| {name} | {'aligned' if align else 'independent'} | "
+                lines.append(f"| {name} | {'aligned' if align else 'fresh noises'} | "
                              f"{'paper' if relax == 1 else 'relaxed 42'} | {r['acceptance']:.3f} | {r['tv_cspd']:.4f} | "
                              f"{r['tv_floor']:.4f} | {r['tv_draft']:.4f} |")
     table = "\n".join(lines) + (f"\n\n{args.n} samples per row, {args.steps} reverse steps, "

@@ -1,0 +1,89 @@
+"""Why the paper's surrogate ratio accepts (almost) nothing on the shipped continuous models: the terms of the ratio,
+measured on real drafts, for docs/CSPD.md.
+
+    .venv/bin/python scripts/cspd_diagnose.py [--images 8] [--doc docs/CSPD.md]
+
+Runs cspd (gamma 4, CFG 3, pre-fill 0.05, paper's ratio) on a few images per head variance (learned, fixed_small),
+records every verified draft's surrogate terms (the std-product term, the last step's stds, the distance between
+the two chains' last-step means) and reports their quantiles and the mean acceptance probability min(1, r~) the
+same drafts would get with the paper's ratio and with the public code's inner temperatures. Replaces the block
+between <!-- diagnose:start --> and <!-- diagnose:end --> in the doc (or prints it)."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import re
+import time
+
+import torch
+
+import mulosd.decoding.continuous as cont
+from mulosd.decoding.cspd_rules import surrogate_log_ratio
+from mulosd.decoding.sampling import RandomStreams, SamplingConfig
+from mulosd.io import atomic_write_text
+from mulosd.pipeline import Pipeline
+
+RELAXES = (1.0, 42.0, 100.0)
+
+
+def terms(target, drafter, images: int) -> dict:
+    """Run cspd and collect every verified draft's ratio terms (the decoder's own ratio function, wrapped)."""
+    rec = []
+
+    def recording(x0, draft, tgt, relax=1.0):
+        rec.append({"x0": x0, "draft": draft, "target": tgt})
+        return surrogate_log_ratio(x0, draft, tgt, relax)
+
+    cont.surrogate_log_ratio = recording
+    try:
+        labels = torch.arange(images) % 10
+        cont.generate_cspd(target, drafter, labels, SamplingConfig(cfg_scale=3.0),
+                           RandomStreams.from_seed(0, range(images)), gamma=4, prefill=0.05)
+    finally:
+        cont.surrogate_log_ratio = surrogate_log_ratio
+    cat = lambda f: torch.cat([f(r).flatten(0, 1) for r in rec])  # noqa: E731 - [drafts, ...]
+    out = {"prefix": cat(lambda r: r["draft"]["log_std_prefix"] - r["target"]["log_std_prefix"]),
+           "last_std": cat(lambda r: r["target"]["last_std"]).flatten(),
+           "mean_gap": cat(lambda r: (r["target"]["last_mean"] - r["draft"]["last_mean"]).abs()).flatten()}
+    for relax in RELAXES:
+        lr = torch.cat([surrogate_log_ratio(r["x0"], r["draft"], r["target"], relax).flatten() for r in rec])
+        out[f"accept_{relax:g}"] = float(lr.clamp(max=0).exp().mean())
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=8, help="images per head variance")
+    ap.add_argument("--doc", default=None, help="Markdown file with diagnose markers to update")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    t0 = time.time()
+    cm = Pipeline.from_pretrained("fmnist-32").continuous_models()
+    q = lambda v: " / ".join(f"{x:.3g}" for x in torch.quantile(v.double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist())  # noqa: E731
+    lines = ["| head variance | drafts | std-product term, log (p10 / p50 / p90) | last-step σ_p (p10 / p50 / p90) | "
+             "\\|μ_p − μ_q\\| last step (p10 / p50 / p90) | "
+             + " | ".join(f"mean min(1, r̃), {'paper' if r == 1 else f'relax {r:g}'}" for r in RELAXES) + " |",
+             "|---" * (5 + len(RELAXES)) + "|"]
+    for variance in ("learned", "fixed_small"):
+        target, drafter = copy.deepcopy(cm.target), copy.deepcopy(cm.drafters["small"])
+        target.head.config.variance = drafter.head.config.variance = variance
+        t = terms(target, drafter, args.images)
+        lines.append(f"| `{variance}` | {len(t['prefix'])} | {q(t['prefix'])} | {q(t['last_std'])} | {q(t['mean_gap'])} | "
+                     + " | ".join(f"{t[f'accept_{r:g}']:.3f}" for r in RELAXES) + " |")
+    table = "\n".join(lines) + (f"\n\nVerified drafts of {args.images} images (γ 4, CFG 3, seed 0) per row; "
+                                f"`scripts/cspd_diagnose.py`, {time.time() - t0:.0f} s on 2 cores.\n")
+    if args.doc:
+        text = open(args.doc).read()
+        new, k = re.subn(r"(<!-- diagnose:start -->\n).*?(<!-- diagnose:end -->)",
+                         lambda m: m.group(1) + table + m.group(2), text, flags=re.S)
+        if not k:
+            raise SystemExit(f"{args.doc} has no <!-- diagnose:start --> / <!-- diagnose:end --> markers")
+        atomic_write_text(args.doc, new)
+        print(f"updated {args.doc}")
+    else:
+        print(table)
+
+
+if __name__ == "__main__":
+    main()
