@@ -134,3 +134,32 @@ def test_inception_requested_but_missing_fails_before_work(tmp_path, monkeypatch
     r = CliRunner().invoke(main, ["bench", "--methods", "ar", "--reference-images", "1", "--out", str(tmp_path / "b"),
                                   "--no-progress"])
     assert r.exit_code == 1 and "--reference-images must be an integer in [2, 10000]" in r.output
+
+
+@needs_fmnist
+def test_real_floor_is_cached_per_reference_and_n(tmp_path):
+    """A resumed run reads the real-vs-real floor back instead of recomputing features (minutes with Inception);
+    another reference or another n is another entry."""
+    import torch
+
+    from mulosd.evaluation.bench import real_floor
+    from mulosd.evaluation.fid import feature_stats
+
+    calls = []
+
+    def extract(images):
+        calls.append(len(images))
+        return images.flatten(1)[:, ::64].double()  # a cheap 16-d "feature"
+
+    feats = torch.randn(300, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ref = (*feature_stats(feats), feats)
+    first = real_floor(extract, ref, 40, cache=tmp_path)
+    assert calls == [40] and first > 0
+    assert real_floor(extract, ref, 40, cache=tmp_path) == first and calls == [40]
+    real_floor(extract, ref, 50, cache=tmp_path)
+    other = (ref[0] + 1, ref[1], ref[2])
+    real_floor(extract, other, 40, cache=tmp_path)
+    assert calls == [40, 50, 40] and len(list(tmp_path.glob("floor_*.json"))) == 3
+    (tmp_path / next(p.name for p in tmp_path.glob("floor_*_50.json"))).write_text("not json")
+    real_floor(extract, ref, 50, cache=tmp_path)  # unreadable: recomputed, not trusted
+    assert calls == [40, 50, 40, 50]

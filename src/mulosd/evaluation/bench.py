@@ -165,12 +165,26 @@ def inception_reference(extract, cache_dir: Path, n: int, data_dir: str | None =
     return cached_reference(cache_dir / f"ref_inception_fmnist-test-32px_{n}.safetensors", compute)
 
 
-def real_floor(extract, ref, n: int, data_dir: str | None = None) -> float | None:
-    """FID of n real training images against the test reference: the best any sampler can score at this n."""
+def real_floor(extract, ref, n: int, data_dir: str | None = None, cache: Path | None = None) -> float | None:
+    """FID of n real training images against the test reference: the best any sampler can score at this n. With
+    ``cache`` (a folder) the value is kept in a small JSON keyed by the reference statistics and n, so a resumed
+    run does not recompute it (Inception features of 1000 images take minutes on 2 cores)."""
     if n < 2:
         return None
+    path = None
+    if cache is not None:
+        key = hashlib.sha256(ref[0].double().numpy().tobytes()).hexdigest()[:12]
+        path = Path(cache) / f"floor_{key}_{n}.json"
+        if path.exists():
+            try:
+                return float(json.loads(path.read_text())["fid"])
+            except (ValueError, KeyError, TypeError):
+                pass  # unreadable: recompute and rewrite
     train = FashionMNIST.load("train", data_dir)
-    return round(fid_from_features(extract((train.at(32)[:n] + 1) / 2), *ref[:2]), 4)
+    fid = round(fid_from_features(extract((train.at(32)[:n] + 1) / 2), *ref[:2]), 4)
+    if path is not None:
+        atomic_write_json(path, {"fid": fid, "n": n})
+    return fid
 
 
 def _quality(space: str, feats: torch.Tensor | None, ref) -> dict:
@@ -303,7 +317,8 @@ def run_bench(pipe, settings: list[Setting], cfg: BenchConfig, out_dir: str | Pa
     if cfg.inception:
         refs["inception"] = inception_reference(extractors["inception"], cache_dir(), cfg.reference_images, data_dir,
                                                 progress)
-    floors = {space: real_floor(extractors[space], refs[space], cfg.num_images, data_dir) for space in extractors}
+    floors = {space: real_floor(extractors[space], refs[space], cfg.num_images, data_dir, cache_dir())
+              for space in extractors}
     labels_all = torch.arange(cfg.num_images) % len(pipe.class_names)
     batches = [(b, min(b + cfg.batch_size, cfg.num_images)) for b in range(0, cfg.num_images, cfg.batch_size)]
     samples: dict[str, torch.Tensor] = {}
