@@ -59,7 +59,7 @@ def test_bench_runs_resumes_and_reports(tmp_path):
     res = json.loads((out / "results.json").read_text())
     rows = {m["label"]: m for m in res["methods"]}
     assert list(rows) == ["ar", "mulo[r=2]", "mulo[r=4]"]
-    assert res["config"]["complete"] and res["config"]["rounds_done"] == 2
+    assert res["config"]["complete"] and res["config"]["rounds_done"] == 2 == res["config"]["quality_round"]
     assert rows["ar"]["speedup_vs_ar"] == 1.0 and rows["ar"]["step_compression"] == 1.0
     for m in rows.values():
         assert m["num_images"] == 2 and m["fid_classifier"] is not None and 0 <= m["class_accuracy"] <= 1
@@ -163,3 +163,13 @@ def test_real_floor_is_cached_per_reference_and_n(tmp_path):
     (tmp_path / next(p.name for p in tmp_path.glob("floor_*_50.json"))).write_text("not json")
     real_floor(extract, ref, 50, cache=tmp_path)  # unreadable: recomputed, not trusted
     assert calls == [40, 50, 40, 50]
+
+
+def test_fid_is_recomputed_at_every_tenth_and_at_the_end():
+    """FID costs seconds per setting: a 1000-round run recomputes it 10 times, not 1000; a short run every round."""
+    from mulosd.evaluation.bench import _quality_due
+
+    due = [r for r in range(1, 1001) if _quality_due(r, 1000, final=r == 1000)]
+    assert due == list(range(100, 1001, 100))
+    assert [r for r in range(1, 6) if _quality_due(r, 5, final=r == 5)] == [1, 2, 3, 4, 5]
+    assert _quality_due(7, 1000, final=True)  # an interrupted run's last write is not final, a finished one is

@@ -195,7 +195,21 @@ def _quality(space: str, feats: torch.Tensor | None, ref) -> dict:
             f"kid_{space}": round(kernel_distance(feats, ref[2], normalise=space == "classifier"), 6)}
 
 
-def _aggregate(setting: Setting, method_cls, records: list[dict], feats: dict, refs: dict, ar_latency,
+def _quality_due(done_rounds: int, total_rounds: int, final: bool) -> bool:
+    """Whether a write recomputes FID/KID: at the end and at every tenth of the run. Each FID needs the square root
+    of a 2048 x 2048 covariance product (seconds on 2 cores per setting), so recomputing it after every round would
+    cost more than the decoding it measures; the rows in between carry the last values (config: quality_round)."""
+    return final or done_rounds % max(1, total_rounds // 10) == 0
+
+
+def _qualities(feats: dict, refs: dict) -> dict:
+    """FID/KID columns of one setting from its features per space."""
+    return {**_quality("classifier", feats.get("classifier"), refs["classifier"]),
+            **(_quality("inception", feats.get("inception"), refs["inception"]) if "inception" in refs
+               else {"fid_inception": None, "kid_inception": None})}
+
+
+def _aggregate(setting: Setting, method_cls, records: list[dict], quality: dict, ar_latency,
                cfg: BenchConfig, error: str | None) -> dict:
     row = {"label": setting.label, "method": setting.method, "params": {**method_cls.defaults, **setting.params},
            "exact": bool(setting.params.get("acceptance") == "exact") or method_cls.exact,
@@ -220,9 +234,7 @@ def _aggregate(setting: Setting, method_cls, records: list[dict], feats: dict, r
                             if sum(r["drafted"] for r in records) else None),
         "resampled_per_image": round(sum(r["resampled"] for r in records) / n, 3),
         "class_accuracy": round(sum(r["correct"] for r in records) / n, 4),
-        **_quality("classifier", feats.get("classifier"), refs["classifier"]),
-        **(_quality("inception", feats.get("inception"), refs["inception"]) if "inception" in refs
-           else {"fid_inception": None, "kid_inception": None}),
+        **quality,
         "time_breakdown_s": {k: round(sum(r["time_s"].get(k, 0.0) for r in records) / n, 5) for k in PHASES
                              if any(k in r["time_s"] for r in records)},
         "accepted_length_histogram": _sum_lists(r.get("accept_hist", []) for r in records),
@@ -337,7 +349,11 @@ def run_bench(pipe, settings: list[Setting], cfg: BenchConfig, out_dir: str | Pa
                 except Exception:  # noqa: BLE001 - reported in the row, the other settings go on
                     errors[s.label] = traceback.format_exc(limit=3)
 
+    quality: dict[str, dict] = {}  # label -> FID/KID columns as last computed
+    quality_round = 0  # the round at which they were
+
     def write(final: bool) -> dict:
+        nonlocal quality_round
         # every method is timed against the plain AR decoder of its own model family (ar for the discrete models,
         # car for the continuous ones), run with default parameters in this same process
         references, ref_lat = {}, {}
@@ -349,12 +365,17 @@ def run_bench(pipe, settings: list[Setting], cfg: BenchConfig, out_dir: str | Pa
         ar_label = references.get("ar")
         rows = []
         for s in settings:
-            f = {space: torch.cat(v[s.label]) for space, v in feats.items() if v[s.label]}
             cls = type(methods[s.label])
-            rows.append(_aggregate(s, cls, records[s.label], f, refs, ref_lat.get(cls.baseline), cfg, errors.get(s.label)))
+            if s.label not in quality or _quality_due(done_rounds, len(batches), final):
+                quality[s.label] = _qualities({space: torch.cat(v[s.label]) for space, v in feats.items() if v[s.label]},
+                                              refs)
+                quality_round = done_rounds
+            rows.append(_aggregate(s, cls, records[s.label], quality[s.label], ref_lat.get(cls.baseline), cfg,
+                                   errors.get(s.label)))
         result = {"config": {**config, "date": time.strftime("%Y-%m-%d %H:%M"),
                              "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
                              "rounds_done": done_rounds, "rounds_total": len(batches), "complete": final,
+                             "quality_round": quality_round,
                              "fid_classifier_real_floor": floors["classifier"],
                              "fid_inception_real_floor": floors.get("inception"), "speedup_reference": ar_label,
                              "speedup_references": references},
