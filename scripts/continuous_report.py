@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from mulosd.decoding.ar import double
 from mulosd.decoding.continuous import generate_car, head_sample
 from mulosd.decoding.sampling import RandomStreams, SamplingConfig
 from mulosd.evaluation.grids import image_grid
-from mulosd.io import atomic_write, atomic_write_text
+from mulosd.io import atomic_write, replace_marked_block
 from mulosd.models.cgpt import ContinuousGPT
 from mulosd.pipeline import Pipeline
 
@@ -106,12 +105,7 @@ def main():
                f"{(a - b).abs().mean():.4f} (tokens have unit variance), max {(a - b).abs().max():.3f}.\n")
     text = "\n".join(out)
     if args.doc:
-        doc = open(args.doc).read()
-        new, k = re.subn(r"(<!-- continuous:start -->\n).*?(<!-- continuous:end -->)", lambda m: m.group(1) + text + m.group(2),
-                         doc, flags=re.S)
-        if not k:
-            raise SystemExit(f"{args.doc} has no continuous markers")
-        atomic_write_text(args.doc, new)
+        replace_marked_block(args.doc, "continuous", text)
         print(f"updated {args.doc}")
     print(text)
 

@@ -7,13 +7,12 @@ Replaces the block between <!-- bias:start --> and <!-- bias:end --> in the doc 
 from __future__ import annotations
 
 import argparse
-import re
 import time
 
 import torch
 
 from mulosd.evaluation.cspd_toy import SCENARIOS, cspd_step, schedule
-from mulosd.io import atomic_write_text
+from mulosd.io import replace_marked_block
 
 
 def main():
@@ -37,11 +36,7 @@ def main():
     table = "\n".join(lines) + (f"\n\n{args.n} samples per row, {args.steps} reverse steps, "
                                 f"`scripts/cspd_bias.py` ({time.time() - t0:.0f} s on 2 cores).\n")
     if args.doc:
-        text = open(args.doc).read()
-        new, k = re.subn(r"(<!-- bias:start -->\n).*?(<!-- bias:end -->)", lambda m: m.group(1) + table + m.group(2), text, flags=re.S)
-        if not k:
-            raise SystemExit(f"{args.doc} has no <!-- bias:start --> / <!-- bias:end --> markers")
-        atomic_write_text(args.doc, new)
+        replace_marked_block(args.doc, "bias", table)
         print(f"updated {args.doc}")
     else:
         print(table)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import re
 import time
 
 import torch
@@ -21,7 +20,7 @@ import torch
 import mulosd.decoding.continuous as cont
 from mulosd.decoding.cspd_rules import surrogate_log_ratio
 from mulosd.decoding.sampling import RandomStreams, SamplingConfig
-from mulosd.io import atomic_write_text
+from mulosd.io import replace_marked_block
 from mulosd.pipeline import Pipeline
 
 RELAXES = (1.0, 42.0, 100.0)
@@ -74,12 +73,7 @@ def main():
     table = "\n".join(lines) + (f"\n\nVerified drafts of {args.images} images (γ 4, CFG 3, seed 0) per row; "
                                 f"`scripts/cspd_diagnose.py`, {time.time() - t0:.0f} s on 2 cores.\n")
     if args.doc:
-        text = open(args.doc).read()
-        new, k = re.subn(r"(<!-- diagnose:start -->\n).*?(<!-- diagnose:end -->)",
-                         lambda m: m.group(1) + table + m.group(2), text, flags=re.S)
-        if not k:
-            raise SystemExit(f"{args.doc} has no <!-- diagnose:start --> / <!-- diagnose:end --> markers")
-        atomic_write_text(args.doc, new)
+        replace_marked_block(args.doc, "diagnose", table)
         print(f"updated {args.doc}")
     else:
         print(table)

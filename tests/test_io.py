@@ -55,3 +55,15 @@ def test_check_writable(tmp_path):
         check_writable(tmp_path / "file" / "sub" / "out.png")
     with pytest.raises(MulosdError, match="is a directory"):
         check_writable(tmp_path)
+
+
+def test_replace_marked_block(tmp_path):
+    from mulosd.io import replace_marked_block
+
+    doc = tmp_path / "d.md"
+    doc.write_text("head\n<!-- a:start -->\nold\n<!-- a:end -->\ntail\n")
+    replace_marked_block(doc, "a", "new 1\nnew 2\n")
+    assert doc.read_text() == "head\n<!-- a:start -->\nnew 1\nnew 2\n<!-- a:end -->\ntail\n"
+    with pytest.raises(MulosdError, match="no <!-- b:start --> / <!-- b:end --> markers"):
+        replace_marked_block(doc, "b", "x")
+    assert "new 1" in doc.read_text()

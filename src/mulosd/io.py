@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -41,6 +42,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def replace_marked_block(path: str | os.PathLike, name: str, text: str) -> Path:
+    """Replace what stands between the lines ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` of a Markdown file
+    with ``text`` (atomically): how the report scripts keep measured blocks of the docs up to date."""
+    doc = Path(path).read_text()
+    new, k = re.subn(rf"(<!-- {re.escape(name)}:start -->\n).*?(<!-- {re.escape(name)}:end -->)",
+                     lambda m: m.group(1) + text + m.group(2), doc, flags=re.S)
+    if not k:
+        raise MulosdError(f"{path} has no <!-- {name}:start --> / <!-- {name}:end --> markers")
+    return atomic_write_text(path, new)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
