@@ -235,7 +235,8 @@ def generate_cspd(target: ContinuousGPT, drafter: ContinuousGPT, labels: torch.T
                 row[torch.arange(B), n] = nxt
                 count = torch.minimum(n + 1, (N - frontier).clamp_min(0))
                 acc = torch.minimum(n, real)
-                n_resampled = (n < real).long()
+                needed = n < real  # a residual sample was committed (not the bonus token)
+                tries, fell, n_resampled = tries * needed, fell & needed, needed.long()
             t3 = time.perf_counter()
             cells = frontier[:, None] + torch.arange(gamma + 1)
             keep = (torch.arange(gamma + 1)[None] < count[:, None])[..., None]
@@ -248,13 +249,8 @@ def generate_cspd(target: ContinuousGPT, drafter: ContinuousGPT, labels: torch.T
             stats.accepted += int(acc[active].sum())
             stats.add_accepted(acc[active])
             stats.resampled += int(n_resampled[active].sum())
-            if independent:
-                stats.residual_tries += int(tries[active].sum())
-                stats.fallbacks += int(fell[active].sum())
-            else:
-                needed = active & (n < real)
-                stats.residual_tries += int(tries[needed].sum())
-                stats.fallbacks += int(fell[needed].sum())
+            stats.residual_tries += int(tries[active].sum())
+            stats.fallbacks += int(fell[active].sum())
             if trace is not None:
                 trace.append({"frontier": frontier.clone(), "accepted": n.clone(), "log_ratio": log_ratio.clone(),
                               "active": active.clone()})

@@ -354,11 +354,12 @@ def run_bench(pipe, settings: list[Setting], cfg: BenchConfig, out_dir: str | Pa
 
     def write(final: bool) -> dict:
         nonlocal quality_round
-        # every method is timed against the plain AR decoder of its own model family (ar for the discrete models,
-        # car for the continuous ones), run with default parameters in this same process
+        # every method is timed against the plain AR decoder of its own model family (Method.baseline: ar for the
+        # discrete models, car for the continuous ones), run with default parameters in this same process
         references, ref_lat = {}, {}
+        baselines = {type(m).baseline for m in methods.values()}
         for s in settings:
-            if s.method in ("ar", "car") and not s.params and s.method not in references:
+            if s.method in baselines and not s.params and s.method not in references:
                 references[s.method] = s.label
                 if records[s.label]:
                     ref_lat[s.method] = statistics.median(r["wall_s"] / r["images"] for r in records[s.label])
