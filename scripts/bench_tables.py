@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
-from mulosd.io import atomic_write_text
+from mulosd.io import replace_marked_block
 
 
 def section(root: Path, name: str, title: str, doc: Path) -> list[str]:
@@ -46,11 +45,7 @@ def main(argv: list[str]) -> None:
     lines: list[str] = []
     for name, title in zip(pairs[::2], pairs[1::2], strict=True):
         lines += section(root, name, title, doc)
-    text = doc.read_text()
-    block = "<!-- results:start -->\n" + "\n".join(lines) + "<!-- results:end -->"
-    if "<!-- results:start -->" not in text:
-        raise SystemExit(f"{doc} has no <!-- results:start --> ... <!-- results:end --> markers")
-    atomic_write_text(doc, re.sub(r"<!-- results:start -->.*<!-- results:end -->", lambda _: block, text, flags=re.S))
+    replace_marked_block(doc, "results", "\n".join(lines))
     print(f"updated {doc}")
 
 

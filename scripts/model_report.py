@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from mulosd import Pipeline
 from mulosd.data import FashionMNIST
 from mulosd.evaluation.grids import image_grid
-from mulosd.io import atomic_write, atomic_write_json
+from mulosd.io import atomic_write, atomic_write_json, replace_marked_block
 from mulosd.models.gpt import GPT
 from mulosd.zoo import resolve
 
@@ -168,9 +168,5 @@ L.append(f"fp16 storage vs the fp32 training weights (target): max |logit differ
          f"measure), class accuracy {f['class_accuracy_fp16']:.2f} (fp16) vs {f['class_accuracy_fp32']:.2f} (fp32) "
          "on those 50 images: no measurable loss.\n")
 doc = Path("docs/MODELS.md")
-text = doc.read_text()
-import re  # noqa: E402
-
-block = "<!-- report:start -->\n" + "\n".join(L) + "<!-- report:end -->"
-atomic_write(doc, lambda tmp: Path(tmp).write_text(re.sub(r"<!-- report:start -->.*<!-- report:end -->", lambda _: block, text, flags=re.S)))
+replace_marked_block(doc, "report", "\n".join(L))
 print("\n".join(L))

@@ -8,14 +8,13 @@ written by scripts/eval_upsamplers.py) between the upsampler markers.
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_tables import main as tables  # noqa: E402
 
-from mulosd.io import atomic_write_text  # noqa: E402
+from mulosd.io import replace_marked_block  # noqa: E402
 
 root = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/bench")
 doc = Path("docs/MULOSD.md")
@@ -44,7 +43,5 @@ if ups:
              "| r | learned up: exact code | learned up: top-5 | learned up: PSNR dB | pixel up: exact code | "
              "pixel up: PSNR dB | learned down: exact code | pixel down: exact code | tokenizer PSNR dB |",
              "|---|---|---|---|---|---|---|---|---|", *ups]
-    text = doc.read_text()
-    block = "<!-- upsampler:start -->\n" + "\n".join(table) + "\n<!-- upsampler:end -->"
-    atomic_write_text(doc, re.sub(r"<!-- upsampler:start -->.*<!-- upsampler:end -->", lambda _: block, text, flags=re.S))
+    replace_marked_block(doc, "upsampler", "\n".join(table) + "\n")
     print(f"updated {doc} (up-samplers)")
