@@ -2,8 +2,9 @@
 
     .venv/bin/python scripts/bench_tables.py DOC BENCH_ROOT NAME TITLE [NAME TITLE ...]
 
-Each NAME is a run folder under BENCH_ROOT (its results.json/results.md); TITLE heads its section. The command,
-machine, date, round count and the real-vs-real FID floors come from the run's own config.
+Each NAME is a run folder under BENCH_ROOT whose results.json is rendered with the current table format; TITLE
+heads its section. The command, machine, date, round count and the real-vs-real FID floors come from the run's
+own config.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from mulosd.evaluation.bench import markdown_table
 from mulosd.io import replace_marked_block
 
 
@@ -20,7 +22,8 @@ def section(root: Path, name: str, title: str, doc: Path) -> list[str]:
     path = root / name / "results.json"
     if not path.exists():
         return []
-    c = json.loads(path.read_text())["config"]
+    result = json.loads(path.read_text())
+    c = result["config"]
     floors = f"classifier {c['fid_classifier_real_floor']}"
     if c.get("fid_inception_real_floor") is not None:
         floors += f", Inception {c['fid_inception_real_floor']}"
@@ -31,7 +34,7 @@ def section(root: Path, name: str, title: str, doc: Path) -> list[str]:
              f"{c['sampling']['cfg_scale']}, temperature {c['sampling']['temperature']}; {c['date']}, {c['machine']}; "
              f"rounds {c['rounds_done']}/{c['rounds_total']}{'' if c['complete'] else ' (incomplete)'}; "
              f"real-vs-real FID floor at this N: {floors}. Raw: [`{path}`]({rel}).", "",
-             (root / name / "results.md").read_text().rstrip(), ""]
+             markdown_table(result["methods"]).rstrip(), ""]
     if (plots / "frontier.png").exists():
         lines += [f"![speed-up vs FID]({os.path.relpath(plots / 'frontier.png', doc.parent)}) "
                   f"![time per phase]({os.path.relpath(plots / 'time_breakdown.png', doc.parent)})", ""]

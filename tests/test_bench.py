@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from conftest import needs_fmnist
 from mulosd.cli import main
-from mulosd.evaluation.bench import parse_settings
+from mulosd.evaluation.bench import markdown_table, parse_settings
 from mulosd.errors import MulosdError
 
 
@@ -16,6 +16,26 @@ def test_settings_expand_sweeps_as_products():
     assert [x.label for x in s] == ["ar", "mulo[r=4,tau=0.05,k=1]", "mulo[r=4,tau=0.05,k=8]",
                                     "mulo[r=4,tau=0.1,k=1]", "mulo[r=4,tau=0.1,k=8]"]
     assert s[2].params == {"r": 4, "tau": 0.05, "k": 8}
+
+
+def _row(label, tb):
+    return {"label": label, "speedup_vs_ar": 1.0, "latency_s_per_image": 0.5, "latency_p10_p90_s": [0.4, 0.6],
+            "target_forwards_per_image": 10.0, "step_compression": 2.0, "acceptance_rate": None,
+            "resampled_per_image": 0.0, "class_accuracy": 0.9, "fid_classifier": 5.0, "kid_classifier": 0.001,
+            "fid_inception": None, "time_breakdown_s": tb}
+
+
+def test_markdown_time_column_names_the_measured_phases():
+    rows = [_row("ar", {}), _row("mulo", {"drafting": 0.1, "upsampling": 0.2, "verification": 0.3,
+                                          "resampling": 0.4, "downsampling": 0.0})]
+    header, _, ar, mulo = markdown_table(rows).splitlines()
+    assert "time: drafting / upsampling / verification / resampling / downsampling (s/img)" in header
+    assert ar.endswith("| - |") and mulo.endswith("| 0.100 / 0.200 / 0.300 / 0.400 / 0.000 |")
+    rows.append(_row("cspd", {"drafting": 0.5, "verification": 0.6, "prefill": 0.7}))
+    header, _, _, mulo, cspd = markdown_table(rows).splitlines()
+    assert "downsampling / prefill (s/img)" in header
+    assert cspd.endswith("| 0.500 / - / 0.600 / - / - / 0.700 |") and mulo.endswith("/ 0.000 / - |")
+    assert len({line.count("|") for line in markdown_table(rows).splitlines()}) == 1  # every row fills the header
 
 
 @pytest.mark.parametrize("methods,sweeps,msg", [

@@ -258,9 +258,11 @@ CSV_FIELDS = ["label", "method", "batch_size", "num_images", "latency_s_per_imag
 
 
 def markdown_table(rows: list[dict]) -> str:
+    """The Markdown table of results.md; its time column lists the phases that some row measured, in PHASES order."""
+    phases = [k for k in PHASES if any(k in (r.get("time_breakdown_s") or {}) for r in rows)]
     lines = ["| setting | speedup vs AR | latency s/img (p10-p90) | target fwd/img | step compression | accept rate | "
              "resampled/img | class acc | FID (classifier) | KID x1000 (classifier) | FID (Inception) | "
-             "time: draft / up / verify / resample / down (s/img) |",
+             f"time: {' / '.join(phases) or 'per phase'} (s/img) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("error") and "latency_s_per_image" not in r:
@@ -268,7 +270,7 @@ def markdown_table(rows: list[dict]) -> str:
             continue
         f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
         tb = r.get("time_breakdown_s") or {}
-        times = " / ".join(f(tb.get(k), ".3f") for k in PHASES) if tb else "-"
+        times = " / ".join(f(tb.get(k), ".3f") for k in phases) if tb else "-"
         lines.append(
             f"| `{r['label']}` | {f(r['speedup_vs_ar'], '.2f')}x | {r['latency_s_per_image']:.3f} "
             f"({r['latency_p10_p90_s'][0]:.3f}-{r['latency_p10_p90_s'][1]:.3f}) | {r['target_forwards_per_image']:.1f} | "
