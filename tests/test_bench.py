@@ -140,6 +140,13 @@ def test_quick_preset_runs_every_method_with_plots_and_fake_inception(tmp_path, 
     assert res["config"]["speedup_references"] == {"ar": "ar", "car": "car"}
     assert rows["car"]["speedup_vs_ar"] == 1.0 and rows["cspd"]["drafter_forwards_per_image"] > 0
     assert "prefill" in rows["cspd"]["time_breakdown_s"]
+    # two-sample tests against the family's reference: none for the references, both spaces for the others
+    for label, m in rows.items():
+        for space in ("classifier", "inception"):
+            p = m[f"p_vs_reference_{space}"]
+            assert (p is None) == (label in ("ar", "car")), (label, space)
+            assert p is None or 0 < p <= 1
+    assert rows["cspd"]["kid_vs_reference_classifier"] is not None
 
 
 def test_inception_requested_but_missing_fails_before_work(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""The offline Inception-v3 feature extractor (FID) and KID."""
+"""The offline Inception-v3 feature extractor (FID), KID and the KID two-sample test."""
 
 import importlib.util
 
@@ -7,7 +7,7 @@ import torch
 
 from mulosd.errors import MulosdError
 from mulosd.evaluation import inception
-from mulosd.evaluation.fid import kernel_distance
+from mulosd.evaluation.fid import kernel_distance, kid_permutation_test
 from mulosd.evaluation.inception import InceptionFeatures, inception_available, preprocess
 
 
@@ -85,3 +85,34 @@ def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift():
         kernel_distance(shifted, ref, normalise=True), rel=1e-6)
     with pytest.raises(ValueError, match="at least 2"):
         kernel_distance(same[:1], ref)
+
+
+def test_kid_permutation_test_statistic_null_and_power():
+    g = torch.Generator().manual_seed(3)  # one null draw (a seed where it is not among the 5 % with p <= 0.05)
+    x, y = torch.randn(200, 8, generator=g), torch.randn(200, 8, generator=g)
+    labels = torch.arange(200) % 10
+    kid, p = kid_permutation_test(x * 7, y * 7, strata=labels, normalise=True)
+    assert kid == pytest.approx(kernel_distance(x * 7, y * 7, normalise=True), rel=1e-9)  # the statistic is KID
+    assert p > 0.05
+    kid, p = kid_permutation_test(x + 0.3, y, strata=labels, num_permutations=500)
+    assert p == 1 / 501 and kid > 0  # no re-split reaches a real shift
+    # under the null the p-value is uniform: 300 seeded null pairs, share with p <= q close to q
+    ps = torch.tensor([kid_permutation_test(torch.randn(30, 4, generator=g), torch.randn(30, 4, generator=g),
+                                            num_permutations=99, seed=i)[1] for i in range(300)])
+    for q in (0.1, 0.5):
+        assert abs(float((ps <= q).float().mean()) - q) < 0.08
+
+
+def test_kid_permutation_test_stratifies_by_class():
+    """Two sets with the same per-class distributions but a class-dependent spread: the stratified test keeps
+    each split's class mix, so the class effect cannot inflate the null."""
+    g = torch.Generator().manual_seed(1)
+    labels = torch.arange(100) % 2
+    x = torch.randn(100, 4, generator=g) + 5 * labels[:, None]
+    y = torch.randn(100, 4, generator=g) + 5 * labels[:, None]
+    assert kid_permutation_test(x, y, strata=labels)[1] > 0.05
+    assert kid_permutation_test(x + 1, y, strata=labels)[1] < 0.01
+    with pytest.raises(ValueError, match="same size"):
+        kid_permutation_test(x, y[:50], strata=labels)
+    with pytest.raises(ValueError, match="at least 2"):
+        kid_permutation_test(x[:1], y)

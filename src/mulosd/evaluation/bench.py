@@ -31,7 +31,7 @@ from mulosd.data import FashionMNIST
 from mulosd.decoding.methods import get_method
 from mulosd.decoding.sampling import SamplingConfig
 from mulosd.errors import MulosdError
-from mulosd.evaluation.fid import cached_reference, fid_from_features, kernel_distance
+from mulosd.evaluation.fid import cached_reference, fid_from_features, kernel_distance, kid_permutation_test
 from mulosd.io import atomic_write, cache_dir, atomic_write_json, atomic_write_text, check_writable
 
 PHASES = ("drafting", "upsampling", "verification", "resampling", "downsampling", "prefill")
@@ -209,6 +209,26 @@ def _qualities(feats: dict, refs: dict) -> dict:
                else {"fid_inception": None, "kid_inception": None})}
 
 
+SPACES = ("classifier", "inception")
+PERMUTATIONS = 1000
+
+
+def _tests_vs_reference(own: dict, base: dict, labels: torch.Tensor) -> dict:
+    """Two-sample test of one setting against its family's reference setting (ar / car) per feature space:
+    KID between the two sets and the permutation p-value that they come from one distribution (class-stratified:
+    image i of both sets asked for class i mod 10). None when there is no reference in the run, for the reference
+    itself, or while the two sets differ in size."""
+    out = {}
+    for space in SPACES:
+        x, y = own.get(space), base.get(space)
+        ok = x is not None and y is not None and len(x) == len(y) >= 2
+        kid, p = (kid_permutation_test(x, y, strata=labels[: len(x)], num_permutations=PERMUTATIONS,
+                                       normalise=space == "classifier") if ok else (None, None))
+        out[f"kid_vs_reference_{space}"] = None if kid is None else round(kid, 6)
+        out[f"p_vs_reference_{space}"] = None if p is None else round(p, 4)
+    return out
+
+
 def _aggregate(setting: Setting, method_cls, records: list[dict], quality: dict, ar_latency,
                cfg: BenchConfig, error: str | None) -> dict:
     row = {"label": setting.label, "method": setting.method, "params": {**method_cls.defaults, **setting.params},
@@ -254,7 +274,16 @@ def _sum_lists(lists) -> list[int]:
 CSV_FIELDS = ["label", "method", "batch_size", "num_images", "latency_s_per_image", "speedup_vs_ar",
               "target_forwards_per_image", "drafter_forwards_per_image", "step_compression", "mean_accepted_length",
               "acceptance_rate", "resampled_per_image", "class_accuracy", "fid_classifier", "kid_classifier",
-              "fid_inception", "kid_inception", "error"]
+              "fid_inception", "kid_inception", "kid_vs_reference_classifier", "p_vs_reference_classifier",
+              "kid_vs_reference_inception", "p_vs_reference_inception", "error"]
+
+
+def _p_cell(row: dict) -> str:
+    """The two-sample p-values against the reference setting, '-' where not computed; p < 0.001 at 1000 splits."""
+    ps = [row.get(f"p_vs_reference_{space}") for space in SPACES]
+    if all(p is None for p in ps):
+        return "-"
+    return " / ".join("-" if p is None else "<0.001" if p < 0.001 else f"{p:.3f}" for p in ps)
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -262,11 +291,12 @@ def markdown_table(rows: list[dict]) -> str:
     phases = [k for k in PHASES if any(k in (r.get("time_breakdown_s") or {}) for r in rows)]
     lines = ["| setting | speedup vs AR | latency s/img (p10-p90) | target fwd/img | step compression | accept rate | "
              "resampled/img | class acc | FID (classifier) | KID x1000 (classifier) | FID (Inception) | "
+             "p same as ref (classifier / Inception) | "
              f"time: {' / '.join(phases) or 'per phase'} (s/img) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("error") and "latency_s_per_image" not in r:
-            lines.append(f"| `{r['label']}` | error: {r['error'].strip().splitlines()[-1]} |||||||||||")
+            lines.append(f"| `{r['label']}` | error: {r['error'].strip().splitlines()[-1]} ||||||||||||")
             continue
         f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
         tb = r.get("time_breakdown_s") or {}
@@ -277,7 +307,7 @@ def markdown_table(rows: list[dict]) -> str:
             f"{r['step_compression']:.2f}x | {f(r['acceptance_rate'], '.3f')} | {f(r['resampled_per_image'], '.1f')} | "
             f"{r['class_accuracy']:.3f} | {f(r['fid_classifier'], '.2f')} | "
             f"{f(None if r.get('kid_classifier') is None else 1000 * r['kid_classifier'], '.2f')} | "
-            f"{f(r.get('fid_inception'), '.2f')} | {times} |")
+            f"{f(r.get('fid_inception'), '.2f')} | {_p_cell(r)} | {times} |")
     return "\n".join(lines) + "\n"
 
 
@@ -370,8 +400,11 @@ def run_bench(pipe, settings: list[Setting], cfg: BenchConfig, out_dir: str | Pa
         for s in settings:
             cls = type(methods[s.label])
             if s.label not in quality or _quality_due(done_rounds, len(batches), final):
-                quality[s.label] = _qualities({space: torch.cat(v[s.label]) for space, v in feats.items() if v[s.label]},
-                                              refs)
+                own = {space: torch.cat(v[s.label]) for space, v in feats.items() if v[s.label]}
+                ref_label = references.get(cls.baseline)
+                base = ({space: torch.cat(v[ref_label]) for space, v in feats.items() if v[ref_label]}
+                        if ref_label not in (None, s.label) else {})
+                quality[s.label] = {**_qualities(own, refs), **_tests_vs_reference(own, base, labels_all)}
                 quality_round = done_rounds
             rows.append(_aggregate(s, cls, records[s.label], quality[s.label], ref_lat.get(cls.baseline), cfg,
                                    errors.get(s.label)))
