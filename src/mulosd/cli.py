@@ -231,9 +231,11 @@ def bench(model, preset, methods_, sweeps, params, extra, num_images, batch_size
     results are written atomically after every round. Per setting: median latency per image with its p10-p90
     spread, speed-up over `ar` from the same run, target/drafter forwards per image, step compression, mean
     accepted length, acceptance rate, class accuracy, FID and KID in the shipped classifier's feature space
-    against the test split (real-vs-real floor at the same N in the config), optionally Inception FID/KID, the
-    time per phase (drafting, up-sampling, verification, resampling, down-sampling) for methods that measure it,
-    and the accepted-length histogram. Plots go to DIR/plots, the first 20 images of every setting to DIR/samples.
+    against the test split (real-vs-real floor at the same N in the config), optionally Inception FID/KID, a
+    two-sample test against the `ar` (or `car`) row in each feature space (KID between the two sets and the
+    permutation p-value that they share one distribution), the time per phase (drafting, up-sampling,
+    verification, resampling, down-sampling, prefill) for methods that measure it, and the accepted-length
+    histogram. Plots go to DIR/plots, the first 20 images of every setting to DIR/samples.
     """
     _threads()
     given = {"methods_": methods_, "num_images": num_images, "batch_size": batch_size, "inception": inception}
