@@ -31,6 +31,22 @@ def fid_from_features(features: torch.Tensor, ref_mu: torch.Tensor, ref_cov: tor
     return frechet_distance(mu, cov, ref_mu, ref_cov)
 
 
+def _polynomial_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """KID's kernel k(a, b) = (a.b / D + 1)^3 between every row of ``a`` and every row of ``b``."""
+    return (a @ b.T / a.shape[1] + 1) ** 3
+
+
+def _kid_inputs(x: torch.Tensor, y: torch.Tensor, normalise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both sets in float64, divided by ``y``'s RMS feature value when ``normalise``; at least 2 rows each."""
+    if len(x) < 2 or len(y) < 2:
+        raise ValueError(f"KID needs at least 2 features per set, got {len(x)} and {len(y)}")
+    x, y = x.double(), y.double()
+    if normalise:
+        scale = y.pow(2).mean().sqrt().clamp_min(1e-12)
+        x, y = x / scale, y / scale
+    return x, y
+
+
 def kernel_distance(features: torch.Tensor, ref: torch.Tensor, normalise: bool = False) -> float:
     """KID: the unbiased estimate of the squared MMD between two feature sets with the cubic polynomial kernel
     k(x, y) = (x.y / D + 1)^3 (Binkowski et al., 2018). Unlike FID it has no bias that grows as N shrinks, so it
@@ -39,22 +55,13 @@ def kernel_distance(features: torch.Tensor, ref: torch.Tensor, normalise: bool =
     ``normalise`` divides both sets by the reference's RMS feature value first, so x.y / D is about 1 for any
     feature space (the kernel was designed for Inception's pool features; without it a feature space with larger
     activations, like the classifier's, puts KID on an arbitrary scale). Inception KID stays unnormalised."""
-    x, y = features.double(), ref.double()
-    if normalise:
-        scale = y.pow(2).mean().sqrt().clamp_min(1e-12)
-        x, y = x / scale, y / scale
-    m, n, d = len(x), len(y), x.shape[1]
-    if m < 2 or n < 2:
-        raise ValueError(f"KID needs at least 2 features per set, got {m} and {n}")
-    kxx = (x @ x.T / d + 1) ** 3
-    kyy = (y @ y.T / d + 1) ** 3
-    kxy = (x @ y.T / d + 1) ** 3
+    x, y = _kid_inputs(features, ref, normalise)
+    m, n = len(x), len(y)
+    kxx, kyy, kxy = _polynomial_kernel(x, x), _polynomial_kernel(y, y), _polynomial_kernel(x, y)
     return float((kxx.sum() - kxx.diagonal().sum()) / (m * (m - 1)) + (kyy.sum() - kyy.diagonal().sum()) / (n * (n - 1))
                  - 2 * kxy.mean())
 
 
-def _polynomial_kernel(z: torch.Tensor) -> torch.Tensor:
-    return (z @ z.T / z.shape[1] + 1) ** 3
 
 
 def kid_permutation_test(features: torch.Tensor, other: torch.Tensor, strata: torch.Tensor | None = None,
@@ -69,13 +76,9 @@ def kid_permutation_test(features: torch.Tensor, other: torch.Tensor, strata: to
     (1 + num_permutations): small p means the sets differ by more than sampling noise. Sets generated from shared
     random streams are positively correlated, which only makes the test conservative (larger p).
     ``normalise`` scales both by ``other``'s RMS feature value first (as ``kernel_distance`` does)."""
-    x, y = features.double(), other.double()
-    if len(x) < 2 or len(y) < 2:
-        raise ValueError(f"the test needs at least 2 features per set, got {len(x)} and {len(y)}")
-    if normalise:
-        scale = y.pow(2).mean().sqrt().clamp_min(1e-12)
-        x, y = x / scale, y / scale
-    k = _polynomial_kernel(torch.cat([x, y]))
+    x, y = _kid_inputs(features, other, normalise)
+    z = torch.cat([x, y])
+    k = _polynomial_kernel(z, z)
     diag = k.diagonal()
     total = len(x) + len(y)
     observed = torch.zeros(1, total, dtype=torch.float64)
