@@ -4,17 +4,9 @@
 # killed one continues from its last checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-M=${MULOSD_BIN:-.venv/bin/mulosd}
-R=${RUNS:-runs}
 ZOO=${ZOO:-src/mulosd/zoo/fmnist-32}
 
-stage() {  # stage NAME ARGS... : run `mulosd train ARGS --out $R/NAME` unless already finished
-  local name=$1; shift
-  if [ -f "$R/$name/summary.json" ]; then echo "== $name: done"; return; fi
-  local resume=(); [ -f "$R/$name/checkpoint.pt" ] && resume=(--resume)
-  echo "== $name: $M train $* --out $R/$name ${resume[*]}"
-  $M train "$@" --out "$R/$name" "${resume[@]}"
-}
+. scripts/train_lib.sh  # stage NAME ARGS...: train once, resume if killed
 
 stage ctokenizer kl-tokenizer --channels 32 --z-channels 32 --token-dim 4 --kl-weight 1e-4 \
   --steps 1200 --batch-size 64 --lr 2e-3 --warmup 50 --checkpoint-every 100

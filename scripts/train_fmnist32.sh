@@ -4,16 +4,8 @@
 # --checkpoint-every steps). Then pack the set (fp16) into src/mulosd/zoo/fmnist-32.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-M=${MULOSD_BIN:-.venv/bin/mulosd}
-R=${RUNS:-runs}
 
-stage() {  # stage NAME ARGS... : run `mulosd train ARGS --out $R/NAME` unless already finished
-  local name=$1; shift
-  if [ -f "$R/$name/summary.json" ]; then echo "== $name: done"; return; fi
-  local resume=(); [ -f "$R/$name/checkpoint.pt" ] && resume=(--resume)
-  echo "== $name: $M train $* --out $R/$name ${resume[*]}"
-  $M train "$@" --out "$R/$name" "${resume[@]}"
-}
+. scripts/train_lib.sh  # stage NAME ARGS...: train once, resume if killed
 
 stage tokenizer tokenizer --channels 32 --z-channels 32 --codebook-size 512 --codebook-dim 8 \
   --steps 900 --batch-size 64 --lr 2e-3 --warmup 50 --checkpoint-every 100
