@@ -62,8 +62,6 @@ def kernel_distance(features: torch.Tensor, ref: torch.Tensor, normalise: bool =
                  - 2 * kxy.mean())
 
 
-
-
 def kid_permutation_test(features: torch.Tensor, other: torch.Tensor, strata: torch.Tensor | None = None,
                          num_permutations: int = 1000, seed: int = 0, normalise: bool = False) -> tuple[float, float]:
     """Is ``features`` drawn from the same distribution as ``other``? Returns (KID between the two sets, p-value).
