@@ -58,7 +58,7 @@ def test_bad_settings(methods, sweeps, msg):
 def test_bad_bench_input_fails_before_work(tmp_path, args, msg):
     r = CliRunner().invoke(main, ["bench", "--methods", "ar,mulo", "--out", str(tmp_path / "b"), "--no-progress", *args])
     assert r.exit_code == 1 and msg in r.output
-    assert not (tmp_path / "b" / "results.json").exists()
+    assert not (tmp_path / "b").exists()  # refused before --out is even created
 
 
 def test_unwritable_out(tmp_path):

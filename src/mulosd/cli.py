@@ -249,7 +249,6 @@ def bench(model, preset, methods_, sweeps, params, extra, num_images, batch_size
 def _bench(model, methods_, sweeps, params, extra, num_images, batch_size, seed, cfg_scale, temperature, top_k, top_p,
            inception, reference_images, out, resume, warmup, data_dir, progress):
     from mulosd.evaluation.bench import BenchConfig, parse_settings, run_bench
-    from mulosd.io import check_writable
     from mulosd.pipeline import Pipeline
 
     cfg = BenchConfig(num_images=num_images, batch_size=batch_size, seed=seed, cfg_scale=cfg_scale,
@@ -257,8 +256,7 @@ def _bench(model, methods_, sweeps, params, extra, num_images, batch_size, seed,
                       reference_images=reference_images)
     cfg.validate()
     settings = parse_settings(methods_, sweeps, params, extra)
-    check_writable(Path(out) / "results.json")
-    pipe = Pipeline.from_pretrained(model)
+    pipe = Pipeline.from_pretrained(model)  # run_bench checks every setting's values, then --out, before any work
     result = run_bench(pipe, settings, cfg, out, resume=resume, progress=progress, data_dir=data_dir)
     click.echo((Path(out) / "results.md").read_text())
     click.echo(f"wrote {out}/results.json, results.csv, results.md, plots/, samples/ "

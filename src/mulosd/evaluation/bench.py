@@ -327,12 +327,12 @@ def run_bench(pipe, settings: list[Setting], cfg: BenchConfig, out_dir: str | Pa
               progress: bool = True, data_dir: str | None = None, save_samples: bool = True, plots: bool = True) -> dict:
     cfg.validate()
     out = Path(out_dir)
-    check_writable(out / "results.json")
     if pipe.classifier is None:
         raise MulosdError(f"model set {pipe.name} has no classifier; bench needs it for class accuracy and FID")
     methods = {}
     for s in settings:  # every setting is built (and so validated) before any work starts
         methods[s.label] = get_method(s.method)(pipe, **s.params)
+    check_writable(out / "results.json")  # creates --out: only once every setting is known to be valid
     sampling = SamplingConfig(cfg_scale=cfg.cfg_scale, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
     config = {"model": pipe.name, "num_images": cfg.num_images, "batch_size": cfg.batch_size, "seed": cfg.seed,
               "sampling": vars(sampling), "settings": [[s.label, s.method, s.params] for s in settings],
