@@ -28,13 +28,16 @@ def section(root: Path, name: str, title: str, doc: Path) -> list[str]:
     if c.get("fid_inception_real_floor") is not None:
         floors += f", Inception {c['fid_inception_real_floor']}"
     rel = os.path.relpath(path, doc.parent)
+    # runs from before the class-stratified KID estimator: their KID is biased low (more so at small N); not shown
+    stale = ("" if c.get("kid_strata") else
+             " KID not shown: this run predates the class-balanced KID estimator, and its stored KID is biased low.")
     plots = root / name / "plots"
     lines = [f"### {title}", "",
              f"{c['num_images']} images per setting at batch {c['batch_size']}, seed {c['seed']}, CFG "
              f"{c['sampling']['cfg_scale']}, temperature {c['sampling']['temperature']}; {c['date']}, {c['machine']}; "
              f"rounds {c['rounds_done']}/{c['rounds_total']}{'' if c['complete'] else ' (incomplete)'}; "
-             f"real-vs-real FID floor at this N: {floors}. Raw: [`{path}`]({rel}).", "",
-             markdown_table(result["methods"]).rstrip(), ""]
+             f"real-vs-real FID floor at this N: {floors}. Raw: [`{path}`]({rel}).{stale}", "",
+             markdown_table(result["methods"], show_kid=not stale).rstrip(), ""]
     if (plots / "frontier.png").exists():
         lines += [f"![speed-up vs FID]({os.path.relpath(plots / 'frontier.png', doc.parent)}) "
                   f"![time per phase]({os.path.relpath(plots / 'time_breakdown.png', doc.parent)})", ""]

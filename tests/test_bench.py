@@ -38,6 +38,25 @@ def test_markdown_time_column_names_the_measured_phases():
     assert len({line.count("|") for line in markdown_table(rows).splitlines()}) == 1  # every row fills the header
 
 
+def test_kid_weighs_the_requested_classes_and_old_runs_hide_it():
+    """Bench KID treats a setting's images as the class-balanced sample they are (image i asked for class
+    labels[i]); tables of runs from before that estimator (no config.kid_strata) leave the KID cells empty."""
+    import torch
+    from mulosd.evaluation.bench import _quality
+    from mulosd.evaluation.fid import kernel_distance
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(40) % 4
+    feats = torch.randn(20, 6, generator=g) + 4 * labels[:20, None]
+    sample = torch.randn(50, 6, generator=g) + 4 * (torch.arange(50) % 4)[:, None]
+    ref = (torch.zeros(6, dtype=torch.float64), torch.eye(6, dtype=torch.float64), sample)
+    kid = _quality("classifier", feats, ref, labels)["kid_classifier"]
+    assert kid == round(kernel_distance(feats, ref[2], normalise=True, strata=labels[:20]), 6)
+    assert kid != round(kernel_distance(feats, ref[2], normalise=True), 6)
+    row = _row("ar", {})
+    assert "| 1.00 |" in markdown_table([row]) and "| 1.00 |" not in markdown_table([row], show_kid=False)
+
+
 @pytest.mark.parametrize("methods,sweeps,msg", [
     ("ar,magic", (), "unknown method 'magic'"),
     ("ar,sd", ("sd.tau=0.1",), "method 'sd' has no parameter 'tau'"),
@@ -80,6 +99,7 @@ def test_bench_runs_resumes_and_reports(tmp_path):
     rows = {m["label"]: m for m in res["methods"]}
     assert list(rows) == ["ar", "mulo[r=2]", "mulo[r=4]"]
     assert res["config"]["complete"] and res["config"]["rounds_done"] == 2 == res["config"]["quality_round"]
+    assert res["config"]["kid_strata"] == "requested class"
     assert rows["ar"]["speedup_vs_ar"] == 1.0 and rows["ar"]["step_compression"] == 1.0
     for m in rows.values():
         assert m["num_images"] == 2 and m["fid_classifier"] is not None and 0 <= m["class_accuracy"] <= 1

@@ -92,7 +92,10 @@ def test_kid_permutation_test_statistic_null_and_power():
     x, y = torch.randn(200, 8, generator=g), torch.randn(200, 8, generator=g)
     labels = torch.arange(200) % 10
     kid, p = kid_permutation_test(x * 7, y * 7, strata=labels, normalise=True)
-    assert kid == pytest.approx(kernel_distance(x * 7, y * 7, normalise=True), rel=1e-9)  # the statistic is KID
+    # the statistic is KID between two class-balanced samples
+    assert kid == pytest.approx(kernel_distance(x * 7, y * 7, normalise=True, strata=labels, ref_strata=labels),
+                                rel=1e-9)
+    assert kid_permutation_test(x, y)[0] == pytest.approx(kernel_distance(x, y), rel=1e-9)
     assert p > 0.05
     kid, p = kid_permutation_test(x + 0.3, y, strata=labels, num_permutations=500)
     assert p == 1 / 501 and kid > 0  # no re-split reaches a real shift
@@ -101,6 +104,54 @@ def test_kid_permutation_test_statistic_null_and_power():
                                             num_permutations=99, seed=i)[1] for i in range(300)])
     for q in (0.1, 0.5):
         assert abs(float((ps <= q).float().mean()) - q) < 0.08
+
+
+def _two_class_mixture(n: int, g: torch.Generator) -> torch.Tensor:
+    """n rows, row i from class i % 2 of a mixture whose two classes lie far apart (like garment classes do)."""
+    labels = torch.arange(n) % 2
+    return torch.randn(n, 4, generator=g) + 3 * labels[:, None]
+
+
+def test_kid_weighs_a_class_balanced_sample_without_bias():
+    """A bench's images are class-balanced by design (image i asks for class i mod 10). Read as an i.i.d. sample,
+    such a set has too few same-class pairs, and KID comes out far below zero at small N; with ``strata`` it is
+    unbiased: over 400 draws of 8 images against an i.i.d. reference of the same mixture it averages ~0."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(8) % 2
+    ref = _two_class_mixture(400, g)[torch.randperm(400, generator=g)]  # an i.i.d. draw of the mixture
+    plain, weighed = [], []
+    for _ in range(400):
+        x = _two_class_mixture(8, g)
+        plain.append(kernel_distance(x, ref))
+        weighed.append(kernel_distance(x, ref, strata=labels))
+    plain, weighed = torch.tensor(plain), torch.tensor(weighed)
+    se = float(weighed.std()) / 20
+    assert abs(float(weighed.mean())) < 3 * se
+    assert float(plain.mean()) < -10 * se  # the i.i.d. formula's bias, many standard errors below zero
+
+
+def test_kid_strata_weights_match_the_mixture_definition():
+    """KID with strata = sum over class pairs of w_c w_c' times the mean kernel of the block (own pairs
+    excluded), minus twice the mean cross kernel, plus the reference term; a stratum of one row falls back to
+    the i.i.d. weights."""
+    g = torch.Generator().manual_seed(2)
+    x, ref = torch.randn(9, 3, generator=g), torch.randn(12, 3, generator=g)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 0])
+    k = lambda a, b: (a.double() @ b.double().T / 3 + 1) ** 3  # noqa: E731
+    within = 0.0
+    for c in range(3):
+        for d in range(3):
+            block = k(x[labels == c], x[labels == d])
+            mean = ((block.sum() - block.diagonal().sum()) / (len(block) * (len(block) - 1)) if c == d
+                    else block.mean())
+            within += float((labels == c).sum() * (labels == d).sum()) / 81 * float(mean)
+    kyy = k(ref, ref)
+    expected = within + float((kyy.sum() - kyy.diagonal().sum()) / (12 * 11)) - 2 * float(k(x, ref).mean())
+    assert kernel_distance(x, ref, strata=labels) == pytest.approx(expected, rel=1e-10)
+    single = torch.tensor([0, 1, 1, 1, 1, 1, 1, 1, 1])
+    assert kernel_distance(x, ref, strata=single) == pytest.approx(kernel_distance(x, ref), rel=1e-12)
+    with pytest.raises(ValueError, match="one label per row"):
+        kernel_distance(x, ref, strata=labels[:5])
 
 
 def test_kid_permutation_test_stratifies_by_class():

@@ -187,12 +187,14 @@ def real_floor(extract, ref, n: int, data_dir: str | None = None, cache: Path | 
     return fid
 
 
-def _quality(space: str, feats: torch.Tensor | None, ref) -> dict:
-    """FID and KID of one setting's features in one feature space (None when fewer than 2 images)."""
+def _quality(space: str, feats: torch.Tensor | None, ref, labels: torch.Tensor) -> dict:
+    """FID and KID of one setting's features in one feature space (None when fewer than 2 images). Image i asked
+    for class ``labels[i]``: KID weighs the class-balanced sample as such (``kernel_distance``'s ``strata``)."""
     if feats is None or len(feats) < 2:
         return {f"fid_{space}": None, f"kid_{space}": None}
     return {f"fid_{space}": round(fid_from_features(feats, *ref[:2]), 4),
-            f"kid_{space}": round(kernel_distance(feats, ref[2], normalise=space == "classifier"), 6)}
+            f"kid_{space}": round(kernel_distance(feats, ref[2], normalise=space == "classifier",
+                                                  strata=labels[: len(feats)]), 6)}
 
 
 def _quality_due(done_rounds: int, total_rounds: int, final: bool) -> bool:
@@ -202,14 +204,18 @@ def _quality_due(done_rounds: int, total_rounds: int, final: bool) -> bool:
     return final or done_rounds % max(1, total_rounds // 10) == 0
 
 
-def _qualities(feats: dict, refs: dict) -> dict:
+def _qualities(feats: dict, refs: dict, labels: torch.Tensor) -> dict:
     """FID/KID columns of one setting from its features per space."""
-    return {**_quality("classifier", feats.get("classifier"), refs["classifier"]),
-            **(_quality("inception", feats.get("inception"), refs["inception"]) if "inception" in refs
+    return {**_quality("classifier", feats.get("classifier"), refs["classifier"], labels),
+            **(_quality("inception", feats.get("inception"), refs["inception"], labels) if "inception" in refs
                else {"fid_inception": None, "kid_inception": None})}
 
 
 SPACES = ("classifier", "inception")
+# KID (against the test set, and between a setting and its reference) weighs each setting's images as the
+# class-balanced sample they are: image i asks for class i mod 10 (fid._pair_weights). Recorded in results.json's
+# config; runs written before it carry an i.i.d.-weighted KID, biased low, that the doc tables do not show.
+KID_STRATA = "requested class"
 PERMUTATIONS = 1000
 
 
@@ -287,8 +293,10 @@ def _p_cell(row: dict) -> str:
     return " / ".join("-" if p is None else f"{p:.3f}" for p in ps)
 
 
-def markdown_table(rows: list[dict]) -> str:
-    """The Markdown table of results.md; its time column lists the phases that some row measured, in PHASES order."""
+def markdown_table(rows: list[dict], show_kid: bool = True) -> str:
+    """The Markdown table of results.md; its time column lists the phases that some row measured, in PHASES order.
+    ``show_kid=False`` leaves the KID cells empty ("-"), for runs whose results.json predates the class-stratified
+    KID estimator (no ``config.kid_strata``): their stored KID is biased low, by more the smaller the run."""
     phases = [k for k in PHASES if any(k in (r.get("time_breakdown_s") or {}) for r in rows)]
     lines = ["| setting | speedup vs AR | latency s/img (p10-p90) | target fwd/img | step compression | accept rate | "
              "resampled/img | class acc | FID (classifier) | KID x1000 (classifier) | FID (Inception) | "
@@ -307,7 +315,7 @@ def markdown_table(rows: list[dict]) -> str:
             f"({r['latency_p10_p90_s'][0]:.3f}-{r['latency_p10_p90_s'][1]:.3f}) | {r['target_forwards_per_image']:.1f} | "
             f"{r['step_compression']:.2f}x | {f(r['acceptance_rate'], '.3f')} | {f(r['resampled_per_image'], '.1f')} | "
             f"{r['class_accuracy']:.3f} | {f(r['fid_classifier'], '.2f')} | "
-            f"{f(None if r.get('kid_classifier') is None else 1000 * r['kid_classifier'], '.2f')} | "
+            f"{f(None if r.get('kid_classifier') is None or not show_kid else 1000 * r['kid_classifier'], '.2f')} | "
             f"{f(r.get('fid_inception'), '.2f')} | {_p_cell(r)} | {times} |")
     return "\n".join(lines) + "\n"
 
@@ -405,14 +413,14 @@ def run_bench(pipe, settings: list[Setting], cfg: BenchConfig, out_dir: str | Pa
                 ref_label = references.get(cls.baseline)
                 base = ({space: torch.cat(v[ref_label]) for space, v in feats.items() if v[ref_label]}
                         if ref_label not in (None, s.label) else {})
-                quality[s.label] = {**_qualities(own, refs), **_tests_vs_reference(own, base, labels_all)}
+                quality[s.label] = {**_qualities(own, refs, labels_all), **_tests_vs_reference(own, base, labels_all)}
                 quality_round = done_rounds
             rows.append(_aggregate(s, cls, records[s.label], quality[s.label], ref_lat.get(cls.baseline), cfg,
                                    errors.get(s.label)))
         result = {"config": {**config, "date": time.strftime("%Y-%m-%d %H:%M"),
                              "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
                              "rounds_done": done_rounds, "rounds_total": len(batches), "complete": final,
-                             "quality_round": quality_round,
+                             "quality_round": quality_round, "kid_strata": KID_STRATA,
                              "fid_classifier_real_floor": floors["classifier"],
                              "fid_inception_real_floor": floors.get("inception"), "speedup_reference": ar_label,
                              "speedup_references": references},
