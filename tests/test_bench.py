@@ -160,6 +160,8 @@ def test_quick_preset_runs_every_method_with_plots_and_fake_inception(tmp_path, 
     assert res["config"]["speedup_references"] == {"ar": "ar", "car": "car"}
     assert rows["car"]["speedup_vs_ar"] == 1.0 and rows["cspd"]["drafter_forwards_per_image"] > 0
     assert "prefill" in rows["cspd"]["time_breakdown_s"]
+    for label in ("sd", "sjd", "mcsjd", "lantern", "gsd"):  # the generic loop times drafting and verification
+        assert set(rows[label]["time_breakdown_s"]) == {"drafting", "verification"}, label
     # two-sample tests against the family's reference: none for the references, both spaces for the others
     for label, m in rows.items():
         for space in ("classifier", "inception"):

@@ -43,6 +43,8 @@ def test_drafter_equal_to_target_accepts_everything_and_samples_advance_independ
     assert stats.accepted == stats.drafted == 3 * (5 + 5 + 3)  # drafts past the last cell are not counted
     # 16 tokens: 1 from prefill, then cycles of 6 -> 1 + 6 + 6 + 3: three verify passes
     assert stats.target_forwards == 4 and stats.tokens == 48
+    # the loop times its two phases: proposing (drafter forwards) and scoring + deciding (the target forward)
+    assert set(stats.time_s) == {"drafting", "verification"} and all(t > 0 for t in stats.time_s.values())
 
 
 JACOBI = [("random", "none"), ("spatial", "none"), ("random", "maximal"), ("spatial", "gumbel")]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +34,15 @@ class DecodeStats:
     time_s: dict = field(default_factory=dict)  # wall time per phase, where a method measures it
     # accept_hist[n]: verifications (per sample) in which exactly n drafted tokens were accepted
     accept_hist: list = field(default_factory=list)
+
+    @contextmanager
+    def phase(self, name: str):
+        """Add the wall time of the ``with`` block to ``time_s[name]``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.time_s[name] = self.time_s.get(name, 0.0) + time.perf_counter() - start
 
     def add_accepted(self, lengths: torch.Tensor) -> None:
         """Count one verification per entry of ``lengths`` (accepted drafts of one sample in one target forward)."""

@@ -84,13 +84,16 @@ def speculative_generate(target: GPT, proposer: Proposer, rule: Rule, labels: to
         stats.target_forwards, stats.active_forwards, stats.tokens = 1, B, B
         while bool((frontier < N).any()):
             active = frontier < N
-            prop = proposer.propose(tokens, frontier, gamma, cfg, streams)
-            cells = frontier[:, None] - 1 + torch.arange(gamma + 1)
-            feed = torch.cat([tokens.gather(1, frontier[:, None] - 1), prop.tokens], dim=1)
-            p = process_logits(target.decode(double(feed, cfg), double(cells, cfg)), cfg)
-            verdict = rule(p, prop.q, prop.tokens, streams.uniform(gamma), streams.uniform())
-            count = commit(tokens, frontier, prop.tokens, verdict, N)
-            proposer.observe(p, frontier, count, tokens, streams)
+            with stats.phase("drafting"):
+                prop = proposer.propose(tokens, frontier, gamma, cfg, streams)
+            with stats.phase("verification"):
+                cells = frontier[:, None] - 1 + torch.arange(gamma + 1)
+                feed = torch.cat([tokens.gather(1, frontier[:, None] - 1), prop.tokens], dim=1)
+                p = process_logits(target.decode(double(feed, cfg), double(cells, cfg)), cfg)
+                verdict = rule(p, prop.q, prop.tokens, streams.uniform(gamma), streams.uniform())
+                count = commit(tokens, frontier, prop.tokens, verdict, N)
+            with stats.phase("drafting"):  # a training-free proposer drafts the next cycle from p here
+                proposer.observe(p, frontier, count, tokens, streams)
             frontier = frontier + count
             stats.target_forwards += 1
             stats.drafter_forwards += prop.forwards
