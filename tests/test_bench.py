@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from conftest import needs_fmnist
@@ -36,6 +37,17 @@ def test_markdown_time_column_names_the_measured_phases():
     assert "downsampling / prefill (s/img)" in header
     assert cspd.endswith("| 0.500 / - / 0.600 / - / - / 0.700 |") and mulo.endswith("/ 0.000 / - |")
     assert len({line.count("|") for line in markdown_table(rows).splitlines()}) == 1  # every row fills the header
+
+
+def test_time_plot_names_only_the_measured_phases(tmp_path, monkeypatch):
+    from mulosd.evaluation import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    plots.time_breakdown_plot({"methods": [_row("ar", {}), _row("sd", {"drafting": 0.1, "verification": 0.3})]},
+                              tmp_path / "t.png")
+    legend = [t.get_text() for t in figures[0].axes[0].get_legend().get_texts()]
+    assert legend == ["drafting", "verification", "other"]
 
 
 def test_kid_weighs_the_requested_classes_and_old_runs_hide_it():
@@ -100,6 +112,7 @@ def test_bench_runs_resumes_and_reports(tmp_path):
     assert list(rows) == ["ar", "mulo[r=2]", "mulo[r=4]"]
     assert res["config"]["complete"] and res["config"]["rounds_done"] == 2 == res["config"]["quality_round"]
     assert res["config"]["kid_strata"] == "requested class"
+    assert res["config"]["machine"].endswith(f"torch threads, torch {torch.__version__}")
     assert rows["ar"]["speedup_vs_ar"] == 1.0 and rows["ar"]["step_compression"] == 1.0
     for m in rows.values():
         assert m["num_images"] == 2 and m["fid_classifier"] is not None and 0 <= m["class_accuracy"] <= 1

@@ -197,6 +197,20 @@ def _quality(space: str, feats: torch.Tensor | None, ref, labels: torch.Tensor) 
                                                   strata=labels[: len(feats)]), 6)}
 
 
+def machine_description() -> str:
+    """Architecture, CPU model (Linux: /proc/cpuinfo), torch threads and version: speed-ups between methods are
+    measured in one process, but how they compare across runs depends on the CPU, so every run names it."""
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                model = f" ({line.split(':', 1)[1].strip()})"
+                break
+    except OSError:
+        pass
+    return f"{platform.machine()}{model}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
 def _quality_due(done_rounds: int, total_rounds: int, final: bool) -> bool:
     """Whether a write recomputes FID/KID: at the end and at every tenth of the run. Each FID needs the square root
     of a 2048 x 2048 covariance product (seconds on 2 cores per setting), so recomputing it after every round would
@@ -418,7 +432,7 @@ def run_bench(pipe, settings: list[Setting], cfg: BenchConfig, out_dir: str | Pa
             rows.append(_aggregate(s, cls, records[s.label], quality[s.label], ref_lat.get(cls.baseline), cfg,
                                    errors.get(s.label)))
         result = {"config": {**config, "date": time.strftime("%Y-%m-%d %H:%M"),
-                             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+                             "machine": machine_description(),
                              "rounds_done": done_rounds, "rounds_total": len(batches), "complete": final,
                              "quality_round": quality_round, "kid_strata": KID_STRATA,
                              "fid_classifier_real_floor": floors["classifier"],

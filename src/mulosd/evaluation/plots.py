@@ -92,14 +92,15 @@ def time_breakdown_plot(result: dict, path: str | Path) -> Path:
     plt = _pyplot()
     rows = _ok(result["methods"])
     fig, ax = plt.subplots(figsize=(7.5, 0.35 * len(rows) + 1.4))
-    colours = plt.get_cmap("Set2")
+    colours = plt.get_cmap("Set2")  # indexed by the phase's place in PHASES: one colour per phase in every plot
+    measured = [k for k in PHASES if any(k in (r.get("time_breakdown_s") or {}) for r in rows)]
     for i, r in enumerate(rows):
         left = 0.0
         tb = r.get("time_breakdown_s") or {}
         # phases are means per image, so they are stacked against the mean (not the median) latency
-        for j, phase in enumerate(PHASES):
+        for phase in measured:
             v = tb.get(phase, 0.0)
-            ax.barh(i, v, left=left, color=colours(j), label=phase if i == 0 else None)
+            ax.barh(i, v, left=left, color=colours(PHASES.index(phase)), label=phase if i == 0 else None)
             left += v
         rest = max(0.0, r.get("latency_mean_s", r["latency_s_per_image"]) - left)
         ax.barh(i, rest, left=left, color="lightgrey", label="other" if i == 0 else None)
