@@ -141,6 +141,33 @@ def test_bench_runs_resumes_and_reports(tmp_path):
 
 
 @needs_fmnist
+def test_bench_kid_weighs_the_requested_classes(tmp_path):
+    """With 2 images per class, bench's KID is the class-stratified estimate on the saved features, against the
+    test-set reference and against the `ar` row."""
+    from safetensors.torch import load_file
+
+    from mulosd import Pipeline
+    from mulosd.evaluation.bench import reference_stats
+    from mulosd.evaluation.fid import kernel_distance, kid_permutation_test
+    from mulosd.io import cache_dir
+
+    out = tmp_path / "b"
+    r = CliRunner().invoke(main, ["bench", "--methods", "ar,sd", "--num-images", "20", "--batch-size", "10",
+                                  "--out", str(out), "--no-warmup", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    rows = {m["label"]: m for m in json.loads((out / "results.json").read_text())["methods"]}
+    feats = load_file(str(out / "state.safetensors"))
+    labels = torch.arange(20) % 10
+    ref = reference_stats(Pipeline.from_pretrained("fmnist-32"), cache_dir())[2]
+    for label in ("ar", "sd"):
+        want = kernel_distance(feats[f"classifier/{label}"], ref, normalise=True, strata=labels)
+        assert rows[label]["kid_classifier"] == pytest.approx(want, abs=1e-6), label
+    kid, p = kid_permutation_test(feats["classifier/sd"], feats["classifier/ar"], strata=labels, normalise=True)
+    assert rows["sd"]["kid_vs_reference_classifier"] == pytest.approx(kid, abs=1e-6)
+    assert rows["sd"]["p_vs_reference_classifier"] == pytest.approx(p, abs=1e-4)
+
+
+@needs_fmnist
 def test_quick_preset_runs_every_method_with_plots_and_fake_inception(tmp_path, monkeypatch):
     """--preset quick on a tiny setting (2 images), plus --inception with a stand-in TorchScript model."""
     import torch
@@ -162,7 +189,8 @@ def test_quick_preset_runs_every_method_with_plots_and_fake_inception(tmp_path, 
     for label, m in rows.items():
         assert required <= set(m), (label, required - set(m))
         assert m["error"] is None and m["num_images"] == 2, label
-        assert m["fid_inception"] is not None and m["kid_classifier"] is not None, label
+        assert m["fid_inception"] is not None, label
+        assert m["kid_classifier"] is None, label  # one image per class: no unbiased KID for a class-balanced set
     assert res["config"]["inception"] and res["config"]["fid_inception_real_floor"] is not None
     # drafting methods have an accepted-length histogram whose total is their verification count
     assert sum(rows["sd"]["accepted_length_histogram"]) > 0 and rows["ar"]["accepted_length_histogram"] == []
@@ -181,7 +209,7 @@ def test_quick_preset_runs_every_method_with_plots_and_fake_inception(tmp_path, 
             p = m[f"p_vs_reference_{space}"]
             assert (p is None) == (label in ("ar", "car")), (label, space)
             assert p is None or 0 < p <= 1
-    assert rows["cspd"]["kid_vs_reference_classifier"] is not None
+    assert rows["cspd"]["kid_vs_reference_classifier"] is None  # (the p-value above is exact all the same)
 
 
 def test_inception_requested_but_missing_fails_before_work(tmp_path, monkeypatch):

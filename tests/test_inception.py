@@ -7,7 +7,7 @@ import torch
 
 from mulosd.errors import MulosdError
 from mulosd.evaluation import inception
-from mulosd.evaluation.fid import kernel_distance, kid_permutation_test
+from mulosd.evaluation.fid import kernel_distance, kid_permutation_test, stratified_kid_ok
 from mulosd.evaluation.inception import InceptionFeatures, inception_available, preprocess
 
 
@@ -106,10 +106,9 @@ def test_kid_permutation_test_statistic_null_and_power():
         assert abs(float((ps <= q).float().mean()) - q) < 0.08
 
 
-def _two_class_mixture(n: int, g: torch.Generator) -> torch.Tensor:
-    """n rows, row i from class i % 2 of a mixture whose two classes lie far apart (like garment classes do)."""
-    labels = torch.arange(n) % 2
-    return torch.randn(n, 4, generator=g) + 3 * labels[:, None]
+def _two_class_mixture(labels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """One row per label from a mixture whose two classes lie far apart (like garment classes do)."""
+    return torch.randn(len(labels), 4, generator=g) + 3 * labels[:, None]
 
 
 def test_kid_weighs_a_class_balanced_sample_without_bias():
@@ -118,10 +117,10 @@ def test_kid_weighs_a_class_balanced_sample_without_bias():
     unbiased: over 400 draws of 8 images against an i.i.d. reference of the same mixture it averages ~0."""
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(8) % 2
-    ref = _two_class_mixture(400, g)[torch.randperm(400, generator=g)]  # an i.i.d. draw of the mixture
+    ref = _two_class_mixture(torch.randint(0, 2, (400,), generator=g), g)  # an i.i.d. draw of the mixture
     plain, weighed = [], []
     for _ in range(400):
-        x = _two_class_mixture(8, g)
+        x = _two_class_mixture(labels, g)
         plain.append(kernel_distance(x, ref))
         weighed.append(kernel_distance(x, ref, strata=labels))
     plain, weighed = torch.tensor(plain), torch.tensor(weighed)
@@ -148,10 +147,35 @@ def test_kid_strata_weights_match_the_mixture_definition():
     kyy = k(ref, ref)
     expected = within + float((kyy.sum() - kyy.diagonal().sum()) / (12 * 11)) - 2 * float(k(x, ref).mean())
     assert kernel_distance(x, ref, strata=labels) == pytest.approx(expected, rel=1e-10)
+    # labels are only names: non-contiguous, unsorted ones give the same estimate
+    named = torch.tensor([42, 7, 3])[labels]
+    assert kernel_distance(x, ref, strata=named) == pytest.approx(expected, rel=1e-10)
     single = torch.tensor([0, 1, 1, 1, 1, 1, 1, 1, 1])
+    assert not stratified_kid_ok(single) and stratified_kid_ok(labels)
     assert kernel_distance(x, ref, strata=single) == pytest.approx(kernel_distance(x, ref), rel=1e-12)
     with pytest.raises(ValueError, match="one label per row"):
         kernel_distance(x, ref, strata=labels[:5])
+    with pytest.raises(ValueError, match="one label per row"):  # a column would broadcast the weights
+        kernel_distance(x, ref, strata=labels[:, None])
+
+
+def test_kid_permutation_splits_are_weighed_like_kernel_distance():
+    """Every re-split of the stratified test keeps each class's count in both sets; its statistic must be the KID
+    of that split (checked by replaying the test's random splits), with unequal, non-contiguous class counts."""
+    g = torch.Generator().manual_seed(4)
+    labels = torch.tensor([42, 7, 3, 42, 7, 3, 42, 7, 42])
+    x, y = torch.randn(9, 3, generator=g), torch.randn(9, 3, generator=g) + 0.2
+    kid, p = kid_permutation_test(x, y, strata=labels, num_permutations=50, seed=9)
+    z, pooled = torch.cat([x, y]), torch.cat([labels, labels])
+    gen = torch.Generator().manual_seed(9)  # the test's own stream: one draw per class, in sorted label order
+    splits = torch.zeros(50, 18, dtype=torch.bool)
+    for c in torch.unique(labels):
+        idx = torch.nonzero(pooled == c).flatten()
+        order = torch.rand(50, len(idx), generator=gen).argsort(dim=1)
+        splits[torch.arange(50)[:, None], idx[order[:, : int((labels == c).sum())]]] = True
+    stats = torch.tensor([kernel_distance(z[s], z[~s], strata=pooled[s], ref_strata=pooled[~s]) for s in splits])
+    assert p == (1 + int((stats >= kid).sum())) / 51
+    assert kid == pytest.approx(kernel_distance(x, y, strata=labels, ref_strata=labels), rel=1e-10)
 
 
 def test_kid_permutation_test_stratifies_by_class():

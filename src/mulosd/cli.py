@@ -256,7 +256,7 @@ def _bench(model, methods_, sweeps, params, extra, num_images, batch_size, seed,
                       reference_images=reference_images)
     cfg.validate()
     settings = parse_settings(methods_, sweeps, params, extra)
-    pipe = Pipeline.from_pretrained(model)  # run_bench checks every setting's values, then --out, before any work
+    pipe = Pipeline.from_pretrained(model)  # run_bench checks every setting's values, then --out, before decoding
     result = run_bench(pipe, settings, cfg, out, resume=resume, progress=progress, data_dir=data_dir)
     click.echo((Path(out) / "results.md").read_text())
     click.echo(f"wrote {out}/results.json, results.csv, results.md, plots/, samples/ "

@@ -31,7 +31,8 @@ from mulosd.data import FashionMNIST
 from mulosd.decoding.methods import get_method
 from mulosd.decoding.sampling import SamplingConfig
 from mulosd.errors import MulosdError
-from mulosd.evaluation.fid import cached_reference, fid_from_features, kernel_distance, kid_permutation_test
+from mulosd.evaluation.fid import (cached_reference, fid_from_features, kernel_distance, kid_permutation_test,
+                                   stratified_kid_ok)
 from mulosd.io import atomic_write, cache_dir, atomic_write_json, atomic_write_text, check_writable
 
 PHASES = ("drafting", "upsampling", "verification", "resampling", "downsampling", "prefill")
@@ -189,12 +190,14 @@ def real_floor(extract, ref, n: int, data_dir: str | None = None, cache: Path | 
 
 def _quality(space: str, feats: torch.Tensor | None, ref, labels: torch.Tensor) -> dict:
     """FID and KID of one setting's features in one feature space (None when fewer than 2 images). Image i asked
-    for class ``labels[i]``: KID weighs the class-balanced sample as such (``kernel_distance``'s ``strata``)."""
+    for class ``labels[i]``: KID weighs the class-balanced sample as such (``kernel_distance``'s ``strata``), and
+    is None while some class has fewer than 2 images (fewer than 20 in all), where no unbiased estimate exists."""
     if feats is None or len(feats) < 2:
         return {f"fid_{space}": None, f"kid_{space}": None}
-    return {f"fid_{space}": round(fid_from_features(feats, *ref[:2]), 4),
-            f"kid_{space}": round(kernel_distance(feats, ref[2], normalise=space == "classifier",
-                                                  strata=labels[: len(feats)]), 6)}
+    strata = labels[: len(feats)]
+    kid = (round(kernel_distance(feats, ref[2], normalise=space == "classifier", strata=strata), 6)
+           if stratified_kid_ok(strata) else None)
+    return {f"fid_{space}": round(fid_from_features(feats, *ref[:2]), 4), f"kid_{space}": kid}
 
 
 def machine_description() -> str:
@@ -237,14 +240,16 @@ def _tests_vs_reference(own: dict, base: dict, labels: torch.Tensor) -> dict:
     """Two-sample test of one setting against its family's reference setting (ar / car) per feature space:
     KID between the two sets and the permutation p-value that they come from one distribution (class-stratified:
     image i of both sets asked for class i mod 10). None when there is no reference in the run, for the reference
-    itself, or while the two sets differ in size."""
+    itself, or while the two sets differ in size; the KID alone is None while some class has fewer than 2 images
+    (the p-value stays exact whatever the statistic)."""
     out = {}
     for space in SPACES:
         x, y = own.get(space), base.get(space)
         ok = x is not None and y is not None and len(x) == len(y) >= 2
         kid, p = (kid_permutation_test(x, y, strata=labels[: len(x)], num_permutations=PERMUTATIONS,
                                        normalise=space == "classifier") if ok else (None, None))
-        out[f"kid_vs_reference_{space}"] = None if kid is None else round(kid, 6)
+        biased = not (ok and stratified_kid_ok(labels[: len(x)]))
+        out[f"kid_vs_reference_{space}"] = None if kid is None or biased else round(kid, 6)
         out[f"p_vs_reference_{space}"] = None if p is None else round(p, 4)
     return out
 

@@ -37,10 +37,10 @@ def _polynomial_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _kid_inputs(x: torch.Tensor, y: torch.Tensor, normalise: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both sets in float64, divided by ``y``'s RMS feature value when ``normalise``; at least 2 rows each."""
+    """Both sets in float64 on the CPU, divided by ``y``'s RMS feature value when ``normalise``; at least 2 rows each."""
     if len(x) < 2 or len(y) < 2:
         raise ValueError(f"KID needs at least 2 features per set, got {len(x)} and {len(y)}")
-    x, y = x.double(), y.double()
+    x, y = x.detach().double().cpu(), y.detach().double().cpu()  # on the CPU, like the strata weights
     if normalise:
         scale = y.pow(2).mean().sqrt().clamp_min(1e-12)
         x, y = x / scale, y / scale
@@ -59,18 +59,32 @@ def _pair_weights(strata: torch.Tensor | None, m: int,
     The unbiased estimate for the mixture sum_c w_c P_c, w_c = n_c / m, weighs a pair from strata c != c' by
     1 / m^2 and a pair from one stratum by n_c / ((n_c - 1) m^2); returned as (per-pair factor, m^2). The factor covers the pairs of ``rows``
     (labels; ``strata`` itself by default, the pooled rows of two sets in the permutation test). A stratum with a
-    single row leaves its own pairs unobserved: the i.i.d. weights are used then."""
+    single row leaves its own pairs unobserved: the i.i.d. weights are used then, for the whole set
+    (``stratified_kid_ok`` tells a caller beforehand)."""
     if strata is None:
         return 1.0, float(m * (m - 1))
-    if len(strata) != m:
-        raise ValueError(f"strata need one label per row: {len(strata)} labels for {m} rows")
-    labels, counts = torch.unique(strata, return_counts=True)
-    if int(counts.min()) < 2:
+    strata = _labels(strata, m)
+    if not stratified_kid_ok(strata):
         return 1.0, float(m * (m - 1))
-    rows = strata if rows is None else rows
+    labels, counts = torch.unique(strata, return_counts=True)
+    rows = strata if rows is None else _labels(rows, len(rows))
     n = counts[torch.searchsorted(labels, rows)].double()
     same = rows[:, None] == rows[None, :]
     return 1 + same.double() / (n[:, None] - 1), float(m * m)
+
+
+def _labels(strata, m: int) -> torch.Tensor:
+    """One integer label per row, as a 1-D CPU tensor (a [m, 1] column would broadcast the weights wrongly)."""
+    strata = torch.as_tensor(strata).cpu()
+    if strata.dim() != 1 or len(strata) != m:
+        raise ValueError(f"strata need one label per row: got shape {tuple(strata.shape)} for {m} rows")
+    return strata
+
+
+def stratified_kid_ok(strata) -> bool:
+    """Whether every stratum has at least 2 rows, so that KID can weigh the set as a stratified sample without
+    bias (a stratum of one row leaves its within-stratum pairs unobserved)."""
+    return int(torch.unique(torch.as_tensor(strata), return_counts=True)[1].min()) >= 2
 
 
 def _within(k: torch.Tensor, weights: torch.Tensor | float, norm: float) -> torch.Tensor:
@@ -125,6 +139,7 @@ def kid_permutation_test(features: torch.Tensor, other: torch.Tensor, strata: to
     else:
         if len(strata) != m or m != n:
             raise ValueError("strata need one label per row and two sets of the same size")
+        strata = _labels(strata, m)
         pooled = torch.cat([strata, strata])
         groups = [torch.nonzero(pooled == c).flatten() for c in torch.unique(strata)]
         # every split keeps each stratum's count in both sets (the same n_c in each), so one pair-weight matrix
