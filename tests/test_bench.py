@@ -53,7 +53,6 @@ def test_time_plot_names_only_the_measured_phases(tmp_path, monkeypatch):
 def test_kid_weighs_the_requested_classes_and_old_runs_hide_it():
     """Bench KID treats a setting's images as the class-balanced sample they are (image i asked for class
     labels[i]); tables of runs from before that estimator (no config.kid_strata) leave the KID cells empty."""
-    import torch
     from mulosd.evaluation.bench import _quality
     from mulosd.evaluation.fid import kernel_distance
 

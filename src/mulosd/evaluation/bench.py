@@ -312,11 +312,16 @@ def _p_cell(row: dict) -> str:
     return " / ".join("-" if p is None else f"{p:.3f}" for p in ps)
 
 
+def measured_phases(rows: list[dict]) -> list[str]:
+    """The phases (in PHASES order) that some row's time breakdown measured: the table's and the plot's columns."""
+    return [k for k in PHASES if any(k in (r.get("time_breakdown_s") or {}) for r in rows)]
+
+
 def markdown_table(rows: list[dict], show_kid: bool = True) -> str:
     """The Markdown table of results.md; its time column lists the phases that some row measured, in PHASES order.
     ``show_kid=False`` leaves the KID cells empty ("-"), for runs whose results.json predates the class-stratified
     KID estimator (no ``config.kid_strata``): their stored KID is biased low, by more the smaller the run."""
-    phases = [k for k in PHASES if any(k in (r.get("time_breakdown_s") or {}) for r in rows)]
+    phases = measured_phases(rows)
     lines = ["| setting | speedup vs AR | latency s/img (p10-p90) | target fwd/img | step compression | accept rate | "
              "resampled/img | class acc | FID (classifier) | KID x1000 (classifier) | FID (Inception) | "
              "p same as ref (classifier / Inception) | "
@@ -411,6 +416,7 @@ def run_bench(pipe, settings: list[Setting], cfg: BenchConfig, out_dir: str | Pa
 
     quality: dict[str, dict] = {}  # label -> FID/KID columns as last computed
     quality_round = 0  # the round at which they were
+    machine = machine_description()  # read once: every write of this process names the same CPU
 
     def write(final: bool) -> dict:
         nonlocal quality_round
@@ -437,7 +443,7 @@ def run_bench(pipe, settings: list[Setting], cfg: BenchConfig, out_dir: str | Pa
             rows.append(_aggregate(s, cls, records[s.label], quality[s.label], ref_lat.get(cls.baseline), cfg,
                                    errors.get(s.label)))
         result = {"config": {**config, "date": time.strftime("%Y-%m-%d %H:%M"),
-                             "machine": machine_description(),
+                             "machine": machine,
                              "rounds_done": done_rounds, "rounds_total": len(batches), "complete": final,
                              "quality_round": quality_round, "kid_strata": KID_STRATA,
                              "fid_classifier_real_floor": floors["classifier"],

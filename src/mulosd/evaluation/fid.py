@@ -57,8 +57,9 @@ def _pair_weights(strata: torch.Tensor | None, m: int,
     mixture's n_c / m), and same-class pairs are the similar ones, so KID would be biased low (by about 0.0075 at
     N = 1000 and 0.39 at N = 20 for real Fashion-MNIST images in the classifier space; scripts/kid_bias.py).
     The unbiased estimate for the mixture sum_c w_c P_c, w_c = n_c / m, weighs a pair from strata c != c' by
-    1 / m^2 and a pair from one stratum by n_c / ((n_c - 1) m^2); returned as (per-pair factor, m^2). The factor covers the pairs of ``rows``
-    (labels; ``strata`` itself by default, the pooled rows of two sets in the permutation test). A stratum with a
+    1 / m^2 and a pair from one stratum by n_c / ((n_c - 1) m^2); returned as (per-pair factor, m^2). The factor
+    covers the pairs of ``rows`` (labels; ``strata`` itself by default, the pooled rows of two sets in the
+    permutation test). A stratum with a
     single row leaves its own pairs unobserved: the i.i.d. weights are used then, for the whole set
     (``stratified_kid_ok`` tells a caller beforehand)."""
     if strata is None:
@@ -156,8 +157,9 @@ def kid_permutation_test(features: torch.Tensor, other: torch.Tensor, strata: to
     b = 1 - a
     kw = k * weights[0]
     dw = kw.diagonal()
-    sxx = (a @ kw * a).sum(1) - a @ dw
-    syy = (b @ kw * b).sum(1) - b @ dw
+    akw = a @ kw
+    sxx = (akw * a).sum(1) - a @ dw
+    syy = ((kw.sum(0) - akw) * b).sum(1) - b @ dw  # b @ kw, as b = 1 - a
     sxy = (a @ k * b).sum(1)
     stat = sxx / weights[1] + syy / weights[2] - 2 * sxy / (m * n)
     p = (1 + int((stat[1:] >= stat[0]).sum())) / (1 + num_permutations)

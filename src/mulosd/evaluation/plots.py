@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mulosd.evaluation.bench import PHASES
+from mulosd.evaluation.bench import PHASES, measured_phases
 from mulosd.io import atomic_write
 
 
@@ -93,7 +93,7 @@ def time_breakdown_plot(result: dict, path: str | Path) -> Path:
     rows = _ok(result["methods"])
     fig, ax = plt.subplots(figsize=(7.5, 0.35 * len(rows) + 1.4))
     colours = plt.get_cmap("Set2")  # indexed by the phase's place in PHASES: one colour per phase in every plot
-    measured = [k for k in PHASES if any(k in (r.get("time_breakdown_s") or {}) for r in rows)]
+    measured = measured_phases(rows)
     for i, r in enumerate(rows):
         left = 0.0
         tb = r.get("time_breakdown_s") or {}
