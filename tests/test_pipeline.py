@@ -42,11 +42,40 @@ def test_stats_and_images(pipe):
     out = pipe(classes=[0], num_per_class=2, batch_size=2)
     s = out.stats
     for key in ("method", "num_images", "batch_size", "wall_time_s", "tokens_per_image", "target_forwards",
-                "drafter_forwards", "mean_accepted_length", "class_accuracy"):
+                "drafter_forwards", "step_compression", "class_accuracy"):
         assert key in s
+    assert "mean_accepted_length" not in s  # the same number as step_compression: one name only
     assert (s["method"], s["num_images"], s["tokens_per_image"], s["drafter_forwards"]) == ("ar", 2, 256, 0)
-    assert s["mean_accepted_length"] == 1.0 and s["target_forwards"] == 256 and s["target_forwards_per_image"] == 256
+    assert s["step_compression"] == 1.0 and s["target_forwards"] == 256 and s["target_forwards_per_image"] == 256
+    assert out.predictions.shape == (2,) and s["class_accuracy"] == (out.predictions == out.labels).float().mean().item()
     assert out.images.shape == (2, 1, 32, 32) and 0 <= out.images.min() and out.images.max() <= 1
+
+
+def test_generate_reuses_one_built_method_and_matches_call(pipe, monkeypatch):
+    """``generate`` decodes with a method built once; split into calls at any first_index it gives the images one
+    ``pipe(...)`` call gives, and classifies each image once (``classify=False``: not at all)."""
+    from mulosd.decoding.methods import get_method
+    from mulosd.decoding.sampling import SamplingConfig
+
+    whole = pipe(classes=[7, 2], num_per_class=2, method="sd", gamma=2, seed=3, batch_size=2)
+    sd = get_method("sd")(pipe, gamma=2)
+    sampling = SamplingConfig(cfg_scale=3.0)
+    parts = [pipe.generate(sd, whole.labels[lo:hi], sampling, seed=3, batch_size=2, first_index=lo)
+             for lo, hi in ((0, 1), (1, 4))]
+    assert torch.equal(torch.cat([p.tokens for p in parts]), whole.tokens)
+    assert torch.equal(torch.cat([p.predictions for p in parts]), whole.predictions)
+    assert parts[1].stats["method"] == "sd" and parts[1].stats["params"] == {"gamma": 2, "drafter": "small"}
+    calls = []
+    real = type(pipe).classify
+    monkeypatch.setattr(type(pipe), "classify", lambda self, images: calls.append(len(images)) or real(self, images))
+    out = pipe.generate(sd, torch.tensor([1, 2, 3]), sampling, batch_size=2)
+    bare = pipe.generate(sd, torch.tensor([1]), sampling, classify=False)
+    assert calls == [3] and out.predictions.shape == (3,) and "class_accuracy" in out.stats
+    assert bare.predictions is None and "class_accuracy" not in bare.stats
+    with pytest.raises(MulosdError, match="batch_size must be >= 1"):
+        pipe.generate(sd, torch.tensor([1]), sampling, batch_size=0)
+    with pytest.raises(MulosdError, match="acceptance maps need a method that records its cycles"):
+        pipe.generate(sd, torch.tensor([1]), sampling, trace=True)
 
 
 def test_drafters_sample_alone_at_their_resolution(pipe):
@@ -94,7 +123,8 @@ def test_lossless_methods_greedy_token_identical_to_ar_on_fmnist(pipe, batch):
 def test_sd_sampling_stats(pipe):
     out = pipe(classes=[7, 8], num_per_class=2, method="sd", gamma=6, batch_size=4, seed=2)
     s = out.stats
-    assert 0 < s["acceptance_rate"] < 1 and s["mean_accepted_length"] > 1 and s["step_compression"] > 1
+    assert 0 < s["acceptance_rate"] < 1 and s["step_compression"] > 1
+    assert s["step_compression"] == round(s["counts"]["tokens"] / s["counts"]["active_forwards"], 4)
     assert s["params"] == {"gamma": 6, "drafter": "small"}
     with pytest.raises(MulosdError, match="gamma must be an integer >= 1"):
         pipe(classes=[0], method="sd", gamma=0)

@@ -3,7 +3,11 @@
     pipe = Pipeline.from_pretrained("fmnist-32")
     out = pipe(classes=["sneaker", 3], num_per_class=4, method="ar", seed=0, cfg_scale=3.0)
     out.images      # [N, 1, 32, 32] in [0, 1]
-    out.stats       # method, wall time, forwards, accepted length, ...
+    out.stats       # method, wall time, forwards, step compression, class accuracy, ...
+
+    sd = get_method("sd")(pipe, gamma=3)   # build a method once, decode many times with it
+    out = pipe.generate(sd, torch.tensor([7, 7, 1]), SamplingConfig(cfg_scale=3.0), seed=0, batch_size=2)
+    out.predictions # the classifier's class ids (classified once, also behind stats["class_accuracy"])
 
 Image i (in class-major order) always uses the random stream (seed, i), so the same seed gives the same images
 whatever the batch size.
@@ -62,6 +66,71 @@ class GenerationOutput:
     labels: torch.Tensor  # [N]
     stats: dict
     traces: list | None = None  # per image, per cycle: {"block", "accept", "region"} (``trace=True``, MuLo-SD)
+    predictions: torch.Tensor | None = None  # [N] the classifier's class ids (None without one, or classify=False)
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise MulosdError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def _decode_batch(decoder, labels: torch.Tensor, sampling: SamplingConfig, streams: RandomStreams,
+                  traces: list | None):
+    """One batch through ``decoder.generate``; with ``traces`` (a list) every image's cycles are appended to it."""
+    if traces is None:
+        return decoder.generate(labels, sampling, streams)
+    cycles: list[dict] = []
+    tokens, stats = decoder.generate(labels, sampling, streams, trace=cycles)
+    traces.extend([{"block": c["block"], "accept": c["accept"][b], "region": c["region"][b]} for c in cycles]
+                  for b in range(len(labels)))
+    return tokens, stats
+
+
+def _add_stats(totals: dict, stats) -> None:
+    """Add one batch's DecodeStats to ``totals``: counts add up, the per-phase time dicts add up per phase, and
+    lists (the accepted-length histogram) add up element by element."""
+    for key, value in vars(stats).items():
+        if isinstance(value, list):
+            acc = totals.setdefault(key, [])
+            acc.extend([0] * (len(value) - len(acc)))
+            for i, v in enumerate(value):
+                acc[i] += v
+        elif isinstance(value, dict):
+            phases = totals.setdefault(key, {})
+            for name, v in value.items():
+                phases[name] = phases.get(name, 0.0) + v
+        else:
+            totals[key] = totals.get(key, 0) + value
+
+
+def _generation_stats(decoder, n: int, g: int, sampling: SamplingConfig, seed: int, batch_size: int, totals: dict,
+                      wall: float) -> dict:
+    """The stats of one ``Pipeline.generate`` call: n images of g x g tokens, DecodeStats ``totals``, ``wall`` s."""
+    return {
+        "method": decoder.name,
+        "params": decoder.params(),
+        "num_images": n,
+        "batch_size": batch_size,
+        "seed": seed,
+        "sampling": vars(sampling),
+        "wall_time_s": round(wall, 4),
+        "latency_s_per_image": round(wall / n, 5),
+        "tokens_per_image": g * g,
+        "target_forwards": totals.get("target_forwards", 0),
+        "drafter_forwards": totals.get("drafter_forwards", 0),
+        "target_forwards_per_image": round(totals.get("active_forwards", 0) / n, 3),
+        # tokens committed per target forward an image took part in (1.0 for AR, which needs one forward per
+        # token): tokens per image / forwards per image
+        "step_compression": round(g * g * n / max(1, totals.get("active_forwards", 0)), 4),
+        "acceptance_rate": round(totals["accepted"] / totals["drafted"], 4) if totals.get("drafted") else None,
+        "resampled_per_image": round(totals.get("resampled", 0) / n, 3),
+        "refreshed_per_image": round(totals.get("refreshed", 0) / n, 3),
+        "time_breakdown_s": {k: round(v, 4) for k, v in totals.get("time_s", {}).items()},
+        # accepted_length_histogram[n]: verifications (per image) that accepted exactly n drafted tokens
+        "accepted_length_histogram": totals.get("accept_hist", []),
+        "counts": {k: totals.get(k, 0) for k in ("active_forwards", "tokens", "accepted", "drafted", "resampled", "refreshed",
+                                                 "residual_tries", "fallbacks")},
+    }
 
 
 class Pipeline:
@@ -181,75 +250,49 @@ class Pipeline:
     def __call__(self, classes, num_per_class: int = 1, method: str = "ar", seed: int = 0, batch_size: int = 8,
                  cfg_scale: float = 3.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  progress: bool = False, trace: bool = False, first_index: int = 0, **method_params) -> GenerationOutput:
-        """Decode ``num_per_class`` images of every class in ``classes``. Image i (counting from ``first_index``)
-        draws from random stream (seed, i), so an image does not depend on the batch it was decoded in."""
+        """Decode ``num_per_class`` images of every class in ``classes`` (class-major) with ``method`` built from
+        ``method_params``; ``generate`` does the decoding (and says which random stream each image uses)."""
         if num_per_class < 1:
             raise MulosdError(f"num_per_class must be >= 1, got {num_per_class}")
-        if batch_size < 1:
-            raise MulosdError(f"batch_size must be >= 1, got {batch_size}")
+        _check_batch_size(batch_size)
         sampling = SamplingConfig(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
         decoder = get_method(method)(self, **method_params)
-        if trace and not getattr(decoder, "traces_cycles", False):
-            raise MulosdError(f"acceptance maps need a method that records its cycles (mulo); {method!r} does not")
-        traces = [] if trace else None
         labels = torch.tensor([c for c in self.class_ids(classes) for _ in range(num_per_class)])
-        g = decoder.output_grid
+        return self.generate(decoder, labels, sampling, seed=seed, batch_size=batch_size, first_index=first_index,
+                             progress=progress, trace=trace)
+
+    @torch.inference_mode()
+    def generate(self, decoder, labels: torch.Tensor, sampling: SamplingConfig, seed: int = 0, batch_size: int = 8,
+                 first_index: int = 0, progress: bool = False, trace: bool = False,
+                 classify: bool = True) -> GenerationOutput:
+        """Decode one image per entry of ``labels`` (class ids) with ``decoder``, a method already built on this
+        pipeline (``get_method(name)(pipe, **params)``), so that many calls can share one. Image i (counting from
+        ``first_index``) draws from random stream (seed, i), so an image does not depend on the batch it was decoded
+        in. With ``classify`` (and a classifier) the images are classified once: ``predictions`` and the stats'
+        ``class_accuracy``. ``trace=True`` records every cycle of a method that can (mulo) in ``traces``."""
+        _check_batch_size(batch_size)
+        if trace and not getattr(decoder, "traces_cycles", False):
+            raise MulosdError(f"acceptance maps need a method that records its cycles (mulo); {decoder.name!r} does not")
+        labels = torch.as_tensor(labels, dtype=torch.long).flatten()
+        if not len(labels):
+            raise MulosdError("no labels given; pass at least one class id")
+        traces = [] if trace else None
         all_tokens, totals = [], {}
         t0 = time.perf_counter()
-        for start in tqdm(range(0, len(labels), batch_size), desc=f"generate {method}", disable=not progress):
-            idx = range(start, min(start + batch_size, len(labels)))
-            streams = RandomStreams.from_seed(seed, range(first_index + idx.start, first_index + idx.stop))
-            if trace:
-                cycles: list[dict] = []
-                tokens, stats = decoder.generate(labels[start : idx.stop], sampling, streams, trace=cycles)
-                traces.extend([{"block": c["block"], "accept": c["accept"][b], "region": c["region"][b]} for c in cycles]
-                              for b in range(len(idx)))
-            else:
-                tokens, stats = decoder.generate(labels[start : idx.stop], sampling, streams)
+        for start in tqdm(range(0, len(labels), batch_size), desc=f"generate {decoder.name}", disable=not progress):
+            stop = min(start + batch_size, len(labels))
+            streams = RandomStreams.from_seed(seed, range(first_index + start, first_index + stop))
+            tokens, stats = _decode_batch(decoder, labels[start:stop], sampling, streams, traces)
             all_tokens.append(tokens)
-            for key, value in vars(stats).items():  # counts, the per-phase time dict, the accepted-length histogram
-                if isinstance(value, list):
-                    acc = totals.setdefault(key, [])
-                    acc.extend([0] * (len(value) - len(acc)))
-                    for i, v in enumerate(value):
-                        acc[i] += v
-                elif isinstance(value, dict):
-                    phases = totals.setdefault(key, {})
-                    for name, v in value.items():
-                        phases[name] = phases.get(name, 0.0) + v
-                else:
-                    totals[key] = totals.get(key, 0) + value
+            _add_stats(totals, stats)
         wall = time.perf_counter() - t0
+        g = decoder.output_grid
         tokens = torch.cat(all_tokens)
         tokens = tokens.view(-1, g, g, *tokens.shape[2:])  # continuous tokens keep their channel axis
         images = decoder.decode_images(tokens)
-        n = len(labels)
-        stats = {
-            "method": method,
-            "params": decoder.params(),
-            "num_images": n,
-            "batch_size": batch_size,
-            "seed": seed,
-            "sampling": vars(sampling),
-            "wall_time_s": round(wall, 4),
-            "latency_s_per_image": round(wall / n, 5),
-            "tokens_per_image": g * g,
-            "target_forwards": totals.get("target_forwards", 0),
-            "drafter_forwards": totals.get("drafter_forwards", 0),
-            "target_forwards_per_image": round(totals.get("active_forwards", 0) / n, 3),
-            "mean_accepted_length": round(totals.get("tokens", 0) / max(1, totals.get("active_forwards", 0)), 4),
-            # AR needs one target forward per token, so the compression is tokens per image / forwards per image
-            "step_compression": round(g * g * n / max(1, totals.get("active_forwards", 0)), 4),
-            "acceptance_rate": round(totals["accepted"] / totals["drafted"], 4) if totals.get("drafted") else None,
-            "resampled_per_image": round(totals.get("resampled", 0) / n, 3),
-            "refreshed_per_image": round(totals.get("refreshed", 0) / n, 3),
-            "time_breakdown_s": {k: round(v, 4) for k, v in totals.get("time_s", {}).items()},
-            # accepted_length_histogram[n]: verifications (per image) that accepted exactly n drafted tokens
-            "accepted_length_histogram": totals.get("accept_hist", []),
-            "counts": {k: totals.get(k, 0) for k in ("active_forwards", "tokens", "accepted", "drafted", "resampled", "refreshed",
-                                                     "residual_tries", "fallbacks")},
-        }
-        if self.classifier is not None:
-            pred = self.classify(images)
-            stats["class_accuracy"] = round((pred == labels).float().mean().item(), 4)
-        return GenerationOutput(images=images, tokens=tokens, labels=labels, stats=stats, traces=traces)
+        stats = _generation_stats(decoder, len(labels), g, sampling, seed, batch_size, totals, wall)
+        predictions = self.classify(images) if classify and self.classifier is not None else None
+        if predictions is not None:
+            stats["class_accuracy"] = round((predictions == labels).float().mean().item(), 4)
+        return GenerationOutput(images=images, tokens=tokens, labels=labels, stats=stats, traces=traces,
+                                predictions=predictions)
