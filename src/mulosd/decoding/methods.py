@@ -1,18 +1,24 @@
 """The method registry: ``mulosd generate --method NAME`` -> a decoder built from a pipeline's models.
 
-Each method is a small object naming its parameters (validated at construction, reported in the stats) and a
-``generate(labels, sampling, streams) -> (tokens [B, N], DecodeStats)`` call.
+Each method is a small object with a ``generate(labels, sampling, streams) -> (tokens [B, N], DecodeStats)`` call.
+Its parameters are declared once, in its ``Params`` class (``decoding/params.py``: names, types, defaults, ranges,
+help); building a method parses them (``self.p``), then checks what needs the model set (vocabulary size, grids,
+drafter roles). ``REGISTRY`` is the one list of methods.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
+import inspect
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
 from mulosd.decoding.ar import DecodeStats, generate_ar
 from mulosd.decoding.engine import speculative_generate
+from mulosd.decoding.params import (ARParams, CARParams, CSpDParams, GSDParams, LanternParams, MCSJDParams, MuloParams,
+                                    Params, SDParams, SJDParams, ZipARParams)
 from mulosd.decoding.proposers import DrafterProposer, JacobiProposer
 from mulosd.decoding.rules import codebook_neighbours, verify_exact, verify_grouped, verify_lantern
 from mulosd.decoding.sampling import RandomStreams, SamplingConfig
@@ -24,21 +30,55 @@ if TYPE_CHECKING:
     from mulosd.pipeline import Pipeline
 
 
+class _Defaults:
+    """``Method.defaults``: the defaults of the method's ``Params``, as a read-only mapping (class or instance)."""
+
+    def __get__(self, obj, owner) -> Mapping[str, Any]:
+        return MappingProxyType(owner.Params.defaults())
+
+
+class _ExactIf:
+    """``exact`` decided by the parameters: an instance answers for its own, the class for the defaults."""
+
+    def __init__(self, note: str):
+        self.note = note  # when it is exact, in words (``mulosd methods``)
+
+    def __get__(self, obj, owner) -> bool:
+        return (owner.Params.parse() if obj is None else obj.p).exact
+
+
 class Method:
     name: str = ""
+    Params: type[Params] = Params  # the method's parameters (decoding/params.py)
     exact: bool = True  # does the output follow the target's distribution exactly?
-    defaults: dict = {}
+    defaults = _Defaults()
     baseline = "ar"  # the plain AR method of the same model family: speed-ups are measured against it
 
     def __init__(self, pipe: "Pipeline", **params):
-        unknown = sorted(set(params) - set(self.defaults))
-        if unknown:
-            raise MulosdError(f"method {self.name!r} has no parameters {unknown}; allowed: {sorted(self.defaults) or 'none'}")
         self.pipe = pipe
-        self._params = {**self.defaults, **params}
+        self.p = self.Params.parse(params)
+
+    @classmethod
+    def param_names(cls) -> tuple[str, ...]:
+        return cls.Params.names()
+
+    @classmethod
+    def is_exact(cls, params: Mapping[str, Any] | None = None) -> bool:
+        """Whether the method with these parameters (validated; missing ones default) samples the target's
+        distribution exactly."""
+        p = cls.Params.parse(params)
+        return p.exact if isinstance(inspect.getattr_static(cls, "exact"), _ExactIf) else bool(cls.exact)
+
+    @classmethod
+    def exactness(cls) -> str:
+        """Exact or lossy in a word (with the default parameters), and how the parameters change that, if they do."""
+        rule = inspect.getattr_static(cls, "exact")
+        word = "exact" if cls.exact else "lossy"
+        return f"{word} ({rule.note})" if isinstance(rule, _ExactIf) else word
 
     def params(self) -> dict:
-        return dict(self._params)
+        """The parameters this method runs with (what the stats record)."""
+        return self.p.to_dict()
 
     @property
     def output_grid(self) -> int:
@@ -57,21 +97,14 @@ class AR(Method):
     """Plain autoregressive decoding: one forward per token (model=target, or a drafter role to sample it alone)."""
 
     name = "ar"
-    defaults = {"model": "target"}
+    Params = ARParams
 
     def __init__(self, pipe, **params):
         super().__init__(pipe, **params)
-        self.model = pipe.model(self._params["model"])
+        self.model = pipe.model(self.p.model)
 
     def generate(self, labels, sampling, streams):
         return generate_ar(self.model, labels, sampling, streams)
-
-
-def _int_param(params: dict, key: str, low: int) -> int:
-    value = params[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise MulosdError(f"{key} must be an integer >= {low}, got {value!r}")
-    return value
 
 
 def check_drafter(pipe: "Pipeline", role: str, grid: int) -> "GPT":
@@ -88,14 +121,12 @@ class SD(Method):
     """Exact speculative sampling (Leviathan/Chen) with the small same-resolution drafter, draft length gamma."""
 
     name = "sd"
-    # gamma = 3 measured fastest at batch 1 on fmnist-32 (docs/METHODS.md): with ~40 % of drafts accepted,
-    # longer drafts spend more drafter steps than they save
-    defaults = {"gamma": 3, "drafter": "small"}
+    Params = SDParams
 
     def __init__(self, pipe, **params):
         super().__init__(pipe, **params)
-        self.gamma = _int_param(self._params, "gamma", 1)
-        self.proposer = DrafterProposer(check_drafter(pipe, self._params["drafter"], pipe.target.config.grid_size))
+        self.gamma = self.p.gamma
+        self.proposer = DrafterProposer(check_drafter(pipe, self.p.drafter, pipe.target.config.grid_size))
         self.rule = verify_exact
 
     def generate(self, labels, sampling, streams):
@@ -106,12 +137,12 @@ class SJD(Method):
     """Speculative Jacobi Decoding: training-free drafts from the previous iteration, window L, exact."""
 
     name = "sjd"
-    defaults = {"window": 16, "init": "random", "coupling": "none"}
+    Params = SJDParams
 
     def __init__(self, pipe, **params):
         super().__init__(pipe, **params)
-        self.gamma = _int_param(self._params, "window", 1)
-        self.proposer = JacobiProposer(pipe.target.config.vocab_size, self._params["init"], self._params["coupling"])
+        self.gamma = self.p.window
+        self.proposer = JacobiProposer(pipe.target.config.vocab_size, self.p.init, self.p.coupling)
         self.rule = verify_exact
 
     generate = SD.generate
@@ -121,23 +152,7 @@ class MCSJD(SJD):
     """SJD with coupled re-drafting (maximal or shared-Gumbel coupling): drafts persist across iterations, exact."""
 
     name = "mcsjd"
-    defaults = {"window": 16, "init": "random", "coupling": "maximal"}
-
-    def __init__(self, pipe, **params):
-        if params.get("coupling") == "none":
-            raise MulosdError("mcsjd needs a coupling; allowed: maximal, gumbel (coupling=none is --method sjd)")
-        super().__init__(pipe, **params)
-
-
-def _float_param(params: dict, key: str, low: float, high: float, low_open: bool = False) -> float:
-    value = params[key]
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok:
-        value = float(value)
-        ok = (low < value if low_open else low <= value) and value <= high
-    if not ok:
-        raise MulosdError(f"{key} must be a number in {'(' if low_open else '['}{low}, {high}], got {params[key]!r}")
-    return value
+    Params = MCSJDParams  # refuses coupling=none
 
 
 class Lantern(SD):
@@ -146,18 +161,15 @@ class Lantern(SD):
 
     name = "lantern"
     exact = False
-    defaults = {"gamma": 8, "drafter": "small", "k": 20, "delta": 0.1, "lam": None}
+    Params = LanternParams
 
     def __init__(self, pipe, **params):
         super().__init__(pipe, **params)
-        V = pipe.target.config.vocab_size
-        k = _int_param(self._params, "k", 0)
+        V, k = pipe.target.config.vocab_size, self.p.k
         if k > V - 1:
             raise MulosdError(f"k must be at most {V - 1} (the codebook has {V} entries), got {k}")
-        delta = _float_param(self._params, "delta", 0.0, 1.0)
-        lam = None if self._params["lam"] is None else _float_param(self._params, "lam", 1.0, 1e6)
         neighbours = codebook_neighbours(pipe.tokenizer.codebook.detach(), k)
-        self.rule = functools.partial(verify_lantern, neighbours=neighbours, delta=delta, lam=lam)
+        self.rule = functools.partial(verify_lantern, neighbours=neighbours, delta=self.p.delta, lam=self.p.lam)
 
 
 class GSD(SJD):
@@ -166,15 +178,12 @@ class GSD(SJD):
 
     name = "gsd"
     exact = False
-    defaults = {"window": 16, "init": "random", "coupling": "none", "group": 10, "prob_tol": 0.15, "embed_tol": 0.5}
+    Params = GSDParams
 
     def __init__(self, pipe, **params):
         super().__init__(pipe, **params)
-        group = _int_param(self._params, "group", 1)
-        prob_tol = _float_param(self._params, "prob_tol", 0.0, 1.0, low_open=True)
-        embed_tol = _float_param(self._params, "embed_tol", 0.0, 2.0, low_open=True)
-        self.rule = functools.partial(verify_grouped, codebook=pipe.tokenizer.codebook.detach(), group=group,
-                                      prob_tol=prob_tol, embed_tol=embed_tol)
+        self.rule = functools.partial(verify_grouped, codebook=pipe.tokenizer.codebook.detach(), group=self.p.group,
+                                      prob_tol=self.p.prob_tol, embed_tol=self.p.embed_tol)
 
 
 class ZipAR(Method):
@@ -183,30 +192,14 @@ class ZipAR(Method):
 
     name = "zipar"
     exact = False
-    defaults = {"window": 8}
+    Params = ZipARParams
 
     def __init__(self, pipe, **params):
         super().__init__(pipe, **params)
-        self.window = _int_param(self._params, "window", 1)
+        self.window = self.p.window
 
     def generate(self, labels, sampling, streams):
         return generate_zipar(self.pipe.target, labels, sampling, streams, self.window)
-
-
-def _choice(params: dict, key: str, allowed: tuple[str, ...]) -> str:
-    value = params[key]
-    if value not in allowed:
-        raise MulosdError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
-    return value
-
-
-def _radius(value) -> int | None:
-    """l >= 0, or inf / "inf" / None for infinity."""
-    if value is None or value == float("inf") or (isinstance(value, str) and value.strip().lower() in ("inf", "infinity")):
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise MulosdError(f"radius must be an integer >= 0 or inf, got {value!r}")
-    return value
 
 
 class Mulo(Method):
@@ -216,64 +209,37 @@ class Mulo(Method):
     acceptance=exact."""
 
     name = "mulo"
-    exact = False
+    Params = MuloParams
+    exact = _ExactIf("exact with acceptance=exact")
     traces_cycles = True  # generate(..., trace=list) records every cycle (acceptance maps)
-    # defaults from the measured sweep in docs/MULOSD.md: the whole low-res image drafted ZipAR-style in one cycle
-    defaults = {"r": 2, "drafter": None, "rows": None, "drafting": "parallel", "draft_window": 2, "upsampler": "learned",
-                "downsampler": "auto", "candidates": "argmax", "resize": "bicubic", "acceptance": "threshold", "tau": 0.1, "k": 32,
-                "rejection": "local", "radius": 1, "resampling": "parallel", "island_window": 2}
 
     def __init__(self, pipe, **params):
         from mulosd.decoding.mulo import MuloDecoder, MuloSettings
 
         super().__init__(pipe, **params)
-        p = self._params
-        r = p["r"]
-        if isinstance(r, bool) or r not in (2, 4) and not (isinstance(r, int) and r >= 2):
-            raise MulosdError(f"r must be an integer >= 2 (2 or 4 for fmnist-32), got {r!r}")
-        H = pipe.target.config.grid_size
+        p = self.p
+        r, H, V = p.r, pipe.target.config.grid_size, pipe.target.config.vocab_size
         if H % r:
             raise MulosdError(f"r={r} does not divide the target's {H}x{H} grid")
-        role = p["drafter"] or f"r{r}"
-        p["drafter"] = role
-        drafter = check_drafter(pipe, role, H // r)
-        rows = drafter.config.grid_size if p["rows"] is None else _int_param(p, "rows", 1)
-        drafting = _choice(p, "drafting", ("serial", "parallel"))
-        draft_window = _int_param(p, "draft_window", 1)
-        up_kind = _choice(p, "upsampler", ("learned", "pixel"))
-        # re-synchronisation down-samples the committed top rows of an unfinished image; only the row-causal learned
-        # down-sampler maps them as it would the full image (docs/MULOSD.md), so it is the default
-        # (auto: learned when the model set ships one for this r, else pixel)
-        down_kind = _choice(p, "downsampler", ("auto", "learned", "pixel"))
-        if down_kind == "auto":
-            down_kind = p["downsampler"] = "learned" if r in pipe.upsamplers else "pixel"
-        candidates = _choice(p, "candidates", ("argmax", "sample"))
-        resize = _choice(p, "resize", ("bicubic", "bilinear", "lanczos"))
-        acceptance = _choice(p, "acceptance", ("threshold", "exact"))
-        if acceptance == "exact":
-            self.exact = True
-        tau = p["tau"]
-        if isinstance(tau, str) and tau.strip().lower() in ("inf", "infinity"):
-            tau = float("inf")
-        if tau != float("inf"):
-            tau = _float_param({"tau": tau}, "tau", 0.0, 1.0, low_open=True)
-        p["tau"] = tau
-        V = pipe.target.config.vocab_size
-        k = _int_param(p, "k", 1)
-        if k > V:
-            raise MulosdError(f"k must be at most {V} (the codebook has {V} entries), got {k}")
-        rejection = _choice(p, "rejection", ("raster", "naive_local", "local"))
-        radius = {"raster": None, "naive_local": 0, "local": _radius(p["radius"])}[rejection]
-        resampling = _choice(p, "resampling", ("serial", "parallel"))
-        island_window = _int_param(p, "island_window", 1)
-        up = pipe.resampler(up_kind, r, resize)
-        down = up if down_kind == up_kind else pipe.resampler(down_kind, r, resize)
+        if p.k > V:
+            raise MulosdError(f"k must be at most {V} (the codebook has {V} entries), got {p.k}")
+        self.drafter_role = p.drafter or f"r{r}"
+        drafter = check_drafter(pipe, self.drafter_role, H // r)
+        rows = drafter.config.grid_size if p.rows is None else p.rows
+        # auto: the learned down-sampler when the model set ships one for this r, else pixel
+        self.downsampler = ("learned" if r in pipe.upsamplers else "pixel") if p.downsampler == "auto" else p.downsampler
+        up = pipe.resampler(p.upsampler, r, p.resize)
+        down = up if self.downsampler == p.upsampler else pipe.resampler(self.downsampler, r, p.resize)
         resampler = _Resampler(up, down)
-        settings = MuloSettings(r=r, rows=rows, drafting=drafting, draft_window=draft_window, acceptance=acceptance,
-                                tau=tau, k=k, radius=radius, resampling=resampling, island_window=island_window,
-                                candidates=candidates)
-        neighbours = codebook_neighbours(pipe.tokenizer.codebook.detach(), k, include_self=True)
-        self.decoder = MuloDecoder(pipe.target, drafter, resampler, neighbours, settings, learned=up_kind == "learned")
+        settings = MuloSettings(r=r, rows=rows, drafting=p.drafting, draft_window=p.draft_window,
+                                acceptance=p.acceptance, tau=p.tau, k=p.k, radius=p.resample_radius,
+                                resampling=p.resampling, island_window=p.island_window, candidates=p.candidates)
+        neighbours = codebook_neighbours(pipe.tokenizer.codebook.detach(), p.k, include_self=True)
+        self.decoder = MuloDecoder(pipe.target, drafter, resampler, neighbours, settings, learned=p.upsampler == "learned")
+
+    def params(self) -> dict:
+        """The parameters, with the drafter role and the down-sampler kind resolved."""
+        return {**super().params(), "drafter": self.drafter_role, "downsampler": self.downsampler}
 
     def generate(self, labels, sampling, streams, trace: list | None = None):
         return self.decoder.generate(labels, sampling, streams, trace=trace)
@@ -313,11 +279,11 @@ class CAR(_Continuous):
     """Continuous-token AR baseline: one transformer forward and one diffusion-head chain per token."""
 
     name = "car"
-    defaults = {"model": "target"}
+    Params = CARParams
 
     def __init__(self, pipe, **params):
         super().__init__(pipe, **params)
-        self.model = self.cont.model(self._params["model"])
+        self.model = self.cont.model(self.p.model)
 
     def generate(self, labels, sampling, streams):
         from mulosd.decoding.continuous import generate_car
@@ -333,31 +299,22 @@ class CSpD(_Continuous):
 
     name = "cspd"
     exact = False
-    defaults = {"gamma": 4, "drafter": "small", "prefill": 0.05, "align": True, "relax": 1.0, "independent": False,
-                "max_tries": 100}
+    Params = CSpDParams
 
     def __init__(self, pipe, **params):
         from mulosd.decoding.continuous import check_pair
 
         super().__init__(pipe, **params)
-        p = self._params
-        self.gamma = _int_param(p, "gamma", 1)
-        p["prefill"] = _float_param(p, "prefill", 0.0, 1.0)
-        for flag in ("align", "independent"):
-            if not isinstance(p[flag], bool):
-                raise MulosdError(f"{flag} must be true or false, got {p[flag]!r}")
-        p["relax"] = _float_param(p, "relax", 1.0, 1e6)
-        _int_param(p, "max_tries", 1)
-        self.drafter = self.cont.model(p["drafter"])  # "target" drafts for itself: every draft is accepted (a test)
+        self.gamma = self.p.gamma
+        self.drafter = self.cont.model(self.p.drafter)  # "target" drafts for itself: every draft is accepted (a test)
         check_pair(self.model, self.drafter)
 
     def generate(self, labels, sampling, streams):
         from mulosd.decoding.continuous import generate_cspd
 
-        p = self._params
-        return generate_cspd(self.model, self.drafter, labels, sampling, streams, self.gamma, prefill=p["prefill"],
-                             align=p["align"], relax=p["relax"], max_tries=p["max_tries"],
-                             independent=p["independent"])
+        p = self.p
+        return generate_cspd(self.model, self.drafter, labels, sampling, streams, self.gamma, prefill=p.prefill,
+                             align=p.align, relax=p.relax, max_tries=p.max_tries, independent=p.independent)
 
 
 REGISTRY: dict[str, type[Method]] = {m.name: m for m in (AR, SD, SJD, MCSJD, Lantern, GSD, ZipAR, Mulo, CAR, CSpD)}
