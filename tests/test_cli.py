@@ -2,6 +2,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from mulosd.cli import main
@@ -27,12 +28,45 @@ def test_generate_writes_grid_and_stats(tmp_path):
     assert s["sampling"] == {"cfg_scale": 3.0, "temperature": 1.0, "top_k": 100, "top_p": 0.9}
 
 
+def _generate_options():
+    import click
+
+    cmd = main.commands["generate"]
+    return cmd.get_params(click.Context(cmd))
+
+
 def test_help_documents_every_option():
     r = run("generate", "--help")
-    for opt in ("--method", "--classes", "--num-per-class", "--batch-size", "--seed", "--cfg-scale", "--temperature",
-                "--top-k", "--top-p", "--out", "--stats-json", "--model", "--param", "--gamma", "--drafter", "--window",
-                "--init", "--coupling", "--k", "--delta", "--lam", "--group", "--prob-tol", "--embed-tol"):
-        assert opt in r.output
+    assert r.exit_code == 0, r.output
+    options = _generate_options()
+    flags = {opt for p in options for opt in (*p.opts, *p.secondary_opts)}
+    for flag in flags:
+        assert flag in r.output, flag
+    for p in options:
+        assert p.help and p.help.strip(), p.opts
+    # the flags the docs and tests use, and one per parameter of every method (model: --param model=...)
+    for flag in ("--method", "--classes", "--num-per-class", "--batch-size", "--seed", "--cfg-scale", "--temperature",
+                 "--top-k", "--top-p", "--out", "--stats-json", "--model", "--param", "--gamma", "--drafter", "--window",
+                 "--init", "--coupling", "--k", "--delta", "--lam", "--group", "--prob-tol", "--embed-tol", "--r",
+                 "--rows", "--drafting", "--draft-window", "--upsampler", "--downsampler", "--candidates", "--resize",
+                 "--acceptance", "--tau", "--rejection", "--radius", "--resampling", "--island-window", "--prefill",
+                 "--align", "--no-align", "--relax", "--independent", "--prefix-accept", "--max-tries",
+                 "--acceptance-map", "--acceptance-gif", "--progress", "--no-progress"):
+        assert flag in flags, flag
+    from mulosd.decoding.methods import REGISTRY
+
+    for name, cls in REGISTRY.items():
+        for key in cls.param_names():
+            assert key == "model" or "--" + key.replace("_", "-") in flags, (name, key)
+
+
+def test_shared_options_explain_every_method():
+    by_name = {p.name: p.help for p in _generate_options()}
+    assert by_name["k"].startswith("lantern: ") and "mulo: " in by_name["k"]
+    assert "default 20" in by_name["k"] and "default 32" in by_name["k"] and "integer >= 0" in by_name["k"]
+    assert by_name["window"].startswith("sjd, mcsjd, gsd: ") and "zipar: " in by_name["window"]
+    assert "default sd 3, lantern 8, cspd 4" in by_name["gamma"]
+    assert "default --prefix-accept" in by_name["independent"]
 
 
 @pytest.mark.parametrize("args,code,msg", [
@@ -54,6 +88,18 @@ def test_help_documents_every_option():
     (["--method", "sd", "--drafter", "r2"], 1, "works on a 8x8 grid; this method needs 16x16"),
     (["--method", "mcsjd", "--coupling", "none"], 1, "mcsjd needs a coupling"),
     (["--method", "ar", "--gamma", "3"], 1, "method 'ar' takes no --gamma"),
+    (["--method", "sd", "--k", "3", "--tau", "0.1"], 1, "method 'sd' takes no --k, --tau; its parameters: gamma, drafter"),
+    (["--method", "sd", "--independent"], 1, "method 'sd' takes no --independent"),
+    (["--method", "sd", "--param", "tau=0.1"], 1, "method 'sd' has no parameters named 'tau'; allowed: gamma, drafter"),
+    (["--method", "sd", "--param", "gamma"], 1, "--param 'gamma' must look like KEY=VALUE"),
+    (["--method", "sd", "--gamma", "x"], 2, "'x' is not an integer >= 1"),
+    (["--method", "mulo", "--radius", "x"], 2, "'x' is not an integer >= 0 or inf"),
+    (["--method", "mulo", "--radius", "-1"], 1, "radius must be an integer >= 0 or inf, got -1"),
+    (["--method", "mulo", "--tau", "2"], 1, "tau must be a number in (0.0, 1.0], got 2.0"),
+    (["--method", "mulo", "--rejection", "global"], 1, "rejection must be one of raster, naive_local, local"),
+    (["--method", "mulo", "--param", "tau=0"], 1, "tau must be a number in (0.0, 1.0], got 0"),
+    (["--method", "lantern", "--lam", "2", "--delta", "0.3"], 1, "lam replaces delta"),
+    (["--method", "lantern", "--k", "-1"], 1, "k must be an integer >= 0, got -1"),
 ])
 def test_bad_generate_inputs(tmp_path, args, code, msg):
     out = tmp_path / "x.png"
@@ -103,8 +149,66 @@ def test_method_options_reach_the_method(tmp_path):
     assert s["acceptance_rate"] is not None and s["step_compression"] > 1
 
 
+def test_method_flags_and_string_forms_reach_the_method(tmp_path):
+    stats = tmp_path / "s.json"
+    r = run("generate", "--method", "ar", "--param", "model=r4", "--classes", "2", "--num-per-class", "1",
+            "--out", str(tmp_path / "g.png"), "--stats-json", str(stats), "--no-progress")
+    assert r.exit_code == 0, r.output
+    s = json.loads(stats.read_text())
+    assert s["params"] == {"model": "r4"} and s["tokens_per_image"] == 16
+
+
 def test_info_and_methods():
     r = run("info")
     assert r.exit_code == 0 and "target" in r.output and "r2" in r.output
     r = run("methods")
-    assert r.exit_code == 0 and "ar" in r.output
+    assert r.exit_code == 0
+    from mulosd.decoding.methods import REGISTRY
+
+    lines = r.output.splitlines()
+    heads = [line.split()[0] for line in lines if not line.startswith(" ")]
+    assert heads == list(REGISTRY)  # every method, in registry order
+    for name, cls in REGISTRY.items():
+        block = "\n".join(lines[lines.index(next(x for x in lines if x.startswith(name + "  "))):])
+        head = block.splitlines()[0]
+        assert ("[exact" if cls.exact else "[lossy") in head
+        for key, spec in cls.Params.specs().items():
+            flag = "--param model=..." if key == "model" else "--" + key.replace("_", "-")
+            assert f"    {flag}" in block and spec.help in block, (name, key)
+            assert spec.type_name() in block
+    assert "mulo  [lossy (exact with acceptance=exact)]" in r.output
+    assert "--tau  (float|inf, default 0.1; number in (0.0, 1.0] or inf)" in r.output
+
+
+def test_bench_presets_cover_the_registry():
+    from mulosd.decoding.methods import REGISTRY
+    from mulosd.evaluation.presets import BENCH_PRESETS, bench_options
+
+    every = ",".join(REGISTRY)
+    assert set(BENCH_PRESETS) == {"quick", "full"}
+    assert bench_options("quick") == {"methods": every, "num_images": 20, "batch_size": 1, "inception": False}
+    assert bench_options("full") == {"methods": every, "num_images": 1000, "batch_size": 1, "inception": True}
+    assert bench_options(None, num_images=5) == {"methods": every, "num_images": 5, "batch_size": 1, "inception": False}
+    assert bench_options("full", methods="ar,sd", inception=False)["methods"] == "ar,sd"
+    assert bench_options("full", methods="ar,sd", inception=False)["inception"] is False
+
+
+def test_pack_writes_a_loadable_set(tmp_path):
+    from mulosd import Pipeline
+
+    out = tmp_path / "set"
+    r = run("pack", "--from", "fmnist-32", "--out", str(out), "--name", "copy", "--dtype", "fp32")
+    assert r.exit_code == 0, r.output
+    a, b = Pipeline.from_pretrained("fmnist-32"), Pipeline.from_pretrained(str(out))
+    assert b.name == "copy" and b.class_names == a.class_names
+    assert set(b.drafters) == set(a.drafters) and set(b.upsamplers) == set(a.upsamplers)
+    assert (b.continuous is None) == (a.continuous is None)
+    for x, y in ((a.target, b.target), (a.drafters["r2"], b.drafters["r2"])):
+        assert all(torch.equal(p.float(), q) for p, q in zip(x.state_dict().values(), y.state_dict().values()))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["name"] == "copy" and manifest["drafters"]["r2"] == "drafter_r2"
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    r = run("pack", "--out", str(tmp_path / "none"))
+    assert r.exit_code == 1 and "--tokenizer and --target are required" in r.output
+    r = run("pack", "--from", "fmnist-32", "--out", str(tmp_path / "bad"), "--drafter", "r2")
+    assert r.exit_code == 1 and "must look like ROLE=STEM" in r.output

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from mulosd.errors import MulosdError
+from mulosd.evaluation.presets import BENCH_PRESETS, bench_options
 
 
 def _run(fn, *args, **kwargs):
@@ -32,7 +33,103 @@ def main():
 
 
 # ---------------------------------------------------------------------------------------------- generate
-@main.command()
+# Method parameters given only as --param KEY=VALUE: `model` (ar, car: the model that samples) would clash with
+# --model, the model set.
+PARAM_ONLY = ("model",)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+class _SchemaValue(click.ParamType):
+    """A method option's value, read as its parameter's type (decoding/params.py): a value that is not of that type
+    is a usage error here; whether it is in range is for the chosen method's schema to say."""
+
+    def __init__(self, specs):
+        self.specs = specs
+        self.name = specs[0].type_word()
+
+    def convert(self, value, param, ctx):
+        if not isinstance(value, str):
+            return value
+        try:
+            return self.specs[0].typed(value)
+        except MulosdError:
+            allowed = {s.allowed() for s in self.specs}
+            what = allowed.pop() if len(allowed) == 1 else ("an integer" if self.specs[0].type is int else "a number")
+            self.fail(f"{value!r} is not {what}", param, ctx)
+
+
+def _off_flag(spec) -> str:
+    """A flag parameter's option for False: --no-NAME, or the name its declaration gives (--prefix-accept)."""
+    return "--" + (spec.off or "no-" + spec.name.replace("_", "-"))
+
+
+def _default_text(spec) -> str:
+    if spec.type is bool:
+        return _flag(spec.name) if spec.default else _off_flag(spec)
+    return spec.default_text()
+
+
+def _option_help(uses) -> str:
+    """The help of one option from the methods that share it: "sd, lantern: what it does (range; default ...)."."""
+    groups: dict[tuple, list] = {}
+    for method, spec in uses:
+        groups.setdefault((spec.help, spec.allowed_text()), []).append((method, spec))
+    parts = []
+    for (text, allowed), entries in groups.items():
+        defaults = [_default_text(spec) for _, spec in entries]
+        if len(set(defaults)) == 1:
+            default_text = defaults[0]
+        else:
+            default_text = ", ".join(f"{method} {d}" for (method, _), d in zip(entries, defaults))
+        parts.append(f"{', '.join(m for m, _ in entries)}: {text} ({allowed + '; ' if allowed else ''}default {default_text}).")
+    return " ".join(parts)
+
+
+def method_options() -> list[click.Option]:
+    """One `generate` option per method parameter name in the registry (except PARAM_ONLY), in registry order; a
+    name several methods share is one option whose help gives each method's meaning, range and default."""
+    from mulosd.decoding.methods import REGISTRY
+
+    uses: dict[str, list] = {}
+    for method, cls in REGISTRY.items():
+        for name, spec in cls.Params.specs().items():
+            if name not in PARAM_ONLY:
+                uses.setdefault(name, []).append((method, spec))
+    options = []
+    for name, entries in uses.items():
+        specs = [spec for _, spec in entries]
+        if len({spec.type for spec in specs}) > 1:
+            raise TypeError(f"parameter {name!r} has different types in {', '.join(m for m, _ in entries)}; "
+                            "one option cannot read them all")
+        help_text = _option_help(entries)
+        if specs[0].type is bool:
+            options.append(click.Option([f"{_flag(name)}/{_off_flag(specs[0])}", name], default=None, help=help_text))
+            continue
+        choices = list(dict.fromkeys(c for spec in specs for c in spec.choices or ()))
+        word = {int: "INTEGER", float: "FLOAT", str: "TEXT"}[specs[0].type]
+        metavar = "[" + "|".join(choices) + "]" if choices else (
+            word + ("|inf" if any(s.inf for s in specs) else "") + ("|none" if word != "TEXT" and any(s.optional for s in specs) else ""))
+        options.append(click.Option([_flag(name), name], type=_SchemaValue(specs), default=None, metavar=metavar,
+                                    help=help_text))
+    return options
+
+
+class _GenerateCommand(click.Command):
+    """`generate`, whose method options are made from the parameter schemas when first needed: that imports the
+    method registry (and torch), which `mulosd --help` and the other commands need not wait for."""
+
+    def get_params(self, ctx):
+        if not getattr(self, "_method_options", None):
+            self._method_options = method_options()
+            at = next(i for i, p in enumerate(self.params) if p.name == "acceptance_map")
+            self.params[at:at] = self._method_options
+        return super().get_params(ctx)
+
+
+@main.command(cls=_GenerateCommand)
 @click.option("--model", default="fmnist-32", help="Shipped model-set name or a directory with a manifest.json.")
 @click.option("--method", default="ar", help="Decoding method (see `mulosd methods`).")
 @click.option("--classes", default="0,1,2,3,4,5,6,7,8,9", help="Comma-separated class ids or names (e.g. 0,sneaker,bag).")
@@ -43,77 +140,31 @@ def main():
 @click.option("--temperature", type=float, default=1.0, help="Sampling temperature, 0 = greedy. Range [0, 10].")
 @click.option("--top-k", type=int, default=0, help="Keep the k most likely tokens (0 = off). Integer >= 0.")
 @click.option("--top-p", type=float, default=1.0, help="Nucleus sampling mass (1 = off). Range (0, 1].")
-@click.option("--gamma", type=int, default=None, help="sd, lantern, cspd: draft length (integer >= 1). Defaults: sd 3, lantern 8, cspd 4.")
-@click.option("--drafter", default=None, help="sd, lantern: drafter role in the model set (default small); mulo: the low-res drafter (default r2 or r4 to match --r); cspd: continuous drafter role (default small).")
-@click.option("--prefill", type=float, default=None, help="cspd: fraction of the tokens the target generates alone before drafting starts, in [0, 1] (1 = car). Default: 0.05.")
-@click.option("--align/--no-align", default=None, help="cspd: replay the drafter's diffusion noises in the target's head (trajectory alignment). Default: on.")
-@click.option("--relax", type=float, default=None, help="cspd: the public code's inner temperature, dividing the standardised distances (x - mean) / std inside the ratio's Gaussians (>= 1; 1 = the paper's ratio; the public code uses 42; > 1 is approximate). Default: 1.")
-@click.option("--independent/--prefix-accept", default=None, help="cspd: test every draft on its own and keep the drafts after a rejected one (the public code's bookkeeping; approximate) instead of the paper's accept-left-to-right-and-truncate. Default: --prefix-accept.")
-@click.option("--max-tries", type=int, default=None, help="cspd: bound on acceptance-rejection proposals per residual sample (>= 1; then a plain target draw, counted as a fallback). Default: 100.")
-@click.option("--window", type=int, default=None,
-              help="sjd, mcsjd, gsd: Jacobi window (default 16); zipar: tokens a row must lead the row below by (default 8). Integer >= 1.")
-@click.option("--init", "init", default=None, help="sjd, mcsjd, gsd: initialisation of new window cells, random or spatial. Default: random.")
-@click.option("--coupling", default=None,
-              help="sjd, gsd: none (default) / maximal / gumbel; mcsjd: maximal (default) or gumbel.")
-@click.option("--k", "k", type=int, default=None,
-              help="lantern: codebook neighbours pooled (0..V-1, default 20); mulo: size of the pooling set, the candidate included (1..V, 1 = no pooling, default 32).")
-@click.option("--delta", type=float, default=None, help="lantern: total-variation budget in [0, 1]. Default: 0.1.")
-@click.option("--lam", type=float, default=None, help="lantern: LANTERN++ bound p~(x) <= lam * p(x), >= 1 (replaces delta). Default: off.")
-@click.option("--group", type=int, default=None, help="gsd: rank window of a group (>= 1; 1 = SJD). Default: 10.")
-@click.option("--prob-tol", type=float, default=None, help="gsd: max |p(x') - p(x)| inside a group, in (0, 1]. Default: 0.15.")
-@click.option("--embed-tol", type=float, default=None, help="gsd: max code-vector distance inside a group, in (0, 2]. Default: 0.5.")
-@click.option("--r", "r", type=int, default=None, help="mulo: resolution ratio between target and drafter grids (2 or 4). Default: 2.")
-@click.option("--rows", type=int, default=None, help="mulo: low-resolution rows drafted per cycle (>= 1). Default: all (the whole low-res image in one cycle).")
-@click.option("--drafting", default=None, help="mulo: serial (token by token) or parallel (ZipAR inside the drafted rows). Default: parallel.")
-@click.option("--draft-window", type=int, default=None, help="mulo: ZipAR window of parallel drafting (>= 1). Default: 2.")
-@click.option("--upsampler", default=None, help="mulo: learned (shipped latent up-sampler) or pixel (decode, resize, re-encode). Default: learned.")
-@click.option("--downsampler", default=None, help="mulo: learned (row-causal) or pixel down-sampler re-synchronising the drafter with committed rows (used when --rows is below the low-res grid), or auto. Default: auto (learned when the model set ships one for --r, else pixel).")
-@click.option("--candidates", default=None, help="mulo, learned up-sampler, threshold acceptance: argmax (its most likely code per cell) or sample (a draw from its distribution). Default: argmax.")
-@click.option("--resize", default=None, help="mulo, pixel up-sampler: bicubic, bilinear or lanczos. Default: bicubic.")
-@click.option("--acceptance", default=None,
-              help="mulo: threshold (pooled target mass >= tau, lossy, the paper's rule) or exact (speculative sampling with the up-sampler's distribution, lossless). Default: threshold.")
-@click.option("--tau", type=float, default=None, help="mulo: acceptance threshold in (0, 1]; inf rejects every candidate. Default: 0.1.")
-@click.option("--rejection", default=None,
-              help="mulo: local (windows of radius --radius), naive_local (rejected cells only) or raster (everything after the first rejection). Default: local.")
-@click.option("--radius", default=None, help="mulo, rejection=local: neighbourhood radius l >= 0 (window 2l+1), or inf. Default: 1.")
-@click.option("--resampling", default=None, help="mulo: serial (raster, one cell per forward) or parallel (rejection islands at once). Default: parallel.")
-@click.option("--island-window", type=int, default=None, help="mulo, parallel resampling: ZipAR window inside an island (>= 1). Default: 2.")
+# here: one option per method parameter (method_options), made from decoding/params.py
 @click.option("--acceptance-map", type=click.Path(dir_okay=False), default=None,
               help="mulo: write a PNG of every cycle's drafted/accepted/rejected/resampled cells (first 8 images).")
 @click.option("--acceptance-gif", type=click.Path(dir_okay=False), default=None, help="mulo: the same as an animated GIF, one frame per cycle.")
-@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Any method parameter by name, repeatable (e.g. --param gamma=4).")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="Any method parameter by name, repeatable, winning over its option (e.g. --param gamma=4; "
+                   "--method ar --param model=r2 samples a drafter alone).")
 @click.option("--out", type=click.Path(dir_okay=False), default="outputs/grid.png", help="Where to write the labelled PNG grid.")
 @click.option("--stats-json", type=click.Path(dir_okay=False), default=None, help="Also write the run statistics as JSON here.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
-def generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale, temperature, top_k, top_p, gamma,
-             drafter, prefill, align, relax, independent, max_tries, window, init, coupling, k, delta, lam, group, prob_tol, embed_tol, r, rows, drafting, draft_window,
-             upsampler, downsampler, candidates, resize, acceptance, tau, rejection, radius, resampling, island_window,
-             acceptance_map, acceptance_gif, params, out, stats_json, progress):
+def generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale, temperature, top_k, top_p,
+             acceptance_map, acceptance_gif, params, out, stats_json, progress, **method_params):
     """Generate class-conditional images and write a labelled grid (plus optional stats JSON).
 
+    Method options (--gamma, --window, --tau, ...) are the methods' parameters (`mulosd methods`); unset ones take
+    the chosen method's default, and one it does not take is an error.
+
     Stats: method, num_images, batch_size, wall_time_s, tokens_per_image, target_forwards (batched passes),
-    target_forwards_per_image, drafter_forwards, mean_accepted_length (tokens per target forward; 1.0 for AR),
+    target_forwards_per_image, drafter_forwards, step_compression (tokens per target forward; 1.0 for AR),
     class_accuracy (share classified as the requested class by the shipped classifier).
     """
     _threads()
-    given = {"gamma": gamma, "drafter": drafter, "prefill": prefill, "align": align, "relax": relax, "independent": independent, "max_tries": max_tries,
-             "window": window, "init": init, "coupling": coupling, "k": k,
-             "delta": delta, "lam": lam, "group": group, "prob_tol": prob_tol, "embed_tol": embed_tol, "r": r,
-             "rows": rows, "drafting": drafting, "draft_window": draft_window, "upsampler": upsampler,
-             "downsampler": downsampler, "candidates": candidates, "resize": resize, "acceptance": acceptance, "tau": tau, "rejection": rejection,
-             "radius": _radius_option(radius), "resampling": resampling, "island_window": island_window}
+    given = {key: v for key, v in method_params.items() if v is not None}
     _run(_generate, model, method, classes, num_per_class, batch_size, seed, cfg_scale, temperature, top_k, top_p,
-         {key: v for key, v in given.items() if v is not None}, params, out, stats_json, progress, acceptance_map,
-         acceptance_gif)
-
-
-def _radius_option(value):
-    if value is None or value.strip().lower() in ("inf", "infinity"):
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not an integer >= 0 or inf", param_hint="--radius") from None
+         given, params, out, stats_json, progress, acceptance_map, acceptance_gif)
 
 
 def _parse_params(items) -> dict:
@@ -140,11 +191,12 @@ def _generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale
     # Validate everything cheap before loading models or doing work.
     SamplingConfig(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
     method_cls = get_method(method)
-    method_params = {**options, **_parse_params(params)}
-    foreign = sorted(set(method_params) - set(method_cls.defaults))
+    foreign = sorted(set(options) - set(method_cls.param_names()))
     if foreign:
-        raise MulosdError(f"method {method!r} takes no {', '.join('--' + f.replace('_', '-') for f in foreign)}; "
-                          f"its parameters: {', '.join(sorted(method_cls.defaults)) or 'none'}")
+        raise MulosdError(f"method {method!r} takes no {', '.join(map(_flag, foreign))}; "
+                          f"its parameters: {', '.join(method_cls.param_names()) or 'none'}")
+    method_params = {**options, **_parse_params(params)}
+    method_cls.Params.parse(method_params)  # every value checked before any model is loaded
     if Path(out).suffix.lower() != ".png":
         raise MulosdError(f"--out {out!r} must end in .png")
     check_writable(out)
@@ -182,16 +234,6 @@ def _generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale
             click.echo(f"wrote {acceptance_gif}")
 
 
-ALL_METHODS = "ar,sd,sjd,mcsjd,lantern,gsd,zipar,mulo,car,cspd"  # car / cspd: the continuous-token family
-BENCH_PRESETS = {
-    # a smoke run of every method: minutes on 2 cores, classifier metrics only
-    "quick": {"methods_": ALL_METHODS, "num_images": 20, "batch_size": 1, "inception": False},
-    # the docs/RESULTS.md run: 1000 images per method, Inception FID against the 10 000 test images
-    "full": {"methods_": ALL_METHODS, "num_images": 1000, "batch_size": 1,
-             "inception": True},
-}
-
-
 @main.command()
 @click.option("--model", default="fmnist-32", help="Shipped model-set name or a directory with a manifest.json.")
 @click.option("--preset", type=click.Choice(sorted(BENCH_PRESETS)), default=None,
@@ -199,7 +241,7 @@ BENCH_PRESETS = {
                    "full: every method, 1000 images, batch 1, plus Inception FID. Options given explicitly win.")
 @click.option("--methods", "methods_", default=None,
               help="Comma-separated methods; `ar` (default parameters) is the speed-up reference of the discrete "
-                   "methods, `car` that of cspd. Default: " + ALL_METHODS + ".")
+                   "methods, `car` that of cspd. Default: every method (`mulosd methods`).")
 @click.option("--sweep", "sweeps", multiple=True, metavar="METHOD.KEY=V1,V2,...",
               help="Sweep a parameter (repeatable; several sweeps of one method give every combination).")
 @click.option("--param", "params", multiple=True, metavar="METHOD.KEY=VALUE", help="Fix a parameter of a method (repeatable).")
@@ -238,10 +280,8 @@ def bench(model, preset, methods_, sweeps, params, extra, num_images, batch_size
     histogram. Plots go to DIR/plots, the first 20 images of every setting to DIR/samples.
     """
     _threads()
-    given = {"methods_": methods_, "num_images": num_images, "batch_size": batch_size, "inception": inception}
-    base = {"methods_": ALL_METHODS, "num_images": 100, "batch_size": 1, "inception": False}
-    chosen = {k: v if v is not None else BENCH_PRESETS.get(preset, base)[k] for k, v in given.items()}
-    _run(_bench, model, chosen["methods_"], sweeps, params, extra, chosen["num_images"], chosen["batch_size"], seed,
+    chosen = bench_options(preset, methods=methods_, num_images=num_images, batch_size=batch_size, inception=inception)
+    _run(_bench, model, chosen["methods"], sweeps, params, extra, chosen["num_images"], chosen["batch_size"], seed,
          cfg_scale, temperature, top_k, top_p, chosen["inception"], reference_images, out, resume, warmup, data_dir,
          progress)
 
@@ -265,12 +305,28 @@ def _bench(model, methods_, sweeps, params, extra, num_images, batch_size, seed,
 
 @main.command()
 def methods():
-    """List the decoding methods and their parameters."""
+    """List every decoding method: exact or lossy, what it does, and each parameter with its type, default, allowed
+    values and meaning (the `generate` option that sets it first)."""
     from mulosd.decoding.methods import REGISTRY
 
-    for name, cls in sorted(REGISTRY.items()):
-        doc = (cls.__doc__ or "").strip().splitlines()[0]
-        click.echo(f"{name:10s} {'exact' if cls.exact else 'lossy':6s} {doc}  params: {cls.defaults or 'none'}")
+    for name, cls in REGISTRY.items():
+        click.echo(f"{name}  [{cls.exactness()}]  {_first_sentence(cls.__doc__ or '')}")
+        for key, spec in cls.Params.specs().items():
+            if key in PARAM_ONLY:
+                flag = f"--param {key}=..."
+            elif spec.type is bool:
+                flag = f"{_flag(key)}/{_off_flag(spec)}"
+            else:
+                flag = _flag(key)
+            allowed = spec.allowed_text()
+            click.echo(f"    {flag}  ({spec.type_name()}, default {_default_text(spec)}{'; ' + allowed if allowed else ''})")
+            click.echo(f"        {spec.help}")
+
+
+def _first_sentence(text: str) -> str:
+    text = " ".join(text.split())
+    end = text.find(". ")
+    return text if end < 0 else text[: end + 1]
 
 
 @main.command()
@@ -515,69 +571,15 @@ def _roles(items, flag):
 
 def _pack(out, base, name, tokenizer, target, classifier, drafters, upsamplers, continuous_tokenizer, continuous_target,
           cdrafters, dtype):
-    import torch
+    from mulosd.zoo import assemble
 
-    from mulosd.io import atomic_write_json
-    from mulosd.models.cgpt import ContinuousGPT
-    from mulosd.models.classifier import Classifier
-    from mulosd.models.gpt import GPT
-    from mulosd.models.kl import KLAutoencoder
-    from mulosd.models.upsample import LatentResampler
-    from mulosd.models.vq import VQModel
-    from mulosd.pipeline import ContinuousModels, Pipeline
-
-    start = Pipeline.from_pretrained(base) if base else None
-    if start is None and not (tokenizer and target):
+    if not base and not (tokenizer and target):
         raise MulosdError("--tokenizer and --target are required unless --from names a model set to start from")
-    tok = VQModel.from_pretrained(tokenizer) if tokenizer else start.tokenizer
-    tgt = GPT.from_pretrained(target) if target else start.target
-    clf = Classifier.from_pretrained(classifier) if classifier else (start.classifier if start else None)
-    roles = dict(start.drafters) if start else {}
-    roles.update({role: GPT.from_pretrained(stem) for role, stem in _roles(drafters, "--drafter").items()})
-    ups = dict(start.upsamplers) if start and not tokenizer else {}  # a new tokenizer invalidates the old up-samplers
-    for stem in upsamplers:
-        m = LatentResampler.from_pretrained(stem)
-        ups[m.config.r] = m
-    for m in ups.values():
-        m.check(tok, m.config.r)
-    cont = start.continuous if start else None
-    if continuous_tokenizer or continuous_target or cdrafters:
-        ctok = KLAutoencoder.from_pretrained(continuous_tokenizer) if continuous_tokenizer else (cont.tokenizer if cont else None)
-        ctgt = ContinuousGPT.from_pretrained(continuous_target) if continuous_target else (cont.target if cont else None)
-        if ctok is None or ctgt is None:
-            raise MulosdError("the continuous family needs --continuous-tokenizer and --continuous-target")
-        cd = dict(cont.drafters) if cont and not (continuous_tokenizer or continuous_target) else {}
-        cd.update({role: ContinuousGPT.from_pretrained(stem) for role, stem in _roles(cdrafters, "--continuous-drafter").items()})
-        cont = ContinuousModels(ctok, ctgt, cd)
-    class_names = start.class_names if start else None
-    pipe = Pipeline(tok, tgt, clf, roles, upsamplers=ups, continuous=cont,
-                    **({"class_names": class_names} if class_names else {}))  # validates before writing anything
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch_dtype = torch.float16 if dtype == "fp16" else None
-    tok.save_pretrained(out / "tokenizer", torch_dtype)
-    tgt.save_pretrained(out / "target", torch_dtype)
-    for role, m in roles.items():
-        m.save_pretrained(out / f"drafter_{role}", torch_dtype)
-    if clf is not None:
-        clf.save_pretrained(out / "classifier", torch_dtype)
-    for r, m in ups.items():
-        m.save_pretrained(out / f"upsampler_r{r}", torch_dtype)
-    manifest = {
-        "name": name or (start.name if start else out.name), "tokenizer": "tokenizer", "target": "target",
-        "classifier": "classifier" if clf is not None else None,
-        "drafters": {role: f"drafter_{role}" for role in roles},
-        "upsamplers": {str(r): f"upsampler_r{r}" for r in sorted(ups)},
-    }
-    if cont is not None:
-        cont.tokenizer.save_pretrained(out / "continuous_tokenizer", torch_dtype)
-        cont.target.save_pretrained(out / "continuous_target", torch_dtype)
-        for role, m in cont.drafters.items():
-            m.save_pretrained(out / f"continuous_drafter_{role}", torch_dtype)
-        manifest["continuous"] = {"tokenizer": "continuous_tokenizer", "target": "continuous_target",
-                                  "drafters": {role: f"continuous_drafter_{role}" for role in cont.drafters}}
-    manifest["class_names"] = list(pipe.class_names)
-    atomic_write_json(out / "manifest.json", manifest)
+    pipe = assemble(base, name=name or (None if base else Path(out).name), tokenizer=tokenizer, target=target,
+                    classifier=classifier, drafters=_roles(drafters, "--drafter"), upsamplers=upsamplers,
+                    continuous_tokenizer=continuous_tokenizer, continuous_target=continuous_target,
+                    continuous_drafters=_roles(cdrafters, "--continuous-drafter"))
+    pipe.save_pretrained(out, dtype)
     click.echo(f"packed {out}")
 
 

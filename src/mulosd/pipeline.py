@@ -32,7 +32,7 @@ from mulosd.models.gpt import GPT
 from mulosd.models.kl import KLAutoencoder, check_tokenizer
 from mulosd.models.vq import VQModel
 from mulosd.models.upsample import LatentResampler, PixelResampler
-from mulosd.zoo import manifest, resolve
+from mulosd.zoo import manifest, resolve, write_manifest
 
 
 @dataclass
@@ -296,3 +296,44 @@ class Pipeline:
             stats["class_accuracy"] = round((predictions == labels).float().mean().item(), 4)
         return GenerationOutput(images=images, tokens=tokens, labels=labels, stats=stats, traces=traces,
                                 predictions=predictions)
+
+    # ---- files --------------------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path, dtype: torch.dtype | str | None = None) -> Path:
+        """Write this model set to ``directory`` as ``from_pretrained`` reads it: ``<component>.json`` +
+        ``.safetensors`` per model, then ``manifest.json`` last (name, components, class names). ``dtype`` casts
+        the floating weights (``torch.float16`` or ``"fp16"``; None or ``"fp32"`` keeps them). Every learned
+        up-sampler is checked against the tokenizer before anything is written; each file is written atomically.
+        Everything is in memory already, so ``directory`` may be the one this set was loaded from."""
+        if isinstance(dtype, str):
+            if dtype not in ("fp16", "fp32"):
+                raise MulosdError(f"dtype {dtype!r} unknown; allowed: fp16, fp32")
+            dtype = torch.float16 if dtype == "fp16" else None
+        for r, m in self.upsamplers.items():
+            m.check(self.tokenizer, r)
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(out / "tokenizer", dtype)
+        self.target.save_pretrained(out / "target", dtype)
+        for role, m in self.drafters.items():
+            m.save_pretrained(out / f"drafter_{role}", dtype)
+        if self.classifier is not None:
+            self.classifier.save_pretrained(out / "classifier", dtype)
+        for r, m in self.upsamplers.items():
+            m.save_pretrained(out / f"upsampler_r{r}", dtype)
+        spec = {
+            "name": self.name, "tokenizer": "tokenizer", "target": "target",
+            "classifier": "classifier" if self.classifier is not None else None,
+            "drafters": {role: f"drafter_{role}" for role in self.drafters},
+            "upsamplers": {str(r): f"upsampler_r{r}" for r in sorted(self.upsamplers)},
+        }
+        if self.continuous is not None:
+            cont = self.continuous
+            cont.tokenizer.save_pretrained(out / "continuous_tokenizer", dtype)
+            cont.target.save_pretrained(out / "continuous_target", dtype)
+            for role, m in cont.drafters.items():
+                m.save_pretrained(out / f"continuous_drafter_{role}", dtype)
+            spec["continuous"] = {"tokenizer": "continuous_tokenizer", "target": "continuous_target",
+                                  "drafters": {role: f"continuous_drafter_{role}" for role in cont.drafters}}
+        spec["class_names"] = list(self.class_names)
+        write_manifest(out, spec)
+        return out

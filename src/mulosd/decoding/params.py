@@ -413,6 +413,6 @@ class CSpDParams(Params):
                          low=1, high=1e6)
     independent: bool = param(False, "test every draft on its own and keep the drafts after a rejected one (the public "
                                      "code's bookkeeping; approximate) instead of the paper's accept-left-to-right-and-"
-                                     "truncate (--prefix-accept)", off="prefix-accept")
+                                     "truncate", off="prefix-accept")
     max_tries: int = param(100, "bound on acceptance-rejection proposals per residual sample (then a plain target "
                                 "draw, counted as a fallback)", low=1)

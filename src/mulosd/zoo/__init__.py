@@ -1,11 +1,20 @@
-"""Shipped model sets. ``resolve("fmnist-32")`` -> the packaged directory; a filesystem path also works."""
+"""Shipped model sets. ``resolve("fmnist-32")`` -> the packaged directory; a filesystem path also works.
+
+A model-set directory holds one ``<stem>.json`` + ``<stem>.safetensors`` pair per component and ``manifest.json``
+naming them (``manifest`` reads it, ``write_manifest`` writes it); ``assemble`` builds a set from trained
+components, which ``Pipeline.save_pretrained`` then writes (``mulosd pack``).
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mulosd.errors import MulosdError
+
+if TYPE_CHECKING:
+    from mulosd.pipeline import Pipeline
 
 ZOO_DIR = Path(__file__).resolve().parent
 
@@ -27,3 +36,56 @@ def resolve(name_or_path: str) -> Path:
 
 def manifest(directory: Path) -> dict:
     return json.loads((directory / "manifest.json").read_text())
+
+
+def write_manifest(directory: str | Path, spec: dict) -> Path:
+    """Write ``directory/manifest.json`` atomically: what ``manifest`` reads and ``Pipeline.from_pretrained`` loads."""
+    from mulosd.io import atomic_write_json
+
+    return atomic_write_json(Path(directory) / "manifest.json", spec)
+
+
+def assemble(base: str | None = None, *, name: str | None = None, tokenizer: str | None = None,
+             target: str | None = None, classifier: str | None = None, drafters: dict[str, str] | None = None,
+             upsamplers: tuple[str, ...] = (), continuous_tokenizer: str | None = None,
+             continuous_target: str | None = None, continuous_drafters: dict[str, str] | None = None) -> "Pipeline":
+    """A model set from trained components, given as file stems (path without .json/.safetensors), starting from
+    the model set ``base`` (name or directory) when given: its components are kept unless replaced. Drafters (by
+    role) and learned up-samplers (by their configured r) are added to or replace the base's; a new tokenizer drops
+    the base's up-samplers, and a new continuous tokenizer or target drops its continuous drafters. Without ``base``,
+    ``tokenizer`` and ``target`` are required. Everything is loaded and checked together (the returned Pipeline)
+    before anything could be written."""
+    from mulosd.models.cgpt import ContinuousGPT
+    from mulosd.models.classifier import Classifier
+    from mulosd.models.gpt import GPT
+    from mulosd.models.kl import KLAutoencoder
+    from mulosd.models.upsample import LatentResampler
+    from mulosd.models.vq import VQModel
+    from mulosd.pipeline import ContinuousModels, Pipeline
+
+    start = Pipeline.from_pretrained(base) if base else None
+    if start is None and not (tokenizer and target):
+        raise MulosdError("a tokenizer and a target are required unless a model set to start from is given")
+    tok = VQModel.from_pretrained(tokenizer) if tokenizer else start.tokenizer
+    tgt = GPT.from_pretrained(target) if target else start.target
+    clf = Classifier.from_pretrained(classifier) if classifier else (start.classifier if start else None)
+    roles = dict(start.drafters) if start else {}
+    roles.update({role: GPT.from_pretrained(stem) for role, stem in (drafters or {}).items()})
+    ups = dict(start.upsamplers) if start and not tokenizer else {}  # a new tokenizer invalidates the old up-samplers
+    for stem in upsamplers:
+        m = LatentResampler.from_pretrained(stem)
+        ups[m.config.r] = m
+    cont = start.continuous if start else None
+    if continuous_tokenizer or continuous_target or continuous_drafters:
+        ctok = KLAutoencoder.from_pretrained(continuous_tokenizer) if continuous_tokenizer else (cont.tokenizer if cont else None)
+        ctgt = ContinuousGPT.from_pretrained(continuous_target) if continuous_target else (cont.target if cont else None)
+        if ctok is None or ctgt is None:
+            raise MulosdError("the continuous family needs a continuous tokenizer and a continuous target")
+        cd = dict(cont.drafters) if cont and not (continuous_tokenizer or continuous_target) else {}
+        cd.update({role: ContinuousGPT.from_pretrained(stem) for role, stem in (continuous_drafters or {}).items()})
+        cont = ContinuousModels(ctok, ctgt, cd)
+    kw = {"class_names": start.class_names} if start else {}
+    pipe = Pipeline(tok, tgt, clf, roles, upsamplers=ups, continuous=cont, name=name or (start.name if start else "custom"), **kw)
+    for r, m in pipe.upsamplers.items():
+        m.check(tok, r)
+    return pipe
