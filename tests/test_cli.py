@@ -156,6 +156,18 @@ def test_method_flags_and_string_forms_reach_the_method(tmp_path):
     assert r.exit_code == 0, r.output
     s = json.loads(stats.read_text())
     assert s["params"] == {"model": "r4"} and s["tokens_per_image"] == 16
+    r = run("generate", "--method", "mulo", "--radius", "inf", "--r", "4", "--param", "rows=2", "--classes", "2",
+            "--num-per-class", "1", "--out", str(tmp_path / "g.png"), "--stats-json", str(stats), "--no-progress")
+    assert r.exit_code == 0, r.output
+    p = json.loads(stats.read_text())["params"]  # resolved: the drafter role and the down-sampler kind
+    assert (p["radius"], p["r"], p["rows"], p["drafter"], p["downsampler"]) == (float("inf"), 4, 2, "r4", "learned")
+    import click
+
+    options = {o.name: o for o in _generate_options()}
+    ctx = click.Context(main.commands["generate"])
+    read = lambda name, text: options[name].type.convert(text, options[name], ctx)  # noqa: E731
+    assert read("tau", "inf") == float("inf") and read("radius", "inf") == float("inf") and read("rows", "none") is None
+    assert read("k", "7") == 7 and read("delta", "0.25") == 0.25 and read("drafter", "none") == "none"
 
 
 def test_info_and_methods():
