@@ -53,12 +53,14 @@ class _SchemaValue(click.ParamType):
     def convert(self, value, param, ctx):
         if not isinstance(value, str):
             return value
-        try:
-            return self.specs[0].typed(value)
-        except MulosdError:
-            allowed = {s.allowed() for s in self.specs}
-            what = allowed.pop() if len(allowed) == 1 else ("an integer" if self.specs[0].type is int else "a number")
-            self.fail(f"{value!r} is not {what}", param, ctx)
+        for spec in self.specs:  # the methods sharing the option read it alike, unless one also allows inf or none
+            try:
+                return spec.typed(value)
+            except MulosdError:
+                pass
+        allowed = {s.allowed() for s in self.specs}
+        what = allowed.pop() if len(allowed) == 1 else ("an integer" if self.specs[0].type is int else "a number")
+        self.fail(f"{value!r} is not {what}", param, ctx)
 
 
 def _off_flag(spec) -> str:
