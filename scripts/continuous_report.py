@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mulosd.decoding.ar import double
+from mulosd.decoding.state import double
 from mulosd.decoding.continuous import generate_car, head_sample
 from mulosd.decoding.sampling import RandomStreams, SamplingConfig
 from mulosd.evaluation.grids import image_grid

@@ -28,17 +28,16 @@ the next cycle's forwards then re-feed the last gamma + 1 committed cells, so th
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 
-from mulosd.decoding.ar import DecodeStats, cfg_labels, double
 from mulosd.decoding.cspd_rules import accept_continuous, residual_sample, surrogate_log_ratio
+from mulosd.decoding.engine import Parts, Proposal, decode
 from mulosd.decoding.sampling import RandomStreams, SamplingConfig, check_continuous
+from mulosd.decoding.state import DRAFTER_STREAM, DecodeState, DecodeStats, cfg_labels, double, model_rows
+from mulosd.decoding.window import NoDraft
 from mulosd.errors import MulosdError
 from mulosd.models.cgpt import ContinuousGPT
-
-DRAFTER_STREAM = 1  # fork salt of the drafter's per-image streams
 
 
 def head_sample(model: ContinuousGPT, z: torch.Tensor, cfg: SamplingConfig, noise: torch.Tensor) -> dict:
@@ -66,23 +65,8 @@ def ar_steps(model: ContinuousGPT, tokens: torch.Tensor, z: torch.Tensor, start:
         noise = streams.normal(S + 1, d).transpose(0, 1)
         tokens[:, k] = head_sample(model, z, cfg, noise)["x"]
         if k + 1 < stop:
-            cells = torch.full((z.shape[0], 1), k, dtype=torch.long)
+            cells = torch.full((z.shape[0], 1), k, dtype=torch.long, device=z.device)
             z = model.decode(double(tokens[:, k : k + 1], cfg), cells)[:, 0]
-
-
-@torch.inference_mode()
-def generate_car(model: ContinuousGPT, labels: torch.Tensor, cfg: SamplingConfig,
-                 streams: RandomStreams) -> tuple[torch.Tensor, DecodeStats]:
-    """Continuous AR: one transformer forward and one head chain per token. Returns (tokens [B, N, d], stats)."""
-    check_continuous(cfg)
-    B, N = len(labels), model.config.num_tokens
-    model.setup_cache(B * (2 if cfg.uses_cfg else 1))
-    try:
-        tokens = torch.zeros(B, N, model.token_dim)
-        ar_steps(model, tokens, model.prefill(cfg_labels(model, labels, cfg)), 0, N, cfg, streams)
-    finally:
-        model.clear_cache()
-    return tokens, DecodeStats(target_forwards=N, active_forwards=B * N, tokens=B * N)
 
 
 def draft_tokens(drafter: ContinuousGPT, tokens: torch.Tensor, frontier: torch.Tensor, gamma: int,
@@ -96,8 +80,8 @@ def draft_tokens(drafter: ContinuousGPT, tokens: torch.Tensor, frontier: torch.T
     B, _, d = tokens.shape
     S = len(drafter.head.sampling)
     noise = dstreams.normal(gamma, S + 1, d).permute(2, 0, 1, 3)  # [S + 1, B, G, d]
-    cells = (frontier[:, None] - back + torch.arange(back)).clamp_min(0)
-    feed = tokens[torch.arange(B)[:, None], cells]
+    cells = (frontier[:, None] - back + torch.arange(back, device=tokens.device)).clamp_min(0)
+    feed = tokens[torch.arange(B, device=tokens.device)[:, None], cells]
     z = drafter.decode(double(feed, cfg), double(cells, cfg))[:, -1]
     out = {"x": [], "last_mean": [], "last_std": [], "log_std_prefix": []}
     for i in range(gamma):
@@ -121,8 +105,8 @@ def score_drafts(target: ContinuousGPT, tokens: torch.Tensor, frontier: torch.Te
     B, _, d = tokens.shape
     G = drafts["x"].shape[1]
     S = len(target.head.sampling)
-    cells = frontier[:, None] - back + torch.arange(back + G)
-    feed = torch.cat([tokens[torch.arange(B)[:, None], cells[:, :back]], drafts["x"]], dim=1)
+    cells = frontier[:, None] - back + torch.arange(back + G, device=tokens.device)
+    feed = torch.cat([tokens[torch.arange(B, device=tokens.device)[:, None], cells[:, :back]], drafts["x"]], dim=1)
     z = target.decode(double(feed, cfg), double(cells, cfg))[:, back - 1:]  # [rows, G + 1, dim]
     own = streams.normal(G + 1 if not align else 1, S + 1, d).permute(2, 0, 1, 3)  # [S + 1, B, *, d]
     noise = torch.cat([drafts["noise"], own[:, :, -1:]], dim=2) if align else own
@@ -136,7 +120,7 @@ def replacement_tokens(drafts: dict, target: dict, n: torch.Tensor, streams: Ran
     sample norm(max(0, S p_last - q_last)) at the rejected cell. Returns (tokens [B, d], tries [B], fell_back [B]);
     tries and fell_back are 0 / False where no residual was needed."""
     B, G, d = drafts["x"].shape
-    rows = torch.arange(B)
+    rows = torch.arange(B, device=n.device)
     j = n.clamp(max=G - 1)
     noise, u = streams.normal(max_tries, d), streams.uniform(max_tries)
     log_scale = drafts["log_std_prefix"][rows, j] - target["log_std_prefix"][rows, j]
@@ -161,20 +145,160 @@ def residual_tokens(drafts: dict, target: dict, streams: RandomStreams,
     return x.reshape(B, G, d), tries.reshape(B, G), fell.reshape(B, G)
 
 
-@torch.inference_mode()
-def generate_cspd(target: ContinuousGPT, drafter: ContinuousGPT, labels: torch.Tensor, cfg: SamplingConfig,
-                  streams: RandomStreams, gamma: int, prefill: float = 0.05, align: bool = True, relax: float = 1.0,
-                  max_tries: int = 100, independent: bool = False,
-                  trace: list | None = None) -> tuple[torch.Tensor, DecodeStats]:
-    """Continuous speculative decoding. Returns (tokens [B, N, d], stats); ``trace`` (a list) collects per cycle
-    the frontier, accepted lengths and log ratios (tests and docs).
+class ContinuousScorer:
+    """The continuous target: prefill, then the AR pre-fill phase (cells 0 .. n_pre-1, one forward and one head
+    chain each), then per cycle :func:`score_drafts` (one forward + one batched head run)."""
 
-    ``independent=False`` (the paper): accept left to right, replace the first rejected draft, drop the rest.
-    ``independent=True`` (the public code's bookkeeping, approximate): every draft is tested on its own, each
-    rejected one is replaced by a residual sample and the later drafts are kept although they were drafted after
-    the rejected token (so they condition on a token the image does not contain); all gamma cells are committed,
-    plus the bonus token when all were accepted."""
-    check_continuous(cfg)
+    def __init__(self, target: ContinuousGPT, width: int, prefill: float, align: bool = True,
+                 independent: bool = False, prefill_phase: str | None = "prefill"):
+        self.target, self.width, self.prefill, self.align = target, width, prefill, align
+        self.independent, self.prefill_phase = independent, prefill_phase
+        self.back = 1  # committed cells re-fed before the frontier (see score_drafts)
+
+    def start(self, labels, cfg, streams) -> DecodeState:
+        check_continuous(cfg)
+        t, B, N = self.target, len(labels), self.target.config.num_tokens
+        t.setup_cache(model_rows(B, cfg), slack=self.width + 1)
+        state = DecodeState.new(labels, cfg, streams, N, slack=self.width + 1, token_shape=(t.token_dim,),
+                                dtype=torch.float32)
+        if self.prefill_phase:
+            state.stats.time_s = {"prefill": 0.0, "drafting": 0.0, "verification": 0.0, "resampling": 0.0}
+        n_pre = min(N, max(1, math.floor(self.prefill * N + 0.5)))  # token 0 always comes from the target
+        with state.phase(self.prefill_phase):
+            ar_steps(t, state.tokens, t.prefill(cfg_labels(t, labels, cfg)), 0, n_pre, cfg, streams)
+        state.stats.target_forwards, state.stats.active_forwards, state.stats.tokens = n_pre, B * n_pre, B * n_pre
+        state.frontier.fill_(n_pre)
+        return state
+
+    def score(self, state: DecodeState, proposal: Proposal) -> dict:
+        chains = score_drafts(self.target, state.tokens, state.frontier, proposal.extra["drafts"], state.cfg,
+                              state.streams, self.align, self.back)
+        if self.independent:  # the next forward re-writes the replaced cells' caches
+            self.back = self.width + 1
+        state.stats.target_forwards += 1
+        state.stats.active_forwards += int(state.active.sum())
+        return chains
+
+    def finish(self) -> None:
+        self.target.clear_cache()
+
+
+class ContinuousDrafter:
+    """The small continuous model drafts gamma tokens with its own noises (:func:`draft_tokens`); its cache covers
+    the pre-filled cells before the first cycle."""
+
+    observe_phase = None
+
+    def __init__(self, drafter: ContinuousGPT, gamma: int, independent: bool = False):
+        self.drafter, self.gamma, self.independent = drafter, gamma, independent
+        self.back = 2  # committed cells re-fed before the frontier (see draft_tokens)
+
+    def start(self, state: DecodeState) -> None:
+        d, cfg, B = self.drafter, state.cfg, state.batch
+        d.setup_cache(model_rows(B, cfg), slack=self.gamma + 1)
+        self.dstreams = state.streams.fork(DRAFTER_STREAM)
+        with state.phase("prefill"):
+            d.prefill(cfg_labels(d, state.labels, cfg))
+            state.stats.drafter_forwards += 1
+            n_pre = int(state.frontier[0])
+            if n_pre > 2:  # the drafter's cache for the pre-filled cells (the last two are re-fed by every cycle)
+                cells = torch.arange(n_pre - 2, device=state.device)[None].expand(B, -1)
+                d.decode(double(state.tokens[:, : n_pre - 2], cfg), double(cells, cfg))
+                state.stats.drafter_forwards += 1
+
+    def propose(self, state: DecodeState) -> Proposal:
+        with state.phase("drafting"):
+            drafts = draft_tokens(self.drafter, state.tokens, state.frontier, self.gamma, state.cfg, self.dstreams,
+                                  self.back)
+        if self.independent:
+            self.back = self.gamma + 1
+        span = torch.arange(self.gamma, device=state.device)
+        return Proposal(tokens=drafts["x"], cells=state.frontier[:, None] + span, active=state.active,
+                        forwards=self.gamma, extra={"drafts": drafts})
+
+    def observe(self, state, proposal, scores, verdict) -> None:
+        pass
+
+    def finish(self) -> None:
+        self.drafter.clear_cache()
+
+
+class SurrogateVerifier:
+    """CSpD's accept test: the surrogate log ratio of every draft against one uniform each."""
+
+    def __init__(self, relax: float = 1.0):
+        self.relax = relax
+
+    def __call__(self, state: DecodeState, proposal: Proposal, chains: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        drafts, G = proposal.extra["drafts"], proposal.width
+        log_ratio = surrogate_log_ratio(drafts["x"], drafts, {k: v[:, :G] for k, v in chains.items()}, self.relax)
+        return accept_continuous(log_ratio, state.streams.uniform(G)), log_ratio
+
+
+class ResidualRepairer:
+    """Replace rejected drafts by residual samples and commit. ``independent=False`` (the paper): accept left to
+    right, replace the first rejected draft, drop the rest. ``independent=True`` (the public code's bookkeeping,
+    approximate): every draft is tested on its own, each rejected one is replaced by a residual sample and the
+    later drafts are kept although they were drafted after the rejected token; all gamma cells are committed, plus
+    the bonus token when all were accepted."""
+
+    phase = "resampling"
+
+    def __init__(self, independent: bool = False, max_tries: int = 100):
+        self.independent, self.max_tries = independent, max_tries
+
+    def repair(self, state: DecodeState, proposal: Proposal, chains: dict, verdict) -> None:
+        accept, log_ratio = verdict
+        drafts, G, B, N = proposal.extra["drafts"], proposal.width, state.batch, state.num_cells
+        frontier, active, device = state.frontier, state.active, state.device
+        real = (N - frontier).clamp(0, G)  # drafts that landed on grid cells
+        span = torch.arange(G + 1, device=device)
+        if self.independent:
+            row, n, count, acc, resampled, tries, fell = self._independent(state, drafts, chains, accept, real, span)
+        else:
+            row, n, count, acc, resampled, tries, fell = self._prefix(state, drafts, chains, accept, real)
+        cells = frontier[:, None] + span
+        keep = (span[None] < count[:, None])[..., None]
+        rows = torch.arange(B, device=device)[:, None]
+        state.tokens[rows, cells] = torch.where(keep, row, state.tokens[rows, cells])
+        s = state.stats
+        s.tokens += int(count.sum())
+        s.drafted += int(real[active].sum())
+        s.accepted += int(acc[active].sum())
+        s.add_accepted(acc[active])
+        s.resampled += int(resampled[active].sum())
+        s.residual_tries += int(tries[active].sum())
+        s.fallbacks += int(fell[active].sum())
+        if state.trace is not None:
+            state.trace.append({"frontier": frontier.clone(), "accepted": n.clone(), "log_ratio": log_ratio.clone(),
+                                "active": active.clone()})
+        state.frontier = frontier + count
+
+    def _prefix(self, state, drafts, chains, accept, real):
+        B, G, N = state.batch, accept.shape[1], state.num_cells
+        n = accept.long().cumprod(1).sum(1)  # accepted prefix
+        nxt, tries, fell = replacement_tokens(drafts, chains, n, state.streams, self.max_tries)
+        row = torch.cat([drafts["x"], nxt[:, None]], dim=1)  # drafts[:n] and the replacement at f+n
+        row[torch.arange(B, device=state.device), n] = nxt
+        count = torch.minimum(n + 1, (N - state.frontier).clamp_min(0))
+        needed = n < real  # a residual sample was committed (not the bonus token)
+        return row, n, count, torch.minimum(n, real), needed.long(), tries * needed, fell & needed
+
+    def _independent(self, state, drafts, chains, accept, real, span):
+        G, N = accept.shape[1], state.num_cells
+        resid, tries_all, fell_all = residual_tokens(drafts, chains, state.streams, self.max_tries)
+        on_grid = span[None, :G] < real[:, None]
+        row = torch.cat([torch.where(accept[..., None], drafts["x"], resid), chains["x"][:, G:]], dim=1)
+        n = accept.long().sum(1)  # accepted drafts (anywhere in the row)
+        count = torch.minimum(G + accept.all(1).long(), (N - state.frontier).clamp_min(0))
+        rejected = ~accept & on_grid
+        return (row, n, count, (accept & on_grid).sum(1), rejected.sum(1), (tries_all * rejected).sum(1),
+                (fell_all & rejected).sum(1))
+
+
+def cspd_parts(target: ContinuousGPT, drafter: ContinuousGPT, gamma: int, prefill: float = 0.05, align: bool = True,
+               relax: float = 1.0, max_tries: int = 100, independent: bool = False) -> Parts:
+    """Continuous speculative decoding as parts of the one loop."""
     check_pair(target, drafter)
     if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
         raise MulosdError(f"gamma must be an integer >= 1, got {gamma!r}")
@@ -182,86 +306,31 @@ def generate_cspd(target: ContinuousGPT, drafter: ContinuousGPT, labels: torch.T
         raise MulosdError(f"prefill must be a fraction in [0, 1], got {prefill!r}")
     if isinstance(max_tries, bool) or not isinstance(max_tries, int) or max_tries < 1:
         raise MulosdError(f"max_tries must be an integer >= 1, got {max_tries!r}")
-    B, N, d = len(labels), target.config.num_tokens, target.token_dim
-    rows = B * (2 if cfg.uses_cfg else 1)
-    stats = DecodeStats()
-    stats.time_s = {"prefill": 0.0, "drafting": 0.0, "verification": 0.0, "resampling": 0.0}
-    dstreams = streams.fork(DRAFTER_STREAM)
-    target.setup_cache(rows, slack=gamma + 1)
-    drafter.setup_cache(rows, slack=gamma + 1)
-    try:
-        t0 = time.perf_counter()
-        tokens = torch.zeros(B, N + gamma + 1, d)
-        n_pre = min(N, max(1, math.floor(prefill * N + 0.5)))  # token 0 always comes from the target
-        ar_steps(target, tokens, target.prefill(cfg_labels(target, labels, cfg)), 0, n_pre, cfg, streams)
-        stats.target_forwards = n_pre
-        stats.active_forwards, stats.tokens = B * n_pre, B * n_pre
-        drafter.prefill(cfg_labels(drafter, labels, cfg))
-        stats.drafter_forwards = 1
-        if n_pre > 2:  # the drafter's cache for the pre-filled cells (the last two are re-fed by every cycle)
-            cells = torch.arange(n_pre - 2)[None].expand(B, -1)
-            drafter.decode(double(tokens[:, : n_pre - 2], cfg), double(cells, cfg))
-            stats.drafter_forwards += 1
-        stats.time_s["prefill"] += time.perf_counter() - t0
-        frontier = torch.full((B,), n_pre, dtype=torch.long)
-        back_t, back_d = 1, 2  # committed cells re-fed before the frontier (see score_drafts / draft_tokens)
-        while bool((frontier < N).any()):
-            active = frontier < N
-            t0 = time.perf_counter()
-            drafts = draft_tokens(drafter, tokens, frontier, gamma, cfg, dstreams, back_d)
-            t1 = time.perf_counter()
-            chains = score_drafts(target, tokens, frontier, drafts, cfg, streams, align, back_t)
-            log_ratio = surrogate_log_ratio(drafts["x"], drafts, {k: v[:, :gamma] for k, v in chains.items()}, relax)
-            accept = accept_continuous(log_ratio, streams.uniform(gamma))
-            t2 = time.perf_counter()
-            real = (N - frontier).clamp(0, gamma)  # drafts that landed on grid cells
-            on_grid = torch.arange(gamma)[None] < real[:, None]
-            if independent:
-                resid, tries_all, fell_all = residual_tokens(drafts, chains, streams, max_tries)
-                all_ok = accept.all(1)
-                row = torch.cat([torch.where(accept[..., None], drafts["x"], resid), chains["x"][:, gamma:]], dim=1)
-                n = accept.long().sum(1)  # accepted drafts (anywhere in the row)
-                count = torch.minimum(gamma + all_ok.long(), (N - frontier).clamp_min(0))
-                rejected = ~accept & on_grid
-                tries, fell = (tries_all * rejected).sum(1), (fell_all & rejected).sum(1)
-                n_resampled = rejected.sum(1)
-                acc = (accept & on_grid).sum(1)
-                back_t = back_d = gamma + 1
-            else:
-                n = accept.long().cumprod(1).sum(1)  # accepted prefix
-                nxt, tries, fell = replacement_tokens(drafts, chains, n, streams, max_tries)
-                # commit drafts[:n] and the replacement at f+n, never past the grid
-                row = torch.cat([drafts["x"], nxt[:, None]], dim=1)
-                row[torch.arange(B), n] = nxt
-                count = torch.minimum(n + 1, (N - frontier).clamp_min(0))
-                acc = torch.minimum(n, real)
-                needed = n < real  # a residual sample was committed (not the bonus token)
-                tries, fell, n_resampled = tries * needed, fell & needed, needed.long()
-            t3 = time.perf_counter()
-            cells = frontier[:, None] + torch.arange(gamma + 1)
-            keep = (torch.arange(gamma + 1)[None] < count[:, None])[..., None]
-            tokens[torch.arange(B)[:, None], cells] = torch.where(keep, row, tokens[torch.arange(B)[:, None], cells])
-            stats.target_forwards += 1
-            stats.drafter_forwards += gamma
-            stats.active_forwards += int(active.sum())
-            stats.tokens += int(count.sum())
-            stats.drafted += int(real[active].sum())
-            stats.accepted += int(acc[active].sum())
-            stats.add_accepted(acc[active])
-            stats.resampled += int(n_resampled[active].sum())
-            stats.residual_tries += int(tries[active].sum())
-            stats.fallbacks += int(fell[active].sum())
-            if trace is not None:
-                trace.append({"frontier": frontier.clone(), "accepted": n.clone(), "log_ratio": log_ratio.clone(),
-                              "active": active.clone()})
-            frontier = frontier + count
-            stats.time_s["drafting"] += t1 - t0
-            stats.time_s["verification"] += t2 - t1
-            stats.time_s["resampling"] += t3 - t2
-    finally:
-        target.clear_cache()
-        drafter.clear_cache()
-    return tokens[:, :N], stats
+    return Parts(scorer=ContinuousScorer(target, gamma, prefill, align, independent),
+                 proposer=ContinuousDrafter(drafter, gamma, independent), verifier=SurrogateVerifier(relax),
+                 repairer=ResidualRepairer(independent, max_tries))
+
+
+def car_parts(model: ContinuousGPT) -> Parts:
+    """Continuous AR: the scorer's AR pre-fill covers the whole grid, so no cycle runs."""
+    return Parts(scorer=ContinuousScorer(model, 0, 1.0, prefill_phase=None), proposer=NoDraft(),
+                 verifier=SurrogateVerifier(), repairer=ResidualRepairer())
+
+
+def generate_car(model: ContinuousGPT, labels: torch.Tensor, cfg: SamplingConfig,
+                 streams: RandomStreams) -> tuple[torch.Tensor, DecodeStats]:
+    """Continuous AR: one transformer forward and one head chain per token. Returns (tokens [B, N, d], stats)."""
+    return decode(car_parts(model), labels, cfg, streams)
+
+
+def generate_cspd(target: ContinuousGPT, drafter: ContinuousGPT, labels: torch.Tensor, cfg: SamplingConfig,
+                  streams: RandomStreams, gamma: int, prefill: float = 0.05, align: bool = True, relax: float = 1.0,
+                  max_tries: int = 100, independent: bool = False,
+                  trace: list | None = None) -> tuple[torch.Tensor, DecodeStats]:
+    """Continuous speculative decoding. Returns (tokens [B, N, d], stats); ``trace`` (a list) collects per cycle
+    the frontier, accepted lengths and log ratios (tests and docs)."""
+    parts = cspd_parts(target, drafter, gamma, prefill, align, relax, max_tries, independent)
+    return decode(parts, labels, cfg, streams, trace=trace)
 
 
 def check_pair(target: ContinuousGPT, drafter: ContinuousGPT) -> None:

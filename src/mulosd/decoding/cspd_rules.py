@@ -75,6 +75,6 @@ def residual_sample(p_mean: torch.Tensor, p_std: torch.Tensor, q_mean: torch.Ten
     ok = u < alpha
     T = noise.shape[1]
     first = torch.where(ok.any(1), ok.float().argmax(1), torch.full_like(ok[:, 0], T - 1, dtype=torch.long))
-    out = x[torch.arange(len(x)), first]
+    out = x[torch.arange(len(x), device=x.device), first]
     fell_back = ~ok.any(1)
     return out, first + 1, fell_back

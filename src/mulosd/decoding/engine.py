@@ -1,109 +1,115 @@
-"""The generic speculative loop for raster-window methods: propose -> score -> decide -> commit.
+"""The one decoding loop. Every speculative method (and plain AR, its degenerate case) is a composition of four
+parts around a :class:`~mulosd.decoding.state.DecodeState`:
 
-Every sample in the batch keeps its own frontier f (the number of committed tokens) and advances by its own
-accepted length each cycle; nothing is lock-stepped to the slowest sample. One cycle:
+- a **scorer** owns the target model: ``start`` allocates its cache, runs the prefill and commits what the target
+  decides alone (token 0, CSpD's pre-fill); ``score`` runs the one target forward over a proposal's cells;
+- a **proposer** drafts: which cells, which tokens, and the distributions q they were drawn from (small drafter,
+  Jacobi iterations, low-res drafter + up-sampler, continuous drafter, or nothing);
+- a **verifier** is a pure batched rule over the scored cells with uniforms drawn from the state's streams
+  (exact speculative sampling, LANTERN, grouped, pooled threshold, continuous surrogate ratio);
+- a **repairer** decides what happens to rejected cells and commits: truncate-and-resample at the first
+  rejection, local (serial or island-parallel) resampling, or continuous residual sampling.
 
-1. **propose**: the proposer drafts G tokens for cells f .. f+G-1 together with the distributions q it sampled
-   them from;
-2. **score**: one target forward over cells f-1 .. f+G-1 (the last committed token, whose cache slot may be
-   stale, plus the drafts) gives the target distributions p for cells f .. f+G, through the shared sampling
-   module (CFG, temperature, top-k, top-p);
-3. **decide**: a pure verification rule returns the accepted prefix length n and the token for cell f+n;
-4. **commit**: cells f .. f+n are written and f advances by n + 1 (clipped at the end of the grid). Rejected
-   drafts stay in the caches as stale slots after the frontier, invisible to every later query, and are
-   overwritten when their cells are scored again (rollback = not advancing).
+One cycle::
 
-Caches carry ``G + 1`` slack slots past the grid, so windows near the end keep a fixed width; cells past the
-grid are never committed.
+    proposal = proposer.propose(state)                    # phase "drafting" (timed by the proposer)
+    scores   = scorer.score(state, proposal)              # phase "verification"
+    verdict  = verifier(state, proposal, scores)          #   "
+    repairer.repair(state, proposal, scores, verdict)     # phase repairer.phase; commits, advances frontiers
+    proposer.observe(state, proposal, scores, verdict)    # phase proposer.observe_phase
+
+Parts are built fresh for every call (a method holds a factory), so per-call state on a part is never shared
+between calls. Every part creates its tensors on the state's device.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
 
 import torch
 
-from mulosd.decoding.ar import DecodeStats, cfg_labels, double
-from mulosd.decoding.rules import Verdict
-from mulosd.decoding.sampling import RandomStreams, SamplingConfig, process_logits, sample
-from mulosd.models.gpt import GPT
+from mulosd.decoding.sampling import RandomStreams, SamplingConfig
+from mulosd.decoding.state import DecodeState, DecodeStats
 
 
 @dataclass
 class Proposal:
-    tokens: torch.Tensor  # [B, G] drafted tokens for cells f .. f+G-1
-    q: torch.Tensor  # [B, G, V] the distributions they were drawn from (after the shared sampling module)
-    forwards: int = 0  # drafter forward passes spent
+    """One cycle's drafts. ``tokens`` [B, G, ...] for the cells ``cells`` [B, G]; ``q`` [B, G, V] the distributions
+    they were drawn from (None for deterministic drafts whose rule needs no q); ``active`` [B] the samples taking
+    part in this cycle; ``forwards`` the drafter passes spent; ``extra`` what a family's scorer or repairer needs
+    besides (CSpD's noises and chains, MuLo-SD's block)."""
+
+    tokens: torch.Tensor
+    cells: torch.Tensor
+    q: torch.Tensor | None = None
+    active: torch.Tensor | None = None
+    forwards: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def width(self) -> int:
+        return self.tokens.shape[1]
 
 
-class Proposer(Protocol):
-    def start(self, labels: torch.Tensor, cfg: SamplingConfig, slack: int) -> int: ...
+class Scorer(Protocol):
+    def start(self, labels: torch.Tensor, cfg: SamplingConfig, streams: RandomStreams) -> DecodeState: ...
 
-    def propose(self, tokens: torch.Tensor, frontier: torch.Tensor, gamma: int, cfg: SamplingConfig,
-                streams: RandomStreams) -> Proposal: ...
-
-    def observe(self, p: torch.Tensor, frontier: torch.Tensor, count: torch.Tensor, tokens: torch.Tensor,
-                streams: RandomStreams) -> None:
-        """After a cycle: the target's distributions p [B, G + 1, V] for cells f .. f+G (f = ``frontier`` before
-        the commit) and how many cells each sample committed. Training-free proposers draft from these."""
+    def score(self, state: DecodeState, proposal: Proposal) -> Any: ...
 
     def finish(self) -> None: ...
 
 
-Rule = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], Verdict]
+class Proposer(Protocol):
+    observe_phase: str | None
+
+    def start(self, state: DecodeState) -> None: ...
+
+    def propose(self, state: DecodeState) -> Proposal: ...
+
+    def observe(self, state: DecodeState, proposal: Proposal, scores: Any, verdict: Any) -> None: ...
+
+    def finish(self) -> None: ...
 
 
-def commit(tokens: torch.Tensor, frontier: torch.Tensor, drafts: torch.Tensor, verdict: Verdict, num_cells: int) -> torch.Tensor:
-    """Write accepted drafts plus the verdict's next token at cells f .. f+n (at most up to the last grid cell);
-    returns how many cells each sample committed. ``tokens`` [B, N + slack] is updated in place."""
-    B, G = drafts.shape
-    row = torch.cat([drafts, drafts.new_zeros(B, 1)], dim=1)
-    row.scatter_(1, verdict.num_accepted[:, None], verdict.next_token[:, None])
-    count = torch.minimum(verdict.num_accepted + 1, (num_cells - frontier).clamp_min(0))
-    cells = frontier[:, None] + torch.arange(G + 1)
-    keep = torch.arange(G + 1)[None] < count[:, None]
-    tokens.scatter_(1, cells, torch.where(keep, row, tokens.gather(1, cells)))
-    return count
+Verifier = Callable[[DecodeState, Proposal, Any], Any]
+
+
+class Repairer(Protocol):
+    phase: str | None
+
+    def repair(self, state: DecodeState, proposal: Proposal, scores: Any, verdict: Any) -> None: ...
+
+
+@dataclass
+class Parts:
+    scorer: Scorer
+    proposer: Proposer
+    verifier: Verifier
+    repairer: Repairer
 
 
 @torch.inference_mode()
-def speculative_generate(target: GPT, proposer: Proposer, rule: Rule, labels: torch.Tensor, cfg: SamplingConfig,
-                         streams: RandomStreams, gamma: int) -> tuple[torch.Tensor, DecodeStats]:
-    B, N = len(labels), target.config.num_tokens
-    slack = gamma + 1
-    rows = B * (2 if cfg.uses_cfg else 1)
-    stats = DecodeStats()
-    target.setup_cache(rows, slack=slack)
-    stats.drafter_forwards += proposer.start(labels, cfg, slack)
+def decode(parts: Parts, labels: torch.Tensor, cfg: SamplingConfig, streams: RandomStreams,
+           trace: list | None = None) -> tuple[torch.Tensor, DecodeStats]:
+    """Run a method's parts until every sample has committed its whole grid. Returns (tokens [B, N, ...], stats).
+    ``trace`` (a list) collects what the repairer records per cycle (MuLo-SD's acceptance maps)."""
+    scorer, proposer, verify, repairer = parts.scorer, parts.proposer, parts.verifier, parts.repairer
     try:
-        tokens = torch.zeros(B, N + slack, dtype=torch.long)
-        # token 0 comes from the target's prefill, exactly as in AR decoding
-        tokens[:, 0] = sample(process_logits(target.prefill(cfg_labels(target, labels, cfg)), cfg), streams.uniform())
-        frontier = torch.ones(B, dtype=torch.long)
-        stats.target_forwards, stats.active_forwards, stats.tokens = 1, B, B
-        while bool((frontier < N).any()):
-            active = frontier < N
-            with stats.phase("drafting"):
-                prop = proposer.propose(tokens, frontier, gamma, cfg, streams)
-            with stats.phase("verification"):
-                cells = frontier[:, None] - 1 + torch.arange(gamma + 1)
-                feed = torch.cat([tokens.gather(1, frontier[:, None] - 1), prop.tokens], dim=1)
-                p = process_logits(target.decode(double(feed, cfg), double(cells, cfg)), cfg)
-                verdict = rule(p, prop.q, prop.tokens, streams.uniform(gamma), streams.uniform())
-                count = commit(tokens, frontier, prop.tokens, verdict, N)
-            with stats.phase("drafting"):  # a training-free proposer drafts the next cycle from p here
-                proposer.observe(p, frontier, count, tokens, streams)
-            frontier = frontier + count
-            stats.target_forwards += 1
-            stats.drafter_forwards += prop.forwards
-            stats.active_forwards += int(active.sum())
-            stats.tokens += int(count.sum())
-            real = (N - frontier + count).clamp(0, gamma)  # drafts that landed on grid cells (before advancing)
-            stats.drafted += int(real[active].sum())
-            stats.add_accepted(torch.minimum(verdict.num_accepted, real)[active])
-            stats.accepted += int(torch.minimum(verdict.num_accepted, real)[active].sum())
+        state = scorer.start(labels, cfg, streams)
+        state.trace = trace
+        proposer.start(state)
+        while not state.done:
+            proposal = proposer.propose(state)
+            with state.phase("verification"):
+                scores = scorer.score(state, proposal)
+                verdict = verify(state, proposal, scores)
+            with state.phase(repairer.phase):
+                repairer.repair(state, proposal, scores, verdict)
+            with state.phase(proposer.observe_phase):
+                proposer.observe(state, proposal, scores, verdict)
+            state.stats.drafter_forwards += proposal.forwards
     finally:
-        target.clear_cache()
+        scorer.finish()
         proposer.finish()
-    return tokens[:, :N], stats
+    return state.committed_tokens().clone(), state.stats

@@ -15,14 +15,15 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from mulosd.decoding.ar import DecodeStats, generate_ar
-from mulosd.decoding.engine import speculative_generate
+from mulosd.decoding.engine import Parts, decode
 from mulosd.decoding.params import (ARParams, CARParams, CSpDParams, GSDParams, LanternParams, MCSJDParams, MuloParams,
                                     Params, SDParams, SJDParams, ZipARParams)
 from mulosd.decoding.proposers import DrafterProposer, JacobiProposer
 from mulosd.decoding.rules import codebook_neighbours, verify_exact, verify_grouped, verify_lantern
 from mulosd.decoding.sampling import RandomStreams, SamplingConfig
-from mulosd.decoding.zipar import generate_zipar
+from mulosd.decoding.schedule import generate_zipar
+from mulosd.decoding.state import DecodeStats
+from mulosd.decoding.window import ar_parts, window_parts
 from mulosd.errors import MulosdError
 
 if TYPE_CHECKING:
@@ -85,8 +86,14 @@ class Method:
         """Tokens per side of the images this method produces (the target's grid for every speculative method)."""
         return getattr(self, "model", self.pipe.target).config.grid_size
 
-    def generate(self, labels: torch.Tensor, sampling: SamplingConfig, streams: RandomStreams) -> tuple[torch.Tensor, DecodeStats]:
+    def parts(self) -> Parts:
+        """Fresh parts (scorer, proposer, verifier, repairer) for one decode call: the method's composition."""
         raise NotImplementedError
+
+    def generate(self, labels: torch.Tensor, sampling: SamplingConfig, streams: RandomStreams,
+                 trace: list | None = None) -> tuple[torch.Tensor, DecodeStats]:
+        """Decode one batch: ``labels`` [B] with one random stream per image. Returns (tokens [B, N, ...], stats)."""
+        return decode(self.parts(), labels, sampling, streams, trace=trace)
 
     def decode_images(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens [N, g, g, ...] as this method produces them -> images [N, C, H, W] in [0, 1]."""
@@ -103,8 +110,8 @@ class AR(Method):
         super().__init__(pipe, **params)
         self.model = pipe.model(self.p.model)
 
-    def generate(self, labels, sampling, streams):
-        return generate_ar(self.model, labels, sampling, streams)
+    def parts(self):
+        return ar_parts(self.model)
 
 
 def check_drafter(pipe: "Pipeline", role: str, grid: int) -> "GPT":
@@ -126,11 +133,11 @@ class SD(Method):
     def __init__(self, pipe, **params):
         super().__init__(pipe, **params)
         self.gamma = self.p.gamma
-        self.proposer = DrafterProposer(check_drafter(pipe, self.p.drafter, pipe.target.config.grid_size))
+        self.drafter = check_drafter(pipe, self.p.drafter, pipe.target.config.grid_size)
         self.rule = verify_exact
 
-    def generate(self, labels, sampling, streams):
-        return speculative_generate(self.pipe.target, self.proposer, self.rule, labels, sampling, streams, self.gamma)
+    def parts(self):
+        return window_parts(self.pipe.target, DrafterProposer(self.drafter, self.gamma), self.rule, self.gamma)
 
 
 class SJD(Method):
@@ -142,10 +149,12 @@ class SJD(Method):
     def __init__(self, pipe, **params):
         super().__init__(pipe, **params)
         self.gamma = self.p.window
-        self.proposer = JacobiProposer(pipe.target.config.vocab_size, self.p.init, self.p.coupling)
+        JacobiProposer(pipe.target.config.vocab_size, self.gamma, self.p.init, self.p.coupling)  # checks init/coupling
         self.rule = verify_exact
 
-    generate = SD.generate
+    def parts(self):
+        proposer = JacobiProposer(self.pipe.target.config.vocab_size, self.gamma, self.p.init, self.p.coupling)
+        return window_parts(self.pipe.target, proposer, self.rule, self.gamma)
 
 
 class MCSJD(SJD):
@@ -198,7 +207,7 @@ class ZipAR(Method):
         super().__init__(pipe, **params)
         self.window = self.p.window
 
-    def generate(self, labels, sampling, streams):
+    def generate(self, labels, sampling, streams, trace=None):
         return generate_zipar(self.pipe.target, labels, sampling, streams, self.window)
 
 
@@ -214,7 +223,7 @@ class Mulo(Method):
     traces_cycles = True  # generate(..., trace=list) records every cycle (acceptance maps)
 
     def __init__(self, pipe, **params):
-        from mulosd.decoding.mulo import MuloDecoder, MuloSettings
+        from mulosd.decoding.mulo import MuloSettings, Resamplers
 
         super().__init__(pipe, **params)
         p = self.p
@@ -230,35 +239,21 @@ class Mulo(Method):
         self.downsampler = ("learned" if r in pipe.upsamplers else "pixel") if p.downsampler == "auto" else p.downsampler
         up = pipe.resampler(p.upsampler, r, p.resize)
         down = up if self.downsampler == p.upsampler else pipe.resampler(self.downsampler, r, p.resize)
-        resampler = _Resampler(up, down)
+        resamplers = Resamplers(up=up, down=down, r=r)
         settings = MuloSettings(r=r, rows=rows, drafting=p.drafting, draft_window=p.draft_window,
                                 acceptance=p.acceptance, tau=p.tau, k=p.k, radius=p.resample_radius,
                                 resampling=p.resampling, island_window=p.island_window, candidates=p.candidates)
         neighbours = codebook_neighbours(pipe.tokenizer.codebook.detach(), p.k, include_self=True)
-        self.decoder = MuloDecoder(pipe.target, drafter, resampler, neighbours, settings, learned=p.upsampler == "learned")
+        self._parts = (pipe.target, drafter, resamplers, neighbours, settings)
 
     def params(self) -> dict:
         """The parameters, with the drafter role and the down-sampler kind resolved."""
         return {**super().params(), "drafter": self.drafter_role, "downsampler": self.downsampler}
 
-    def generate(self, labels, sampling, streams, trace: list | None = None):
-        return self.decoder.generate(labels, sampling, streams, trace=trace)
+    def parts(self):
+        from mulosd.decoding.mulo import mulo_parts
 
-
-class _Resampler:
-    """An up-sampler and a down-sampler that may be of different kinds."""
-
-    def __init__(self, up, down):
-        self._up, self._down = up, down
-
-    def up(self, tokens):
-        return self._up.up(tokens)
-
-    def up_logits(self, tokens):
-        return self._up.up_logits(tokens)
-
-    def down(self, tokens):
-        return self._down.down(tokens)
+        return mulo_parts(*self._parts)
 
 
 class _Continuous(Method):
@@ -285,10 +280,10 @@ class CAR(_Continuous):
         super().__init__(pipe, **params)
         self.model = self.cont.model(self.p.model)
 
-    def generate(self, labels, sampling, streams):
-        from mulosd.decoding.continuous import generate_car
+    def parts(self):
+        from mulosd.decoding.continuous import car_parts
 
-        return generate_car(self.model, labels, sampling, streams)
+        return car_parts(self.model)
 
 
 class CSpD(_Continuous):
@@ -309,12 +304,12 @@ class CSpD(_Continuous):
         self.drafter = self.cont.model(self.p.drafter)  # "target" drafts for itself: every draft is accepted (a test)
         check_pair(self.model, self.drafter)
 
-    def generate(self, labels, sampling, streams):
-        from mulosd.decoding.continuous import generate_cspd
+    def parts(self):
+        from mulosd.decoding.continuous import cspd_parts
 
         p = self.p
-        return generate_cspd(self.model, self.drafter, labels, sampling, streams, self.gamma, prefill=p.prefill,
-                             align=p.align, relax=p.relax, max_tries=p.max_tries, independent=p.independent)
+        return cspd_parts(self.model, self.drafter, self.gamma, prefill=p.prefill, align=p.align, relax=p.relax,
+                          max_tries=p.max_tries, independent=p.independent)
 
 
 REGISTRY: dict[str, type[Method]] = {m.name: m for m in (AR, SD, SJD, MCSJD, Lantern, GSD, ZipAR, Mulo, CAR, CSpD)}

@@ -9,27 +9,35 @@ from __future__ import annotations
 
 import torch
 
-from mulosd.decoding.ar import cfg_labels, double
 from mulosd.decoding.engine import Proposal
 from mulosd.decoding.rules import acceptance_probability, residual_distribution
 from mulosd.decoding.sampling import process_logits, sample
+from mulosd.decoding.state import DecodeState, cfg_labels, double, model_rows
 from mulosd.errors import MulosdError
 from mulosd.models.gpt import GPT
 
 
 class DrafterProposer:
     """A small AR model of the target's grid and vocabulary drafts G tokens, one forward each, with its own
-    position-indexed cache and the same sampling module (CFG included) as the target."""
+    position-indexed cache and the same sampling module (CFG included) as the target. Its draws come from the
+    target's streams (the drafts are part of the target-side sample path, as in the exactness tests)."""
 
-    def __init__(self, drafter: GPT):
-        self.drafter = drafter
+    observe_phase = "drafting"
 
-    def start(self, labels, cfg, slack):
-        self.drafter.setup_cache(len(labels) * (2 if cfg.uses_cfg else 1), slack=slack)
-        self.drafter.prefill(cfg_labels(self.drafter, labels, cfg))
-        return 1
+    def __init__(self, drafter: GPT, gamma: int):
+        self.drafter, self.gamma = drafter, gamma
 
-    def propose(self, tokens, frontier, gamma, cfg, streams):
+    def start(self, state: DecodeState) -> None:
+        self.drafter.setup_cache(model_rows(state.batch, state.cfg), slack=self.gamma + 1)
+        self.drafter.prefill(cfg_labels(self.drafter, state.labels, state.cfg))
+        state.stats.drafter_forwards += 1
+
+    def propose(self, state: DecodeState) -> Proposal:
+        with state.phase("drafting"):
+            return self._draft(state.tokens, state.frontier, state)
+
+    def _draft(self, tokens, frontier, state) -> Proposal:
+        cfg, streams, gamma = state.cfg, state.streams, self.gamma
         # Re-feed the last two committed cells: this writes the token the target placed at f-1 (a resample or a
         # bonus token the drafter has not seen) and the accepted draft before it; everything earlier is in cache.
         cells = torch.stack([(frontier - 2).clamp_min(0), frontier - 1], dim=1)
@@ -42,12 +50,14 @@ class DrafterProposer:
             qs.append(q)
             if i + 1 < gamma:
                 logits = self.drafter.decode(double(d[:, None], cfg), double((frontier + i)[:, None], cfg))[:, 0]
-        return Proposal(tokens=torch.stack(drafts, 1), q=torch.stack(qs, 1), forwards=gamma)
+        span = torch.arange(gamma, device=frontier.device)
+        return Proposal(tokens=torch.stack(drafts, 1), cells=frontier[:, None] + span, q=torch.stack(qs, 1),
+                        forwards=gamma)
 
-    def observe(self, p, frontier, count, tokens, streams):
+    def observe(self, state, proposal, scores, verdict) -> None:
         pass
 
-    def finish(self):
+    def finish(self) -> None:
         self.drafter.clear_cache()
 
 
@@ -67,25 +77,26 @@ class JacobiProposer:
     INITS = ("random", "spatial")
     COUPLINGS = ("none", "maximal", "gumbel")
 
-    def __init__(self, vocab_size: int, init: str = "random", coupling: str = "none"):
+    observe_phase = "drafting"
+
+    def __init__(self, vocab_size: int, gamma: int, init: str = "random", coupling: str = "none"):
         if init not in self.INITS:
             raise MulosdError(f"init {init!r} unknown; allowed: {', '.join(self.INITS)}")
         if coupling not in self.COUPLINGS:
             raise MulosdError(f"coupling {coupling!r} unknown; allowed: {', '.join(self.COUPLINGS)}")
-        self.V, self.init, self.coupling = vocab_size, init, coupling
-
-    def start(self, labels, cfg, slack):
+        self.V, self.gamma, self.init, self.coupling = vocab_size, gamma, init, coupling
         self.tok = self.q = self.gumbel = None
-        self.slack = slack
-        return 0
+
+    def start(self, state: DecodeState) -> None:
+        self.tok = self.q = self.gumbel = None
 
     def _initialise(self, tok, q, first, last_committed, streams):
         """Fill window positions i >= first [B] with fresh initial drafts (in place on tok [B, G], q [B, G, V])."""
         B, G = tok.shape
-        fresh = torch.arange(G)[None] >= first[:, None]
+        fresh = torch.arange(G, device=tok.device)[None] >= first[:, None]
         if self.init == "random":
-            init_tok = sample(torch.full((B, G, self.V), 1.0 / self.V), streams.uniform(G))
-            init_q = torch.full((self.V,), 1.0 / self.V)
+            init_tok = sample(torch.full((B, G, self.V), 1.0 / self.V, device=tok.device), streams.uniform(G))
+            init_q = torch.full((self.V,), 1.0 / self.V, device=tok.device)
         else:  # spatial: repeat the token left of the first fresh cell (the last committed one when first = 0)
             left = torch.cat([last_committed[:, None], tok], dim=1).gather(1, first[:, None].clamp(max=G))
             init_tok = left.expand(-1, G)
@@ -95,21 +106,29 @@ class JacobiProposer:
             init_q = torch.nn.functional.one_hot(init_tok, self.V).to(q.dtype)
         q.copy_(torch.where(fresh[..., None], init_q, q))
 
-    def propose(self, tokens, frontier, gamma, cfg, streams):
-        if self.tok is None:
-            B = len(frontier)
-            self.tok = torch.zeros(B, gamma, dtype=torch.long)
-            self.q = torch.zeros(B, gamma, self.V)
-            self._initialise(self.tok, self.q, torch.zeros(B, dtype=torch.long), tokens.gather(1, frontier[:, None] - 1)[:, 0], streams)
-            if self.coupling == "gumbel":
-                u = streams.uniform(tokens.shape[1], self.V).clamp(1e-12, 1 - 1e-7)
-                self.gumbel = -torch.log(-torch.log(u))
-        return Proposal(tokens=self.tok.clone(), q=self.q.clone(), forwards=0)
+    def propose(self, state: DecodeState) -> Proposal:
+        with state.phase("drafting"):
+            tokens, frontier, streams, gamma = state.tokens, state.frontier, state.streams, self.gamma
+            if self.tok is None:
+                B, device = len(frontier), frontier.device
+                self.tok = torch.zeros(B, gamma, dtype=torch.long, device=device)
+                self.q = torch.zeros(B, gamma, self.V, device=device)
+                self._initialise(self.tok, self.q, torch.zeros(B, dtype=torch.long, device=device),
+                                 tokens.gather(1, frontier[:, None] - 1)[:, 0], streams)
+                if self.coupling == "gumbel":
+                    u = streams.uniform(tokens.shape[1], self.V).clamp(1e-12, 1 - 1e-7)
+                    self.gumbel = -torch.log(-torch.log(u))
+            span = torch.arange(gamma, device=frontier.device)
+            return Proposal(tokens=self.tok.clone(), cells=frontier[:, None] + span, q=self.q.clone())
 
-    def observe(self, p, frontier, count, tokens, streams):
+    def observe(self, state: DecodeState, proposal: Proposal, p: torch.Tensor, verdict) -> None:
+        """Re-draft the window from the target's distributions p [B, G + 1, V] of the cycle just verified."""
+        frontier = proposal.cells[:, 0]  # before the commit
+        count = state.frontier - frontier
+        tokens, streams = state.tokens, state.streams
         B, G1, V = p.shape
         G = G1 - 1
-        j = count[:, None] + torch.arange(G)  # new window position i sits at old offset j from the old frontier
+        j = count[:, None] + torch.arange(G, device=p.device)  # new window position i sits at old offset j
         p_new = p.gather(1, j.clamp(max=G)[..., None].expand(-1, -1, V))
         u = streams.uniform(G)
         if self.coupling == "gumbel":
@@ -132,5 +151,5 @@ class JacobiProposer:
         self._initialise(tok, q, (G - count + 1).clamp(0, G), last, streams)
         self.tok, self.q = tok, q
 
-    def finish(self):
+    def finish(self) -> None:
         self.tok = self.q = self.gumbel = None

@@ -91,16 +91,25 @@ def process_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
 
 
 class RandomStreams:
-    """One ``torch.Generator`` per image, seeded ``seed + image_index``: the same image gets the same random draws
-    whichever batch it is decoded in and whatever the batch size."""
+    """One ``torch.Generator`` per image, seeded from (seed, image index): the same image gets the same random draws
+    whichever batch it is decoded in and whatever the batch size. The generators run on the CPU and their draws are
+    moved to ``device``, so an image's uniforms are the same on every device (the models' arithmetic may still
+    differ across devices and dtypes)."""
 
-    def __init__(self, seeds: list[int] | torch.Tensor):
+    def __init__(self, seeds: list[int] | torch.Tensor, device: torch.device | str | None = None):
         self.seeds = [int(s) for s in seeds]
         self.generators = [torch.Generator().manual_seed(s) for s in self.seeds]
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
 
     @classmethod
-    def from_seed(cls, seed: int, indices) -> "RandomStreams":
-        return cls([seed * 1_000_003 + int(i) for i in indices])
+    def from_seed(cls, seed: int, indices, device: torch.device | str | None = None) -> "RandomStreams":
+        return cls([seed * 1_000_003 + int(i) for i in indices], device)
+
+    def to(self, device: torch.device | str) -> "RandomStreams":
+        """The same streams (same generators, same positions) delivering their draws on ``device``."""
+        out = RandomStreams.__new__(RandomStreams)
+        out.seeds, out.generators, out.device = self.seeds, self.generators, torch.device(device)
+        return out
 
     def __len__(self) -> int:
         return len(self.generators)
@@ -110,20 +119,19 @@ class RandomStreams:
         target's: the target sees the same uniforms whatever the drafter does. (torch's CPU generator keeps only
         the low 32 bits of a seed, so the derived seeds are hashed into that range, never offset past it.)"""
         return RandomStreams([int.from_bytes(hashlib.sha256(f"{s}/{salt}".encode()).digest()[:4], "little")
-                              for s in self.seeds])
+                              for s in self.seeds], self.device)
 
     def uniform(self, *shape: int, rows: torch.Tensor | None = None) -> torch.Tensor:
         """[B, *shape] uniforms in [0, 1), row b from stream b. ``rows`` [B] bool: only those streams draw (the
         others return zeros and do not advance), so an image's draws never depend on its batch-mates."""
         if rows is None:
-            return torch.stack([torch.rand(shape, generator=g) for g in self.generators])
-        return torch.stack([torch.rand(shape, generator=g) if bool(on) else torch.zeros(shape)
-                            for g, on in zip(self.generators, rows)])
-
+            return torch.stack([torch.rand(shape, generator=g) for g in self.generators]).to(self.device)
+        return torch.stack([torch.rand(shape, generator=g) if bool(on) else torch.zeros(shape, device="cpu")
+                            for g, on in zip(self.generators, rows.tolist())]).to(self.device)
 
     def normal(self, *shape: int) -> torch.Tensor:
         """[B, *shape] standard normals, row b from stream b (continuous tokens: diffusion noises, proposals)."""
-        return torch.stack([torch.randn(shape, generator=g) for g in self.generators])
+        return torch.stack([torch.randn(shape, generator=g) for g in self.generators]).to(self.device)
 
 
 def check_continuous(cfg: SamplingConfig) -> None:
