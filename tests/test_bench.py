@@ -183,10 +183,11 @@ def test_quick_preset_runs_every_method_with_plots_and_fake_inception(tmp_path, 
     rows = {m["label"]: m for m in res["methods"]}
     assert list(rows) == ["ar", "sd", "sjd", "mcsjd", "lantern", "gsd", "zipar", "mulo", "car", "cspd"]
     required = {"method", "params", "batch_size", "num_images", "latency_s_per_image", "speedup_vs_ar",
-                "target_forwards_per_image", "drafter_forwards_per_image", "step_compression", "mean_accepted_length",
+                "target_forwards_per_image", "drafter_forwards_per_image", "step_compression",
                 "acceptance_rate", "class_accuracy", "fid_classifier", "fid_inception", "time_breakdown_s"}
     for label, m in rows.items():
         assert required <= set(m), (label, required - set(m))
+        assert "mean_accepted_length" not in m, label  # the same number as step_compression: one name only
         assert m["error"] is None and m["num_images"] == 2, label
         assert m["fid_inception"] is not None, label
         assert m["kid_classifier"] is None, label  # one image per class: no unbiased KID for a class-balanced set
@@ -262,3 +263,111 @@ def test_fid_is_recomputed_at_every_tenth_and_at_the_end():
     assert due == list(range(100, 1001, 100))
     assert [r for r in range(1, 6) if _quality_due(r, 5, final=r == 5)] == [1, 2, 3, 4, 5]
     assert _quality_due(7, 1000, final=True)  # an interrupted run's last write is not final, a finished one is
+
+
+def _fake_pipe_and_methods(monkeypatch, fail: str | None = None):
+    """A pipeline stand-in (no model work) and two registered methods that count their constructions, their
+    decoded batches and the pipeline's classifications: what bench's bookkeeping can be checked on in milliseconds."""
+    import time
+    from types import SimpleNamespace
+
+    from mulosd.decoding import methods as registry
+    from mulosd.evaluation import bench
+    from mulosd.pipeline import Pipeline
+
+    log = {"built": [], "decoded": [], "classified": 0}
+
+    class Counting:  # the interface bench and Pipeline.generate use, nothing more
+        name, baseline, exact, defaults, output_grid = "fake_ar", "fake_ar", True, {"gamma": 1}, 2
+
+        def __init__(self, pipe, **params):
+            self.pipe, self._p = pipe, {**self.defaults, **params}
+            log["built"].append((self.name, self._p["gamma"]))
+
+        @classmethod
+        def param_names(cls):
+            return tuple(cls.defaults)
+
+        def params(self):
+            return dict(self._p)
+
+        def generate(self, labels, sampling, streams):
+            log["decoded"].append((self.name, self._p["gamma"], len(labels)))
+            if self.name == fail:
+                raise RuntimeError("this setting fails")
+            B = len(labels)
+            time.sleep(0.002)  # a measurable wall time (stats keep 0.1 ms)
+            stats = SimpleNamespace(target_forwards=4, active_forwards=4 * B, tokens=4 * B, time_s={}, accept_hist=[])
+            return torch.zeros(B, 4, dtype=torch.long), stats  # what Pipeline.generate reads of DecodeStats
+
+        def decode_images(self, tokens):
+            return torch.rand(len(tokens), 1, 4, 4, generator=torch.Generator().manual_seed(len(log["decoded"])))
+
+    class Drafting(Counting):
+        name = "fake_sd"
+
+    def classify(self, images):
+        log["classified"] += 1
+        return torch.zeros(len(images), dtype=torch.long)
+
+    pipe = SimpleNamespace(name="fake", class_names=tuple("abcdefghij"), classifier=object(), continuous=None)
+    pipe.generate = Pipeline.generate.__get__(pipe)
+    pipe.classify = classify.__get__(pipe)
+    monkeypatch.setitem(registry.REGISTRY, "fake_ar", Counting)
+    monkeypatch.setitem(registry.REGISTRY, "fake_sd", Drafting)
+    ref = (torch.zeros(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64), torch.randn(30, 3))
+    monkeypatch.setattr(bench, "reference_stats", lambda *a, **k: ref)
+    monkeypatch.setattr(bench, "real_floor", lambda *a, **k: 1.0)
+    monkeypatch.setattr(bench, "_features", lambda pipe, images: images.flatten(1)[:, :3].double())
+    return pipe, log
+
+
+def test_bench_builds_each_method_once_and_classifies_each_batch_once(tmp_path, monkeypatch):
+    from mulosd.evaluation.bench import BenchConfig, run_bench
+
+    pipe, log = _fake_pipe_and_methods(monkeypatch)
+    settings = parse_settings("fake_ar,fake_sd", sweeps=("fake_sd.gamma=2,3",))
+    cfg = BenchConfig(num_images=5, batch_size=2)
+    res = run_bench(pipe, settings, cfg, tmp_path / "b", progress=False, save_samples=False, plots=False)
+    assert sorted(log["built"]) == [("fake_ar", 1), ("fake_sd", 2), ("fake_sd", 3)]  # once per setting
+    # one warm-up batch, then 3 rounds (2 + 2 + 1 images) per setting; only the measured batches are classified
+    assert len(log["decoded"]) == 3 * (1 + 3) and log["classified"] == 3 * 3
+    rows = {r["label"]: r for r in res["methods"]}
+    assert list(rows) == ["fake_ar", "fake_sd[gamma=2]", "fake_sd[gamma=3]"]
+    for r in rows.values():
+        assert r["num_images"] == 5 and r["class_accuracy"] == 0.2  # classifier says 0; one image in 5 asked for it
+        assert r["step_compression"] == 1.0 and "mean_accepted_length" not in r and r["error"] is None
+    assert res["config"]["speedup_references"] == {"fake_ar": "fake_ar"} and rows["fake_ar"]["speedup_vs_ar"] == 1.0
+    assert "mean_accepted_length" not in (tmp_path / "b" / "results.csv").read_text().splitlines()[0]
+
+
+def test_bench_resume_builds_once_and_decodes_only_the_missing_rounds(tmp_path, monkeypatch):
+    from mulosd.evaluation.bench import BenchConfig, run_bench
+
+    pipe, log = _fake_pipe_and_methods(monkeypatch, fail="fake_sd")
+    settings = parse_settings("fake_ar,fake_sd")
+    out = tmp_path / "b"
+    cfg = BenchConfig(num_images=6, batch_size=2, warmup=False)
+    first = run_bench(pipe, settings, cfg, out, progress=False, save_samples=False, plots=False)
+    assert first["methods"][1]["error"].strip().endswith("RuntimeError: this setting fails")
+    state = json.loads((out / "state.json").read_text())
+    state["done_rounds"], state["records"] = 1, {k: v[:1] for k, v in state["records"].items()}
+    (out / "state.json").write_text(json.dumps(state))
+    log["built"].clear(), log["decoded"].clear()
+    again = run_bench(pipe, settings, cfg, out, resume=True, progress=False, save_samples=False, plots=False)
+    assert sorted(log["built"]) == [("fake_ar", 1), ("fake_sd", 1)]
+    # rounds 2 and 3 of fake_ar only: the failed setting stays failed and is not decoded again
+    assert log["decoded"] == [("fake_ar", 1, 2), ("fake_ar", 1, 2)]
+    rows = {r["label"]: r for r in again["methods"]}
+    assert rows["fake_ar"]["num_images"] == 6 and again["config"]["complete"]
+    assert rows["fake_sd"]["error"] == first["methods"][1]["error"]
+    with pytest.raises(MulosdError, match="holds a run with other settings"):
+        run_bench(pipe, settings, BenchConfig(num_images=4, batch_size=2, warmup=False), out, resume=True,
+                  progress=False)
+
+
+def test_old_results_with_only_mean_accepted_length_still_render():
+    """results.json files may carry the step compression as mean_accepted_length only (the same number)."""
+    row = _row("ar", {})
+    old = {k: v for k, v in row.items() if k != "step_compression"} | {"mean_accepted_length": 2.0}
+    assert markdown_table([old]) == markdown_table([row])

@@ -7,6 +7,11 @@ every round the raw per-batch records (and the classifier features of the images
 ``state.json`` / ``state.safetensors`` in the output directory, together with the aggregated
 ``results.json``, ``results.csv`` and ``results.md``; ``resume=True`` continues after the last finished round.
 A setting that raises is reported in its row (``error``) and skipped in later rounds; the others go on.
+
+Each setting's method is built once, before any work (so bad values fail before ``--out`` is created), and that
+one object decodes its warm-up batch and every measured batch (``Pipeline.generate``); the images of a batch are
+classified once, by the pipeline. The module reads top to bottom: settings, scheduling and resume, measurement,
+quality, writing, and ``run_bench`` with the state of one run (``_BenchRun``).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from mulosd.data import FashionMNIST
-from mulosd.decoding.methods import get_method
+from mulosd.decoding.methods import Method, get_method
 from mulosd.decoding.sampling import SamplingConfig
 from mulosd.errors import MulosdError
 from mulosd.evaluation.fid import (cached_reference, fid_from_features, kernel_distance, kid_permutation_test,
@@ -36,13 +41,35 @@ from mulosd.evaluation.fid import (cached_reference, fid_from_features, kernel_d
 from mulosd.io import atomic_write, cache_dir, atomic_write_json, atomic_write_text, check_writable
 
 PHASES = ("drafting", "upsampling", "verification", "resampling", "downsampling", "prefill")
+SPACES = ("classifier", "inception")
+# KID (against the test set, and between a setting and its reference) weighs each setting's images as the
+# class-balanced sample they are: image i asks for class i mod 10 (fid._pair_weights). Recorded in results.json's
+# config; runs written before it carry an i.i.d.-weighted KID, biased low, that the doc tables do not show.
+KID_STRATA = "requested class"
+PERMUTATIONS = 1000
+SAMPLE_IMAGES = 20  # the first images of every setting go into samples/<setting>.png
+WARMUP_SEED_OFFSET = 7919  # the uncounted warm-up batch draws other images than the measured ones
 
 
+# ---- settings ---------------------------------------------------------------------------------------------
 @dataclass
 class Setting:
     label: str
     method: str
     params: dict = field(default_factory=dict)
+
+
+def _param_names(method: str) -> set[str]:
+    """The parameter names of a method (``param_names()`` where the method class has it, else its defaults)."""
+    cls = get_method(method)
+    return set(cls.param_names()) if hasattr(cls, "param_names") else set(cls.defaults)
+
+
+def _check_key(option: str, item: str, method: str, key: str) -> None:
+    allowed = _param_names(method)
+    if key not in allowed:
+        raise MulosdError(f"{option} {item!r}: method {method!r} has no parameter {key!r}; "
+                          f"allowed: {', '.join(sorted(allowed)) or 'none'}")
 
 
 def _parse_value(text: str):
@@ -56,55 +83,70 @@ def _label(name: str, params: dict) -> str:
     return name + ("" if not params else "[" + ",".join(f"{k}={v}" for k, v in params.items()) + "]")
 
 
-def parse_settings(methods: str, sweeps: tuple[str, ...] = (), params: tuple[str, ...] = (),
-                   extra: tuple[str, ...] = ()) -> list[Setting]:
-    """``methods`` "ar,sd,mulo"; ``sweeps`` like "mulo.tau=0.05,0.1" (several for one method give the product);
-    ``params`` like "mulo.k=16" (fixed); ``extra`` single settings like "mulo:upsampler=pixel,resampling=serial"
-    appended as they are. Every method is checked to exist and every key to be a parameter of it."""
+def _method_names(methods: str, extra: tuple[str, ...]) -> list[str]:
     names = [m.strip() for m in methods.split(",") if m.strip()]
     if not names and not extra:
         raise MulosdError("--methods is empty; name at least one method (see `mulosd methods`)")
     if len(set(names)) != len(names):
         raise MulosdError(f"--methods names a method twice: {methods!r}")
+    return names
+
+
+def _split_option(option: str, item: str, names: list[str]) -> tuple[str, str, str]:
+    """``METHOD.KEY=VALUE`` (a --param) or ``METHOD.KEY=V1,V2`` (a --sweep) -> (method, key, value text), checked."""
+    head, eq, values = item.partition("=")
+    method, dot, key = head.partition(".")
+    if not eq or not dot or not key or not values:
+        shape = "METHOD.KEY=VALUE" + ("[,VALUE...]" if option == "--sweep" else "")
+        raise MulosdError(f"{option} {item!r} must look like {shape}")
+    if method not in names:
+        raise MulosdError(f"{option} {item!r} is for method {method!r}, which is not in --methods ({', '.join(names)})")
+    _check_key(option, item, method, key)
+    return method, key, values
+
+
+def _sweep_settings(name: str, fixed: dict, grid: dict[str, list]) -> list[Setting]:
+    """One setting per point of the product of ``grid``'s value lists, each with the ``fixed`` parameters too."""
+    get_method(name)
+    keys = list(grid)
+    settings = []
+    for combo in itertools.product(*(grid[k] for k in keys)):
+        params = {**fixed, **dict(zip(keys, combo))}
+        settings.append(Setting(_label(name, params), name, params))
+    return settings
+
+
+def _extra_setting(item: str) -> Setting:
+    """A --setting ``METHOD:KEY=VALUE[,KEY=VALUE...]``."""
+    method, _, rest = item.partition(":")
+    method = method.strip()
+    get_method(method)
+    params = {}
+    for kv in filter(None, rest.split(",")):
+        key, eq, value = kv.partition("=")
+        if not eq:
+            raise MulosdError(f"--setting {item!r} must look like METHOD:KEY=VALUE[,KEY=VALUE...]")
+        _check_key("--setting", item, method, key)
+        params[key] = _parse_value(value)
+    return Setting(_label(method, params), method, params)
+
+
+def parse_settings(methods: str, sweeps: tuple[str, ...] = (), params: tuple[str, ...] = (),
+                   extra: tuple[str, ...] = ()) -> list[Setting]:
+    """``methods`` "ar,sd,mulo"; ``sweeps`` like "mulo.tau=0.05,0.1" (several for one method give the product);
+    ``params`` like "mulo.k=16" (fixed); ``extra`` single settings like "mulo:upsampler=pixel,resampling=serial"
+    appended as they are. Every method is checked to exist and every key to be a parameter of it."""
+    names = _method_names(methods, extra)
     fixed: dict[str, dict] = {n: {} for n in names}
     grid: dict[str, dict[str, list]] = {n: {} for n in names}
-    for kind, items in (("--param", params), ("--sweep", sweeps)):
-        for item in items:
-            head, eq, values = item.partition("=")
-            method, dot, key = head.partition(".")
-            if not eq or not dot or not key or not values:
-                raise MulosdError(f"{kind} {item!r} must look like METHOD.KEY=VALUE{'[,VALUE...]' if kind == '--sweep' else ''}")
-            if method not in names:
-                raise MulosdError(f"{kind} {item!r} is for method {method!r}, which is not in --methods ({', '.join(names)})")
-            cls = get_method(method)
-            if key not in cls.defaults:
-                raise MulosdError(f"{kind} {item!r}: method {method!r} has no parameter {key!r}; "
-                                  f"allowed: {', '.join(sorted(cls.defaults)) or 'none'}")
-            if kind == "--param":
-                fixed[method][key] = _parse_value(values)
-            else:
-                grid[method][key] = [_parse_value(v) for v in values.split(",")]
-    settings = []
-    for name in names:
-        get_method(name)
-        keys = list(grid[name])
-        for combo in itertools.product(*(grid[name][k] for k in keys)):
-            point = dict(zip(keys, combo))
-            p = {**fixed[name], **point}
-            settings.append(Setting(_label(name, p), name, p))
-    for item in extra:
-        method, _, rest = item.partition(":")
-        cls = get_method(method.strip())
-        p = {}
-        for kv in filter(None, rest.split(",")):
-            key, eq, value = kv.partition("=")
-            if not eq:
-                raise MulosdError(f"--setting {item!r} must look like METHOD:KEY=VALUE[,KEY=VALUE...]")
-            if key not in cls.defaults:
-                raise MulosdError(f"--setting {item!r}: method {method!r} has no parameter {key!r}; "
-                                  f"allowed: {', '.join(sorted(cls.defaults)) or 'none'}")
-            p[key] = _parse_value(value)
-        settings.append(Setting(_label(method.strip(), p), method.strip(), p))
+    for item in params:
+        method, key, value = _split_option("--param", item, names)
+        fixed[method][key] = _parse_value(value)
+    for item in sweeps:
+        method, key, values = _split_option("--sweep", item, names)
+        grid[method][key] = [_parse_value(v) for v in values.split(",")]
+    settings = [s for n in names for s in _sweep_settings(n, fixed[n], grid[n])]
+    settings += [_extra_setting(item) for item in extra]
     labels = [x.label for x in settings]
     if len(set(labels)) != len(labels):
         raise MulosdError(f"the same setting appears twice: {sorted({x for x in labels if labels.count(x) > 1})}")
@@ -124,12 +166,16 @@ class BenchConfig:
     inception: bool = False  # also FID with the standard Inception-v3 (about 0.13 s per image on 2 cores)
     reference_images: int = 10000  # test-split images behind the Inception reference statistics
 
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(cfg_scale=self.cfg_scale, temperature=self.temperature, top_k=self.top_k,
+                              top_p=self.top_p)
+
     def validate(self) -> None:
         if isinstance(self.num_images, bool) or not isinstance(self.num_images, int) or self.num_images < 1:
             raise MulosdError(f"--num-images must be an integer >= 1, got {self.num_images!r}")
         if self.batch_size < 1:
             raise MulosdError(f"--batch-size must be >= 1, got {self.batch_size}")
-        SamplingConfig(cfg_scale=self.cfg_scale, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        self.sampling()
         if not isinstance(self.reference_images, int) or not 2 <= self.reference_images <= 10000:
             raise MulosdError(f"--reference-images must be an integer in [2, 10000] (the test split), "
                               f"got {self.reference_images!r}")
@@ -139,6 +185,94 @@ class BenchConfig:
             inception_path()  # missing weights: say how to install them before any work starts
 
 
+# ---- scheduling and resume --------------------------------------------------------------------------------
+def _batches(cfg: BenchConfig) -> list[tuple[int, int]]:
+    """Round b decodes images [lo, hi) of every setting."""
+    return [(b, min(b + cfg.batch_size, cfg.num_images)) for b in range(0, cfg.num_images, cfg.batch_size)]
+
+
+def _round_order(settings: list[Setting], b: int) -> list[Setting]:
+    """The settings in the order round b runs them: rotated by b, so no setting always runs first."""
+    return settings[b % len(settings):] + settings[: b % len(settings)]
+
+
+def _run_config(pipe, settings: list[Setting], cfg: BenchConfig) -> dict:
+    """What a run measures; a resumed run must have the same (compared as JSON)."""
+    return {"model": pipe.name, "num_images": cfg.num_images, "batch_size": cfg.batch_size, "seed": cfg.seed,
+            "sampling": vars(cfg.sampling()), "settings": [[s.label, s.method, s.params] for s in settings],
+            "inception": cfg.inception, **({"reference_images": cfg.reference_images} if cfg.inception else {})}
+
+
+def _load_state(out: Path, config: dict, settings: list[Setting], spaces) -> tuple[dict, dict, int, dict | None]:
+    """A resumed run's records, errors, finished rounds and saved features per space (None: no feature file),
+    after checking that ``out`` holds a run of the same config."""
+    state_path, feats_path = out / "state.json", out / "state.safetensors"
+    if not state_path.exists():
+        raise MulosdError(f"--resume: no state.json in {out}; start without --resume")
+    state = json.loads(state_path.read_text())
+    if state["config"] != json.loads(json.dumps(config)):
+        raise MulosdError(f"--resume: {out} holds a run with other settings; use another --out or the same options")
+    feats = None
+    if feats_path.exists():
+        saved = load_file(str(feats_path))
+        feats = {space: {s.label: [saved[f"{space}/{s.label}"]] if f"{space}/{s.label}" in saved else []
+                         for s in settings} for space in spaces}
+    return state["records"], state["errors"], state["done_rounds"], feats
+
+
+# ---- measurement ------------------------------------------------------------------------------------------
+def _build_methods(pipe, settings: list[Setting]) -> dict[str, Method]:
+    """Every setting's method, built (and so validated) once, before any work starts."""
+    return {s.label: get_method(s.method)(pipe, **s.params) for s in settings}
+
+
+def _decode(pipe, method: Method, labels: torch.Tensor, lo: int, seed: int, cfg: BenchConfig, classify: bool = True):
+    """Images [lo, lo + len(labels)) of one setting, decoded by its built method (one GenerationOutput)."""
+    return pipe.generate(method, labels, cfg.sampling(), seed=seed, batch_size=cfg.batch_size, first_index=lo,
+                         classify=classify)
+
+
+def _record(b: int, output) -> dict:
+    """The raw numbers of one decoded batch that the rows are aggregated from (kept in state.json)."""
+    st, counts = output.stats, output.stats["counts"]
+    return {
+        "batch": b, "images": len(output.labels), "wall_s": st["wall_time_s"],
+        "drafter_forwards": st["drafter_forwards"],
+        **{k: counts[k] for k in ("active_forwards", "tokens", "accepted", "drafted", "resampled")},
+        "correct": int((output.predictions == output.labels).sum()), "time_s": st["time_breakdown_s"],
+        "accept_hist": st["accepted_length_histogram"],
+    }
+
+
+def machine_description() -> str:
+    """Architecture, CPU model (Linux: /proc/cpuinfo), torch threads and version: speed-ups between methods are
+    measured in one process, but how they compare across runs depends on the CPU, so every run names it."""
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                model = f" ({line.split(':', 1)[1].strip()})"
+                break
+    except OSError:
+        pass
+    return f"{platform.machine()}{model}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def _speed_references(settings: list[Setting], methods: dict[str, Method], records: dict) -> tuple[dict, dict]:
+    """Every method is timed against the plain AR decoder of its own model family (Method.baseline: ar for the
+    discrete models, car for the continuous ones), run with default parameters in this same process. Returns
+    {baseline: label of its first default-parameter setting} and {baseline: its median latency per image}."""
+    references, latency = {}, {}
+    baselines = {type(m).baseline for m in methods.values()}
+    for s in settings:
+        if s.method in baselines and not s.params and s.method not in references:
+            references[s.method] = s.label
+            if records[s.label]:
+                latency[s.method] = statistics.median(r["wall_s"] / r["images"] for r in records[s.label])
+    return references, latency
+
+
+# ---- quality ----------------------------------------------------------------------------------------------
 def _features(pipe, images: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
         x = images * 2 - 1
@@ -200,20 +334,6 @@ def _quality(space: str, feats: torch.Tensor | None, ref, labels: torch.Tensor) 
     return {f"fid_{space}": round(fid_from_features(feats, *ref[:2]), 4), f"kid_{space}": kid}
 
 
-def machine_description() -> str:
-    """Architecture, CPU model (Linux: /proc/cpuinfo), torch threads and version: speed-ups between methods are
-    measured in one process, but how they compare across runs depends on the CPU, so every run names it."""
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                model = f" ({line.split(':', 1)[1].strip()})"
-                break
-    except OSError:
-        pass
-    return f"{platform.machine()}{model}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
-
-
 def _quality_due(done_rounds: int, total_rounds: int, final: bool) -> bool:
     """Whether a write recomputes FID/KID: at the end and at every tenth of the run. Each FID needs the square root
     of a 2048 x 2048 covariance product (seconds on 2 cores per setting), so recomputing it after every round would
@@ -228,12 +348,14 @@ def _qualities(feats: dict, refs: dict, labels: torch.Tensor) -> dict:
                else {"fid_inception": None, "kid_inception": None})}
 
 
-SPACES = ("classifier", "inception")
-# KID (against the test set, and between a setting and its reference) weighs each setting's images as the
-# class-balanced sample they are: image i asks for class i mod 10 (fid._pair_weights). Recorded in results.json's
-# config; runs written before it carry an i.i.d.-weighted KID, biased low, that the doc tables do not show.
-KID_STRATA = "requested class"
-PERMUTATIONS = 1000
+def _extractors(pipe, cfg: BenchConfig) -> dict:
+    """Feature extractor per space: the model set's classifier, and Inception-v3 with ``cfg.inception``."""
+    extractors = {"classifier": lambda images: _features(pipe, images)}
+    if cfg.inception:
+        from mulosd.evaluation.inception import InceptionFeatures
+
+        extractors["inception"] = InceptionFeatures()
+    return extractors
 
 
 def _tests_vs_reference(own: dict, base: dict, labels: torch.Tensor) -> dict:
@@ -254,37 +376,24 @@ def _tests_vs_reference(own: dict, base: dict, labels: torch.Tensor) -> dict:
     return out
 
 
-def _aggregate(setting: Setting, method_cls, records: list[dict], quality: dict, ar_latency,
-               cfg: BenchConfig, error: str | None) -> dict:
-    row = {"label": setting.label, "method": setting.method, "params": {**method_cls.defaults, **setting.params},
-           "exact": bool(setting.params.get("acceptance") == "exact") or method_cls.exact,
-           "batch_size": cfg.batch_size, "num_images": sum(r["images"] for r in records), "error": error}
-    if not records:
-        return row
-    n = row["num_images"]
-    lat = [r["wall_s"] / r["images"] for r in records]
-    med = statistics.median(lat)
-    q = statistics.quantiles(lat, n=10) if len(lat) >= 2 else [lat[0]] * 9
-    row.update({
-        "latency_s_per_image": round(med, 5),
-        "latency_mean_s": round(sum(r["wall_s"] for r in records) / n, 5),
-        "latency_p10_p90_s": [round(q[0], 5), round(q[-1], 5)],
-        "speedup_vs_ar": round(ar_latency / med, 3) if ar_latency else None,
-        "target_forwards_per_image": round(sum(r["active_forwards"] for r in records) / n, 3),
-        # drafter forwards are batched passes: each one serves every image of its batch
-        "drafter_forwards_per_image": round(sum(r["drafter_forwards"] for r in records) / len(records), 3),
-        "step_compression": round(sum(r["tokens"] for r in records) / max(1, sum(r["active_forwards"] for r in records)), 4),
-        "mean_accepted_length": round(sum(r["tokens"] for r in records) / max(1, sum(r["active_forwards"] for r in records)), 4),
-        "acceptance_rate": (round(sum(r["accepted"] for r in records) / sum(r["drafted"] for r in records), 4)
-                            if sum(r["drafted"] for r in records) else None),
-        "resampled_per_image": round(sum(r["resampled"] for r in records) / n, 3),
-        "class_accuracy": round(sum(r["correct"] for r in records) / n, 4),
-        **quality,
-        "time_breakdown_s": {k: round(sum(r["time_s"].get(k, 0.0) for r in records) / n, 5) for k in PHASES
-                             if any(k in r["time_s"] for r in records)},
-        "accepted_length_histogram": _sum_lists(r.get("accept_hist", []) for r in records),
-    })
-    return row
+def _joined(feats: dict, label: str) -> dict:
+    """One setting's features so far, per space (spaces without any left out)."""
+    return {space: torch.cat(v[label]) for space, v in feats.items() if v[label]}
+
+
+def _setting_quality(label: str, ref_label: str | None, feats: dict, refs: dict, labels: torch.Tensor) -> dict:
+    """FID/KID of one setting against the test set, and its two-sample tests against its family's reference."""
+    own = _joined(feats, label)
+    base = _joined(feats, ref_label) if ref_label not in (None, label) else {}
+    return {**_qualities(own, refs, labels), **_tests_vs_reference(own, base, labels)}
+
+
+# ---- writing ----------------------------------------------------------------------------------------------
+CSV_FIELDS = ["label", "method", "batch_size", "num_images", "latency_s_per_image", "speedup_vs_ar",
+              "target_forwards_per_image", "drafter_forwards_per_image", "step_compression", "acceptance_rate",
+              "resampled_per_image", "class_accuracy", "fid_classifier", "kid_classifier", "fid_inception",
+              "kid_inception", "kid_vs_reference_classifier", "p_vs_reference_classifier",
+              "kid_vs_reference_inception", "p_vs_reference_inception", "error"]
 
 
 def _sum_lists(lists) -> list[int]:
@@ -296,11 +405,52 @@ def _sum_lists(lists) -> list[int]:
     return total
 
 
-CSV_FIELDS = ["label", "method", "batch_size", "num_images", "latency_s_per_image", "speedup_vs_ar",
-              "target_forwards_per_image", "drafter_forwards_per_image", "step_compression", "mean_accepted_length",
-              "acceptance_rate", "resampled_per_image", "class_accuracy", "fid_classifier", "kid_classifier",
-              "fid_inception", "kid_inception", "kid_vs_reference_classifier", "p_vs_reference_classifier",
-              "kid_vs_reference_inception", "p_vs_reference_inception", "error"]
+def _speed_columns(records: list[dict], ar_latency: float | None) -> dict:
+    """Latency, speed-up and work per image of one setting's batches (its row's columns before FID/KID)."""
+    n = sum(r["images"] for r in records)
+    lat = [r["wall_s"] / r["images"] for r in records]
+    med = statistics.median(lat)
+    q = statistics.quantiles(lat, n=10) if len(lat) >= 2 else [lat[0]] * 9
+    total = lambda key: sum(r[key] for r in records)  # noqa: E731
+    return {
+        "latency_s_per_image": round(med, 5),
+        "latency_mean_s": round(total("wall_s") / n, 5),
+        "latency_p10_p90_s": [round(q[0], 5), round(q[-1], 5)],
+        "speedup_vs_ar": round(ar_latency / med, 3) if ar_latency else None,
+        "target_forwards_per_image": round(total("active_forwards") / n, 3),
+        # drafter forwards are batched passes: each one serves every image of its batch
+        "drafter_forwards_per_image": round(total("drafter_forwards") / len(records), 3),
+        # tokens committed per target forward an image took part in (1.0 for AR)
+        "step_compression": round(total("tokens") / max(1, total("active_forwards")), 4),
+        "acceptance_rate": round(total("accepted") / total("drafted"), 4) if total("drafted") else None,
+        "resampled_per_image": round(total("resampled") / n, 3),
+        "class_accuracy": round(total("correct") / n, 4),
+    }
+
+
+def _phase_columns(records: list[dict]) -> dict:
+    """Mean seconds per image per measured phase, and the summed accepted-length histogram."""
+    n = sum(r["images"] for r in records)
+    return {"time_breakdown_s": {k: round(sum(r["time_s"].get(k, 0.0) for r in records) / n, 5) for k in PHASES
+                                 if any(k in r["time_s"] for r in records)},
+            "accepted_length_histogram": _sum_lists(r.get("accept_hist", []) for r in records)}
+
+
+def _aggregate(setting: Setting, method: Method, records: list[dict], quality: dict, ar_latency,
+               cfg: BenchConfig, error: str | None) -> dict:
+    """One row of results.json: the setting, then (once it has records) speed, quality and phase columns."""
+    row = {"label": setting.label, "method": setting.method, "params": {**type(method).defaults, **setting.params},
+           "exact": bool(method.exact),  # the built method knows (mulo is exact with acceptance=exact)
+           "batch_size": cfg.batch_size, "num_images": sum(r["images"] for r in records), "error": error}
+    if records:
+        row.update({**_speed_columns(records, ar_latency), **quality, **_phase_columns(records)})
+    return row
+
+
+def step_compression(row: dict) -> float:
+    """A row's tokens per target forward; results.json files written before the duplicate name was dropped also
+    carry it as ``mean_accepted_length`` (the same number), which older files may have alone."""
+    return row["step_compression"] if "step_compression" in row else row["mean_accepted_length"]
 
 
 def _p_cell(row: dict) -> str:
@@ -317,6 +467,20 @@ def measured_phases(rows: list[dict]) -> list[str]:
     return [k for k in PHASES if any(k in (r.get("time_breakdown_s") or {}) for r in rows)]
 
 
+def _markdown_row(r: dict, phases: list[str], show_kid: bool) -> str:
+    if r.get("error") and "latency_s_per_image" not in r:
+        return f"| `{r['label']}` | error: {r['error'].strip().splitlines()[-1]} ||||||||||||"
+    f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
+    tb = r.get("time_breakdown_s") or {}
+    times = " / ".join(f(tb.get(k), ".3f") for k in phases) if tb else "-"
+    return (f"| `{r['label']}` | {f(r['speedup_vs_ar'], '.2f')}x | {r['latency_s_per_image']:.3f} "
+            f"({r['latency_p10_p90_s'][0]:.3f}-{r['latency_p10_p90_s'][1]:.3f}) | {r['target_forwards_per_image']:.1f} | "
+            f"{step_compression(r):.2f}x | {f(r['acceptance_rate'], '.3f')} | {f(r['resampled_per_image'], '.1f')} | "
+            f"{r['class_accuracy']:.3f} | {f(r['fid_classifier'], '.2f')} | "
+            f"{f(None if r.get('kid_classifier') is None or not show_kid else 1000 * r['kid_classifier'], '.2f')} | "
+            f"{f(r.get('fid_inception'), '.2f')} | {_p_cell(r)} | {times} |")
+
+
 def markdown_table(rows: list[dict], show_kid: bool = True) -> str:
     """The Markdown table of results.md; its time column lists the phases that some row measured, in PHASES order.
     ``show_kid=False`` leaves the KID cells empty ("-"), for runs whose results.json predates the class-stratified
@@ -327,24 +491,32 @@ def markdown_table(rows: list[dict], show_kid: bool = True) -> str:
              "p same as ref (classifier / Inception) | "
              f"time: {' / '.join(phases) or 'per phase'} (s/img) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r.get("error") and "latency_s_per_image" not in r:
-            lines.append(f"| `{r['label']}` | error: {r['error'].strip().splitlines()[-1]} ||||||||||||")
-            continue
-        f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
-        tb = r.get("time_breakdown_s") or {}
-        times = " / ".join(f(tb.get(k), ".3f") for k in phases) if tb else "-"
-        lines.append(
-            f"| `{r['label']}` | {f(r['speedup_vs_ar'], '.2f')}x | {r['latency_s_per_image']:.3f} "
-            f"({r['latency_p10_p90_s'][0]:.3f}-{r['latency_p10_p90_s'][1]:.3f}) | {r['target_forwards_per_image']:.1f} | "
-            f"{r['step_compression']:.2f}x | {f(r['acceptance_rate'], '.3f')} | {f(r['resampled_per_image'], '.1f')} | "
-            f"{r['class_accuracy']:.3f} | {f(r['fid_classifier'], '.2f')} | "
-            f"{f(None if r.get('kid_classifier') is None or not show_kid else 1000 * r['kid_classifier'], '.2f')} | "
-            f"{f(r.get('fid_inception'), '.2f')} | {_p_cell(r)} | {times} |")
+    lines += [_markdown_row(r, phases, show_kid) for r in rows]
     return "\n".join(lines) + "\n"
 
 
-SAMPLE_IMAGES = 20  # the first images of every setting go into samples/<setting>.png
+def _csv_text(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in r.items()})
+    return buf.getvalue()
+
+
+def _write_results(out: Path, result: dict) -> None:
+    """results.json, results.csv and results.md, each written atomically."""
+    atomic_write_json(out / "results.json", result)
+    atomic_write_text(out / "results.csv", _csv_text(result["methods"]))
+    atomic_write_text(out / "results.md", markdown_table(result["methods"]))
+
+
+def _save_state(out: Path, config: dict, records: dict, errors: dict, done_rounds: int, feats: dict) -> None:
+    """What --resume reads: the raw records (state.json) and every setting's features so far (state.safetensors)."""
+    atomic_write_json(out / "state.json", {"config": config, "records": records, "errors": errors,
+                                           "done_rounds": done_rounds})
+    tensors = {f"{space}/{k}": torch.cat(v).contiguous() for space, d in feats.items() for k, v in d.items() if v}
+    atomic_write(out / "state.safetensors", lambda tmp: save_file(tensors, tmp))
 
 
 def _save_sample_grid(pipe, out: Path, label: str, images: torch.Tensor, labels_all: torch.Tensor) -> None:
@@ -355,148 +527,135 @@ def _save_sample_grid(pipe, out: Path, label: str, images: torch.Tensor, labels_
     atomic_write(out / "samples" / f"{safe}.png", lambda tmp: grid.save(tmp, format="PNG"))
 
 
-def run_bench(pipe, settings: list[Setting], cfg: BenchConfig, out_dir: str | Path, resume: bool = False,
-              progress: bool = True, data_dir: str | None = None, save_samples: bool = True, plots: bool = True) -> dict:
-    cfg.validate()
-    out = Path(out_dir)
-    if pipe.classifier is None:
-        raise MulosdError(f"model set {pipe.name} has no classifier; bench needs it for class accuracy and FID")
-    methods = {}
-    for s in settings:  # every setting is built (and so validated) before any work starts
-        methods[s.label] = get_method(s.method)(pipe, **s.params)
-    check_writable(out / "results.json")  # creates --out: only once every setting is known to be valid
-    sampling = SamplingConfig(cfg_scale=cfg.cfg_scale, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
-    config = {"model": pipe.name, "num_images": cfg.num_images, "batch_size": cfg.batch_size, "seed": cfg.seed,
-              "sampling": vars(sampling), "settings": [[s.label, s.method, s.params] for s in settings],
-              "inception": cfg.inception, **({"reference_images": cfg.reference_images} if cfg.inception else {})}
-    state_path, feats_path = out / "state.json", out / "state.safetensors"
-    records = {s.label: [] for s in settings}
-    extractors = {"classifier": lambda images: _features(pipe, images)}
-    if cfg.inception:
-        from mulosd.evaluation.inception import InceptionFeatures
+# ---- the run ----------------------------------------------------------------------------------------------
+class _BenchRun:
+    """The state of one ``run_bench`` call: the built methods, the raw per-batch records and image features per
+    setting, the settings that failed, the finished rounds, and the FID/KID columns as last computed."""
 
-        extractors["inception"] = InceptionFeatures()
-    feats = {space: {s.label: [] for s in settings} for space in extractors}
-    errors: dict[str, str] = {}
-    done_rounds = 0
-    if resume:
-        if not state_path.exists():
-            raise MulosdError(f"--resume: no state.json in {out}; start without --resume")
-        state = json.loads(state_path.read_text())
-        if state["config"] != json.loads(json.dumps(config)):
-            raise MulosdError(f"--resume: {out} holds a run with other settings; use another --out or the same options")
-        records, errors, done_rounds = state["records"], state["errors"], state["done_rounds"]
-        if feats_path.exists():
-            saved = load_file(str(feats_path))
-            feats = {space: {s.label: [saved[f"{space}/{s.label}"]] if f"{space}/{s.label}" in saved else []
-                             for s in settings} for space in extractors}
-    refs = {"classifier": reference_stats(pipe, cache_dir(), data_dir)}
-    if cfg.inception:
-        refs["inception"] = inception_reference(extractors["inception"], cache_dir(), cfg.reference_images, data_dir,
-                                                progress)
-    floors = {space: real_floor(extractors[space], refs[space], cfg.num_images, data_dir, cache_dir())
-              for space in extractors}
-    labels_all = torch.arange(cfg.num_images) % len(pipe.class_names)
-    batches = [(b, min(b + cfg.batch_size, cfg.num_images)) for b in range(0, cfg.num_images, cfg.batch_size)]
-    samples: dict[str, torch.Tensor] = {}
+    def __init__(self, pipe, settings: list[Setting], cfg: BenchConfig, out: Path, save_samples: bool, plots: bool):
+        self.pipe, self.settings, self.cfg, self.out = pipe, settings, cfg, out
+        self.save_samples, self.plots = save_samples, plots
+        self.methods = _build_methods(pipe, settings)
+        check_writable(out / "results.json")  # creates --out: only once every setting is known to be valid
+        self.config = _run_config(pipe, settings, cfg)
+        self.extractors = _extractors(pipe, cfg)
+        self.records: dict[str, list[dict]] = {s.label: [] for s in settings}
+        self.feats = {space: {s.label: [] for s in settings} for space in self.extractors}
+        self.errors: dict[str, str] = {}
+        self.done_rounds = 0
+        self.labels = torch.arange(cfg.num_images) % len(pipe.class_names)  # image i asks for class i mod 10
+        self.batches = _batches(cfg)
+        self.samples: dict[str, torch.Tensor] = {}
+        self.quality: dict[str, dict] = {}  # label -> FID/KID columns as last computed
+        self.quality_round = 0  # the round at which they were
+        self.machine = machine_description()  # read once: every write of this process names the same CPU
+        self.refs: dict = {}
+        self.floors: dict = {}
 
-    def run(label, lo, hi, seed):
-        s = next(x for x in settings if x.label == label)
-        return pipe(labels_all[lo:hi].tolist(), num_per_class=1, method=s.method, seed=seed, batch_size=cfg.batch_size,
-                    cfg_scale=cfg.cfg_scale, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                    first_index=lo, **s.params)
+    def resume(self) -> None:
+        records, errors, done_rounds, feats = _load_state(self.out, self.config, self.settings, self.extractors)
+        self.records, self.errors, self.done_rounds = records, errors, done_rounds
+        if feats is not None:
+            self.feats = feats
 
-    if cfg.warmup and done_rounds < len(batches):
-        for s in settings:
-            if s.label not in errors:
-                try:
-                    run(s.label, 0, min(cfg.batch_size, cfg.num_images), cfg.seed + 7919)
-                except Exception:  # noqa: BLE001 - reported in the row, the other settings go on
-                    errors[s.label] = traceback.format_exc(limit=3)
+    def load_references(self, data_dir: str | None, progress: bool) -> None:
+        """Test-set statistics per feature space (cached) and the real-vs-real FID floor at this N."""
+        self.refs = {"classifier": reference_stats(self.pipe, cache_dir(), data_dir)}
+        if self.cfg.inception:
+            self.refs["inception"] = inception_reference(self.extractors["inception"], cache_dir(),
+                                                         self.cfg.reference_images, data_dir, progress)
+        self.floors = {space: real_floor(extract, self.refs[space], self.cfg.num_images, data_dir, cache_dir())
+                       for space, extract in self.extractors.items()}
 
-    quality: dict[str, dict] = {}  # label -> FID/KID columns as last computed
-    quality_round = 0  # the round at which they were
-    machine = machine_description()  # read once: every write of this process names the same CPU
-
-    def write(final: bool) -> dict:
-        nonlocal quality_round
-        # every method is timed against the plain AR decoder of its own model family (Method.baseline: ar for the
-        # discrete models, car for the continuous ones), run with default parameters in this same process
-        references, ref_lat = {}, {}
-        baselines = {type(m).baseline for m in methods.values()}
-        for s in settings:
-            if s.method in baselines and not s.params and s.method not in references:
-                references[s.method] = s.label
-                if records[s.label]:
-                    ref_lat[s.method] = statistics.median(r["wall_s"] / r["images"] for r in records[s.label])
-        ar_label = references.get("ar")
-        rows = []
-        for s in settings:
-            cls = type(methods[s.label])
-            if s.label not in quality or _quality_due(done_rounds, len(batches), final):
-                own = {space: torch.cat(v[s.label]) for space, v in feats.items() if v[s.label]}
-                ref_label = references.get(cls.baseline)
-                base = ({space: torch.cat(v[ref_label]) for space, v in feats.items() if v[ref_label]}
-                        if ref_label not in (None, s.label) else {})
-                quality[s.label] = {**_qualities(own, refs, labels_all), **_tests_vs_reference(own, base, labels_all)}
-                quality_round = done_rounds
-            rows.append(_aggregate(s, cls, records[s.label], quality[s.label], ref_lat.get(cls.baseline), cfg,
-                                   errors.get(s.label)))
-        result = {"config": {**config, "date": time.strftime("%Y-%m-%d %H:%M"),
-                             "machine": machine,
-                             "rounds_done": done_rounds, "rounds_total": len(batches), "complete": final,
-                             "quality_round": quality_round, "kid_strata": KID_STRATA,
-                             "fid_classifier_real_floor": floors["classifier"],
-                             "fid_inception_real_floor": floors.get("inception"), "speedup_reference": ar_label,
-                             "speedup_references": references},
-                  "methods": rows}
-        atomic_write_json(out / "results.json", result)
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in r.items()})
-        atomic_write_text(out / "results.csv", buf.getvalue())
-        atomic_write_text(out / "results.md", markdown_table(rows))
-        atomic_write_json(state_path, {"config": config, "records": records, "errors": errors, "done_rounds": done_rounds})
-        tensors = {f"{space}/{k}": torch.cat(v).contiguous() for space, d in feats.items() for k, v in d.items() if v}
-        atomic_write(feats_path, lambda tmp: save_file(tensors, tmp))
-        if plots and (final or done_rounds % max(1, len(batches) // 10) == 0):  # plotting every round would cost
-            from mulosd.evaluation.plots import write_plots
-
-            write_plots(result, out)
-        return result
-
-    bar = tqdm(total=len(batches) * len(settings), initial=done_rounds * len(settings), desc="bench", disable=not progress)
-    result = None
-    for b in range(done_rounds, len(batches)):
-        lo, hi = batches[b]
-        order = settings[b % len(settings):] + settings[: b % len(settings)]
-        for s in order:
-            bar.update(1)
-            if s.label in errors:
+    def warm_up(self) -> None:
+        """One uncounted batch per setting, decoded by the same method object as the measured ones."""
+        hi = min(self.cfg.batch_size, self.cfg.num_images)
+        for s in self.settings:
+            if s.label in self.errors:
                 continue
             try:
-                o = run(s.label, lo, hi, cfg.seed)
-            except Exception:  # noqa: BLE001
-                errors[s.label] = traceback.format_exc(limit=3)
-                continue
-            st, counts = o.stats, o.stats["counts"]
-            pred = pipe.classify(o.images)
-            records[s.label].append({
-                "batch": b, "images": hi - lo, "wall_s": st["wall_time_s"], "drafter_forwards": st["drafter_forwards"],
-                **{k: counts[k] for k in ("active_forwards", "tokens", "accepted", "drafted", "resampled")},
-                "correct": int((pred == o.labels).sum()), "time_s": st["time_breakdown_s"],
-                "accept_hist": st["accepted_length_histogram"],
-            })
-            for space, extract in extractors.items():
-                feats[space][s.label].append(extract(o.images))
-            if save_samples and lo < SAMPLE_IMAGES:
-                samples[s.label] = torch.cat([samples.get(s.label, o.images[:0]), o.images])[:SAMPLE_IMAGES]
-                _save_sample_grid(pipe, out, s.label, samples[s.label], labels_all)
-        done_rounds = b + 1
-        result = write(final=done_rounds == len(batches))
-    bar.close()
-    if result is None:
-        result = write(final=True)
-    return result
+                _decode(self.pipe, self.methods[s.label], self.labels[:hi], 0, self.cfg.seed + WARMUP_SEED_OFFSET,
+                        self.cfg, classify=False)
+            except Exception:  # noqa: BLE001 - reported in the row, the other settings go on
+                self.errors[s.label] = traceback.format_exc(limit=3)
+
+    def measure(self, s: Setting, b: int) -> None:
+        """Decode batch b with setting s; keep its record, features and sample images (or its error)."""
+        lo, hi = self.batches[b]
+        try:
+            output = _decode(self.pipe, self.methods[s.label], self.labels[lo:hi], lo, self.cfg.seed, self.cfg)
+        except Exception:  # noqa: BLE001 - reported in the row, the other settings go on
+            self.errors[s.label] = traceback.format_exc(limit=3)
+            return
+        self.records[s.label].append(_record(b, output))
+        for space, extract in self.extractors.items():
+            self.feats[space][s.label].append(extract(output.images))
+        if self.save_samples and lo < SAMPLE_IMAGES:
+            kept = torch.cat([self.samples.get(s.label, output.images[:0]), output.images])[:SAMPLE_IMAGES]
+            self.samples[s.label] = kept
+            _save_sample_grid(self.pipe, self.out, s.label, kept, self.labels)
+
+    def run_rounds(self, progress: bool) -> dict:
+        """Every round not yet done, each followed by a write; the last write is final."""
+        n = len(self.settings)
+        bar = tqdm(total=len(self.batches) * n, initial=self.done_rounds * n, desc="bench", disable=not progress)
+        result = None
+        for b in range(self.done_rounds, len(self.batches)):
+            for s in _round_order(self.settings, b):
+                bar.update(1)
+                if s.label not in self.errors:
+                    self.measure(s, b)
+            self.done_rounds = b + 1
+            result = self.write(final=self.done_rounds == len(self.batches))
+        bar.close()
+        return result if result is not None else self.write(final=True)
+
+    def rows(self, final: bool, references: dict, ref_latency: dict) -> list[dict]:
+        """The results rows; FID/KID recomputed where due (``_quality_due``), else carried from the last time."""
+        rows = []
+        for s in self.settings:
+            method = self.methods[s.label]
+            if s.label not in self.quality or _quality_due(self.done_rounds, len(self.batches), final):
+                self.quality[s.label] = _setting_quality(s.label, references.get(type(method).baseline), self.feats,
+                                                         self.refs, self.labels)
+                self.quality_round = self.done_rounds
+            rows.append(_aggregate(s, method, self.records[s.label], self.quality[s.label],
+                                   ref_latency.get(type(method).baseline), self.cfg, self.errors.get(s.label)))
+        return rows
+
+    def result(self, rows: list[dict], final: bool, references: dict) -> dict:
+        """results.json: the run's config with its progress, machine and FID floors, and the rows."""
+        return {"config": {**self.config, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": self.machine,
+                           "rounds_done": self.done_rounds, "rounds_total": len(self.batches), "complete": final,
+                           "quality_round": self.quality_round, "kid_strata": KID_STRATA,
+                           "fid_classifier_real_floor": self.floors["classifier"],
+                           "fid_inception_real_floor": self.floors.get("inception"),
+                           "speedup_reference": references.get("ar"), "speedup_references": references},
+                "methods": rows}
+
+    def write(self, final: bool) -> dict:
+        """Results, state and (at the quality cadence: plots show FID) plots, all written atomically."""
+        references, ref_latency = _speed_references(self.settings, self.methods, self.records)
+        result = self.result(self.rows(final, references, ref_latency), final, references)
+        _write_results(self.out, result)
+        _save_state(self.out, self.config, self.records, self.errors, self.done_rounds, self.feats)
+        if self.plots and _quality_due(self.done_rounds, len(self.batches), final):  # plotting every round would cost
+            from mulosd.evaluation.plots import write_plots
+
+            write_plots(result, self.out)
+        return result
+
+
+def run_bench(pipe, settings: list[Setting], cfg: BenchConfig, out_dir: str | Path, resume: bool = False,
+              progress: bool = True, data_dir: str | None = None, save_samples: bool = True, plots: bool = True) -> dict:
+    """Run (or with ``resume`` continue) a bench of ``settings`` into ``out_dir``; returns results.json's dict."""
+    cfg.validate()
+    if pipe.classifier is None:
+        raise MulosdError(f"model set {pipe.name} has no classifier; bench needs it for class accuracy and FID")
+    run = _BenchRun(pipe, settings, cfg, Path(out_dir), save_samples, plots)
+    if resume:
+        run.resume()
+    run.load_references(data_dir, progress)
+    if cfg.warmup and run.done_rounds < len(run.batches):
+        run.warm_up()
+    return run.run_rounds(progress)
