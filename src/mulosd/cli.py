@@ -273,8 +273,8 @@ def bench(model, preset, methods_, sweeps, params, extra, num_images, batch_size
 
     Rounds are interleaved (every setting decodes batch b before any decodes batch b+1, in a rotated order) and
     results are written atomically after every round. Per setting: median latency per image with its p10-p90
-    spread, speed-up over `ar` from the same run, target/drafter forwards per image, step compression, mean
-    accepted length, acceptance rate, class accuracy, FID and KID in the shipped classifier's feature space
+    spread, speed-up over `ar` from the same run, target/drafter forwards per image, step compression (tokens
+    per target forward), acceptance rate, class accuracy, FID and KID in the shipped classifier's feature space
     against the test split (real-vs-real floor at the same N in the config), optionally Inception FID/KID, a
     two-sample test against the `ar` (or `car`) row in each feature space (KID between the two sets and the
     permutation p-value that they share one distribution), the time per phase (drafting, up-sampling,
