@@ -281,9 +281,9 @@ class Pipeline:
         t0 = time.perf_counter()
         for start in tqdm(range(0, len(labels), batch_size), desc=f"generate {decoder.name}", disable=not progress):
             stop = min(start + batch_size, len(labels))
-            streams = RandomStreams.from_seed(seed, range(first_index + start, first_index + stop))
-            tokens, stats = _decode_batch(decoder, labels[start:stop], sampling, streams, traces)
-            all_tokens.append(tokens)
+            streams = RandomStreams.from_seed(seed, range(first_index + start, first_index + stop), decoder.device)
+            tokens, stats = _decode_batch(decoder, labels[start:stop].to(decoder.device), sampling, streams, traces)
+            all_tokens.append(tokens.cpu())
             _add_stats(totals, stats)
         wall = time.perf_counter() - t0
         g = decoder.output_grid

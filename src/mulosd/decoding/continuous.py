@@ -176,7 +176,7 @@ class ContinuousScorer:
         if self.independent:  # the next forward re-writes the replaced cells' caches
             self.back = self.width + 1
         state.stats.target_forwards += 1
-        state.stats.active_forwards += int(state.active.sum())
+        state.stats.active_forwards += state.n_active
         return chains
 
     def finish(self) -> None:

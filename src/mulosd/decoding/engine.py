@@ -87,6 +87,7 @@ class Parts:
     proposer: Proposer
     verifier: Verifier
     repairer: Repairer
+    timed: bool = True  # time the phases (plain AR has none worth naming: its whole time is the target's)
 
 
 @torch.inference_mode()
@@ -99,14 +100,17 @@ def decode(parts: Parts, labels: torch.Tensor, cfg: SamplingConfig, streams: Ran
         state = scorer.start(labels, cfg, streams)
         state.trace = trace
         proposer.start(state)
-        while not state.done:
+        while True:
+            state.n_active = int(state.active.sum())  # one host sync per cycle: the loop's only stopping test
+            if not state.n_active:
+                break
             proposal = proposer.propose(state)
-            with state.phase("verification"):
+            with state.phase("verification" if parts.timed else None):
                 scores = scorer.score(state, proposal)
                 verdict = verify(state, proposal, scores)
-            with state.phase(repairer.phase):
+            with state.phase(repairer.phase if parts.timed else None):
                 repairer.repair(state, proposal, scores, verdict)
-            with state.phase(proposer.observe_phase):
+            with state.phase(proposer.observe_phase if parts.timed else None):
                 proposer.observe(state, proposal, scores, verdict)
             state.stats.drafter_forwards += proposal.forwards
     finally:

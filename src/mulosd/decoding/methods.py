@@ -86,6 +86,11 @@ class Method:
         """Tokens per side of the images this method produces (the target's grid for every speculative method)."""
         return getattr(self, "model", self.pipe.target).config.grid_size
 
+    @property
+    def device(self) -> torch.device:
+        """Where the method's models live: a decode's labels and random draws go there."""
+        return next(getattr(self, "model", self.pipe.target).parameters()).device
+
     def parts(self) -> Parts:
         """Fresh parts (scorer, proposer, verifier, repairer) for one decode call: the method's composition."""
         raise NotImplementedError

@@ -54,14 +54,6 @@ def verify_exact(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, u_accept
     return _truncate_and_resample(p, q, draft, accept, u_resample)
 
 
-def sample_next(p: torch.Tensor, u_resample: torch.Tensor) -> Verdict:
-    """No drafts (plain AR): the frontier cell's token is drawn from p [B, 1, V]."""
-    B = p.shape[0]
-    none = torch.zeros(B, 0, dtype=torch.bool, device=p.device)
-    return Verdict(accept=none, num_accepted=torch.zeros(B, dtype=torch.long, device=p.device),
-                   next_token=sample(p[:, 0], u_resample))
-
-
 # ---- relaxed (lossy) rules --------------------------------------------------------------------------------------
 
 

@@ -112,6 +112,7 @@ class DecodeState:
     first: torch.Tensor | None = None
     trace: list | None = None  # per-cycle records for acceptance maps, when the caller asked for them
     cells: Any = None  # a family's target helper that outlives one cycle (MuLo-SD: forwards over cell sets)
+    n_active: int = 0  # samples still decoding at the start of this cycle (set by the loop)
 
     @classmethod
     def new(cls, labels: torch.Tensor, cfg: SamplingConfig, streams: RandomStreams, num_cells: int, slack: int,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from mulosd.decoding.engine import Parts, Proposal, decode
-from mulosd.decoding.rules import Verdict, sample_next
+from mulosd.decoding.rules import Verdict
 from mulosd.decoding.sampling import process_logits, sample
 from mulosd.decoding.state import DecodeState, DecodeStats, cfg_labels, double, model_rows
 from mulosd.models.gpt import GPT
@@ -36,15 +36,18 @@ class WindowScorer:
         state.frontier.fill_(1)
         B = len(labels)
         state.stats.target_forwards, state.stats.active_forwards, state.stats.tokens = 1, B, B
+        self.span = torch.arange(self.width + 1, device=state.device)
         return state
 
     def score(self, state: DecodeState, proposal: Proposal) -> torch.Tensor:
-        f, cfg = state.frontier, state.cfg
-        cells = f[:, None] - 1 + torch.arange(proposal.width + 1, device=f.device)
-        feed = torch.cat([state.tokens.gather(1, f[:, None] - 1), proposal.tokens], dim=1)
+        cfg, last = state.cfg, state.frontier[:, None] - 1
+        cells = last + self.span
+        feed = state.tokens.gather(1, last)
+        if proposal.width:
+            feed = torch.cat([feed, proposal.tokens], dim=1)
         p = process_logits(self.target.decode(double(feed, cfg), double(cells, cfg)), cfg)
         state.stats.target_forwards += 1
-        state.stats.active_forwards += int(state.active.sum())
+        state.stats.active_forwards += state.n_active
         return p
 
     def finish(self) -> None:
@@ -69,9 +72,9 @@ class NoDraft:
         pass
 
 
-def sample_verifier(state: DecodeState, proposal: Proposal, p: torch.Tensor) -> Verdict:
-    """AR: the frontier cell's token drawn from p (one uniform per image)."""
-    return sample_next(p, state.streams.uniform())
+def sample_verifier(state: DecodeState, proposal: Proposal, p: torch.Tensor) -> torch.Tensor:
+    """AR: nothing to verify; the frontier cell's token is drawn from p [B, 1, V] (one uniform per image)."""
+    return sample(p[:, 0], state.streams.uniform())
 
 
 class WindowVerifier:
@@ -119,6 +122,18 @@ class TruncateRepairer:
             s.accepted += int(accepted.sum())
 
 
+class AppendRepairer:
+    """AR: write each sample's new token at its frontier. Every sample advances by one cell per forward, so the
+    batch finishes together and no cell past the grid is written."""
+
+    phase = "verification"
+
+    def repair(self, state: DecodeState, proposal: Proposal, p: torch.Tensor, token: torch.Tensor) -> None:
+        state.tokens.scatter_(1, state.frontier[:, None], token[:, None])
+        state.frontier = state.frontier + 1
+        state.stats.tokens += state.n_active
+
+
 def window_parts(target: GPT, proposer, rule, width: int) -> Parts:
     """A raster-window method: ``proposer`` drafts ``width`` cells, ``rule`` verifies them, truncation repairs."""
     return Parts(WindowScorer(target, width), proposer, WindowVerifier(rule), TruncateRepairer())
@@ -126,7 +141,7 @@ def window_parts(target: GPT, proposer, rule, width: int) -> Parts:
 
 def ar_parts(target: GPT) -> Parts:
     """Plain AR: no drafts, one target forward and one sample per token."""
-    return Parts(WindowScorer(target, 0), NoDraft(), sample_verifier, TruncateRepairer())
+    return Parts(WindowScorer(target, 0), NoDraft(), sample_verifier, AppendRepairer(), timed=False)
 
 
 def generate_ar(model: GPT, labels: torch.Tensor, cfg, streams) -> tuple[torch.Tensor, DecodeStats]:
