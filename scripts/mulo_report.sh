@@ -26,6 +26,8 @@ bench ablations --methods ar,mulo --setting mulo:rejection=raster --setting mulo
   --setting mulo:island_window=1 --setting mulo:candidates=sample --setting mulo:drafting=serial,rows=1 \
   --setting mulo:drafting=serial,rows=1,downsampler=pixel --setting mulo:rows=2 \
   --setting mulo:acceptance=exact --setting mulo:r=4,acceptance=exact --num-images "$N_SWEEP"
+bench downsampler_padded --methods ar --setting mulo:drafting=serial,rows=1,downsampler=pixel \
+  --setting mulo:drafting=serial,rows=1,downsampler=learned --num-images 200
 bench main_b8 --methods ar,lantern,zipar,mulo --sweep mulo.r=2,4 --num-images "$N_B8" --batch-size 8
 [ -f "$O/upsamplers.json" ] || .venv/bin/python scripts/eval_upsamplers.py "$O/upsamplers.json"
 .venv/bin/python scripts/mulo_tables.py "$O"

@@ -22,10 +22,11 @@ tables([str(doc), str(root),
         "main_b1", "Batch 1: MuLo-SD against AR and the peers",
         "sweep_tau_k", "Sweep of tau and k (r = 2, l = 1, whole-image drafting, parallel islands)",
         "operating_point", "Candidate operating points at N = 200",
-        "explore_a", "Quality probes at N = 200 (no AR row; the rows=1 row re-synchronised with the pixel down-sampler)",
+        "explore_a", "Quality probes at N = 200 (no AR row; the rows=1 row re-synchronised with the pixel down-sampler, unpadded)",
         "explore_b", "Quality probes at N = 200 (no AR row)",
         "sweep_radius", "Sweep of the neighbourhood radius l (r = 2; l = 0 is naive local, inf is raster rejection)",
         "ablations", "Ablations (r = 2 unless named; every other parameter at its default)",
+        "downsampler_padded", "Down-sampler of the row-by-row loop, the partial image padded before pixel down-sampling",
         "main_b8", "Batch 8"])
 
 ups = []

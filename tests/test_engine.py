@@ -16,7 +16,8 @@ def test_sd_samples_the_target_sequence_distribution(gamma, cfg):
     target, drafter = toy(16, 2, 0), toy(8, 1, 1)
     seqs, want = sequence_distribution(target, 1, cfg)
     n = 10_000
-    out, stats = speculative_generate(target, DrafterProposer(drafter, gamma), verify_exact, torch.ones(n, dtype=torch.long), cfg, RandomStreams.from_seed(0, range(n)))
+    out, stats = speculative_generate(target, DrafterProposer(drafter, gamma), verify_exact,
+                                      torch.ones(n, dtype=torch.long), cfg, RandomStreams.from_seed(0, range(n)))
     assert_matches_distribution(out, want)
     assert 0 < stats.accepted < stats.drafted  # a real mix of acceptances and rejections
 
@@ -28,14 +29,16 @@ def test_sd_greedy_is_token_identical_to_ar(batch):
     labels = torch.arange(batch) % 2
     ar, _ = generate_ar(target, labels, cfg, RandomStreams.from_seed(0, range(batch)))
     for gamma in (1, 4, 9):
-        sd, _ = speculative_generate(target, DrafterProposer(drafter, gamma), verify_exact, labels, cfg, RandomStreams.from_seed(0, range(batch)))
+        sd, _ = speculative_generate(target, DrafterProposer(drafter, gamma), verify_exact,
+                                     labels, cfg, RandomStreams.from_seed(0, range(batch)))
         assert torch.equal(ar, sd)
 
 
 def test_drafter_equal_to_target_accepts_everything_and_samples_advance_independently():
     target = toy(16, 2, 4, grid=4, vocab=8)
     cfg = SamplingConfig()
-    out, stats = speculative_generate(target, DrafterProposer(target, 5), verify_exact, torch.tensor([0, 1, 0]), cfg, RandomStreams.from_seed(0, range(3)))
+    out, stats = speculative_generate(target, DrafterProposer(target, 5), verify_exact,
+                                      torch.tensor([0, 1, 0]), cfg, RandomStreams.from_seed(0, range(3)))
     assert stats.accepted == stats.drafted == 3 * (5 + 5 + 3)  # drafts past the last cell are not counted
     # 16 tokens: 1 from prefill, then cycles of 6 -> 1 + 6 + 6 + 3: three verify passes
     assert stats.target_forwards == 4 and stats.tokens == 48
@@ -52,7 +55,8 @@ def test_jacobi_samples_the_target_sequence_distribution(init, coupling):
     cfg = SamplingConfig(cfg_scale=1.5, temperature=0.9)
     seqs, want = sequence_distribution(target, 0, cfg)
     n = 10_000
-    out, stats = speculative_generate(target, JacobiProposer(3, 3, init, coupling), verify_exact, torch.zeros(n, dtype=torch.long), cfg, RandomStreams.from_seed(1, range(n)))
+    out, stats = speculative_generate(target, JacobiProposer(3, 3, init, coupling), verify_exact,
+                                      torch.zeros(n, dtype=torch.long), cfg, RandomStreams.from_seed(1, range(n)))
     assert_matches_distribution(out, want)
     assert stats.drafter_forwards == 0 and 0 < stats.accepted < stats.drafted
 
@@ -64,7 +68,8 @@ def test_jacobi_greedy_is_token_identical_to_ar(init, coupling):
     labels = torch.tensor([0, 1, 1])
     ar, _ = generate_ar(target, labels, cfg, RandomStreams.from_seed(0, range(3)))
     for window in (1, 5, 16):
-        out, _ = speculative_generate(target, JacobiProposer(16, window, init, coupling), verify_exact, labels, cfg, RandomStreams.from_seed(0, range(3)))
+        out, _ = speculative_generate(target, JacobiProposer(16, window, init, coupling), verify_exact,
+                                      labels, cfg, RandomStreams.from_seed(0, range(3)))
         assert torch.equal(ar, out)
 
 
@@ -74,7 +79,8 @@ def test_coupling_raises_draft_persistence():
     cfg = SamplingConfig()
     rates = {}
     for coupling in ("none", "maximal"):
-        _, st = speculative_generate(target, JacobiProposer(16, 6, "random", coupling), verify_exact, torch.zeros(400, dtype=torch.long), cfg, RandomStreams.from_seed(0, range(400)))
+        _, st = speculative_generate(target, JacobiProposer(16, 6, "random", coupling), verify_exact,
+                                     torch.zeros(400, dtype=torch.long), cfg, RandomStreams.from_seed(0, range(400)))
         rates[coupling] = st.accepted / st.drafted
     assert rates["maximal"] > rates["none"]
 
@@ -137,8 +143,10 @@ def test_gsd_group_one_equals_sjd_end_to_end():
     target = toy(32, 2, 2, grid=4, vocab=16, std=0.3)
     book = torch.nn.functional.normalize(torch.randn(16, 4), dim=-1)
     labels, cfg = torch.tensor([0, 1, 1, 0]), SamplingConfig(cfg_scale=1.5)
-    sjd, s1 = speculative_generate(target, JacobiProposer(16, 5), verify_exact, labels, cfg, RandomStreams.from_seed(0, range(4)))
-    gsd, s2 = speculative_generate(target, JacobiProposer(16, 5), functools.partial(verify_grouped, codebook=book, group=1), labels, cfg, RandomStreams.from_seed(0, range(4)))
+    sjd, s1 = speculative_generate(target, JacobiProposer(16, 5), verify_exact,
+                                   labels, cfg, RandomStreams.from_seed(0, range(4)))
+    gsd, s2 = speculative_generate(target, JacobiProposer(16, 5), functools.partial(verify_grouped,
+                                   codebook=book, group=1), labels, cfg, RandomStreams.from_seed(0, range(4)))
     assert torch.equal(sjd, gsd) and s1.target_forwards == s2.target_forwards
 
 
@@ -150,6 +158,8 @@ def test_lantern_delta_zero_equals_sd_end_to_end():
     target, drafter = toy(32, 2, 2, grid=4, vocab=16, std=0.3), toy(16, 1, 3, grid=4, vocab=16, std=0.3)
     rule = functools.partial(verify_lantern, neighbours=codebook_neighbours(torch.randn(16, 4), 6), delta=0.0)
     labels, cfg = torch.tensor([0, 1, 1]), SamplingConfig(cfg_scale=2.0)
-    sd, _ = speculative_generate(target, DrafterProposer(drafter, 4), verify_exact, labels, cfg, RandomStreams.from_seed(0, range(3)))
-    lt, _ = speculative_generate(target, DrafterProposer(drafter, 4), rule, labels, cfg, RandomStreams.from_seed(0, range(3)))
+    sd, _ = speculative_generate(target, DrafterProposer(drafter, 4), verify_exact,
+                                 labels, cfg, RandomStreams.from_seed(0, range(3)))
+    lt, _ = speculative_generate(target, DrafterProposer(drafter, 4), rule,
+                                 labels, cfg, RandomStreams.from_seed(0, range(3)))
     assert torch.equal(sd, lt)
