@@ -1,4 +1,4 @@
-"""Token fingerprints: the tokens and work counters of 54 settings (every method, with non-default parameters),
+"""Token fingerprints: the tokens and work counters of 28 settings in 52 runs (every method, non-default parameters),
 to show that a refactor leaves the images alone. Run it on two source trees and compare:
 
     PYTHONPATH=/path/to/old/src .venv/bin/python scripts/fingerprints.py write old.pt
@@ -63,7 +63,7 @@ def compare(a_path: str, b_path: str) -> int:
         notes += [f"{k} {x[k]} -> {y[k]}" for k in ("target_forwards", "drafter_forwards") if x[k] != y[k]]
         differ += bool(notes)
         print(("DIFF " if notes else "same ") + key + (": " + ", ".join(notes) if notes else ""))
-    print(f"{len(a) - differ} of {len(a)} settings identical")
+    print(f"{len(a) - differ} of {len(a)} runs identical")
     return differ
 
 
