@@ -88,7 +88,7 @@ def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift():
 
 
 def test_kid_permutation_test_statistic_null_and_power():
-    g = torch.Generator().manual_seed(3)  # one null draw (a seed where it is not among the 5 % with p <= 0.05)
+    g = torch.Generator().manual_seed(3)
     x, y = torch.randn(200, 8, generator=g), torch.randn(200, 8, generator=g)
     labels = torch.arange(200) % 10
     kid, p = kid_permutation_test(x * 7, y * 7, strata=labels, normalise=True)
@@ -96,14 +96,14 @@ def test_kid_permutation_test_statistic_null_and_power():
     assert kid == pytest.approx(kernel_distance(x * 7, y * 7, normalise=True, strata=labels, ref_strata=labels),
                                 rel=1e-9)
     assert kid_permutation_test(x, y)[0] == pytest.approx(kernel_distance(x, y), rel=1e-9)
-    assert p > 0.05
     kid, p = kid_permutation_test(x + 0.3, y, strata=labels, num_permutations=500)
     assert p == 1 / 501 and kid > 0  # no re-split reaches a real shift
-    # under the null the p-value is uniform: 300 seeded null pairs, share with p <= q close to q
+    # under the null the p-value is uniform: over 300 null pairs the share with p <= q stays within 4 standard
+    # errors of q (a calibration check that holds for any seed, not a single draw that happened to pass)
     ps = torch.tensor([kid_permutation_test(torch.randn(30, 4, generator=g), torch.randn(30, 4, generator=g),
                                             num_permutations=99, seed=i)[1] for i in range(300)])
-    for q in (0.1, 0.5):
-        assert abs(float((ps <= q).float().mean()) - q) < 0.08
+    for q in (0.05, 0.1, 0.5):
+        assert abs(float((ps <= q).float().mean()) - q) < 4 * (q * (1 - q) / 300) ** 0.5
 
 
 def _two_class_mixture(labels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
