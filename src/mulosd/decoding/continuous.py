@@ -275,7 +275,7 @@ class ResidualRepairer:
         state.frontier = frontier + count
 
     def _prefix(self, state, drafts, chains, accept, real):
-        B, G, N = state.batch, accept.shape[1], state.num_cells
+        B, N = state.batch, state.num_cells
         n = accept.long().cumprod(1).sum(1)  # accepted prefix
         nxt, tries, fell = replacement_tokens(drafts, chains, n, state.streams, self.max_tries)
         row = torch.cat([drafts["x"], nxt[:, None]], dim=1)  # drafts[:n] and the replacement at f+n

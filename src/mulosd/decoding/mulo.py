@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mulosd.decoding.engine import Proposal
+from mulosd.decoding.engine import Parts, Proposal
 from mulosd.decoding.grid import label_islands, resample_region
 from mulosd.decoding.rules import pooled_threshold_accept, verify_block_exact
 from mulosd.decoding.sampling import process_logits, sample
@@ -175,7 +175,7 @@ class MultiScaleProposer:
 
     def observe(self, state: DecodeState, proposal: Proposal, scores, verdict) -> None:
         """Once the block is committed everywhere, re-synchronise the drafter's prefix with it (down-sampling)."""
-        (start, end), lo = proposal.extra["block"], proposal.extra["lo"]
+        (_, end), lo = proposal.extra["block"], proposal.extra["lo"]
         if bool((state.frontier < end).any()) or lo.stop >= self.h:
             return
         B, h = state.batch, self.h
@@ -263,7 +263,7 @@ class CellScorer:
 
     def score(self, state: DecodeState, proposal: Proposal) -> tuple[torch.Tensor, torch.Tensor]:
         start, end = proposal.extra["block"]
-        cf, B, N = state.cells, state.batch, state.num_cells
+        cf, B = state.cells, state.batch
         cell = cf.cell
         done = cell[start:end][None] < state.frontier[:, None]  # the block's committed prefix
         state.tokens[:, start:end] = torch.where(done, state.tokens[:, start:end], proposal.tokens)
@@ -430,11 +430,9 @@ class TruncateBlockRepairer:
 
 
 def mulo_parts(target: GPT, drafter: GPT, resamplers: Resamplers, neighbours: torch.Tensor | None,
-               settings: MuloSettings) -> "Parts":
+               settings: MuloSettings) -> Parts:
     """MuLo-SD as parts of the one loop: threshold acceptance with local repair, or exact acceptance with raster
     truncation inside the block."""
-    from mulosd.decoding.engine import Parts
-
     H = target.config.grid_size
     proposer = MultiScaleProposer(drafter, resamplers, settings, target.config.vocab_size)
     if settings.acceptance == "exact":

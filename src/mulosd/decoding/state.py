@@ -137,10 +137,6 @@ class DecodeState:
         """[B] bool: samples with cells still to commit."""
         return self.frontier < self.num_cells
 
-    @property
-    def done(self) -> bool:
-        return not bool(self.active.any())
-
     def phase(self, name: str | None):
         """Time a block of work as phase ``name`` (see :meth:`DecodeStats.phase`)."""
         return self.stats.phase(name, self.device)
