@@ -48,7 +48,7 @@ def make(grid=4, r=2, vocab=8, k=3, learned=True, seed=0, **settings):
     settings.setdefault("rows", 1)  # several cycles, so re-synchronisation is exercised
     settings.setdefault("drafting", "serial")
     down = resampler.down_from if not learned else resampler
-    return target, ToyMulo(target, drafter, Resamplers(resampler, down, r), neighbours, MuloSettings(r=r, k=k, **settings))
+    return target, ToyMulo(target, drafter, Resamplers(resampler, down, r), neighbours, MuloSettings(r=r, **settings))
 
 
 class ToyMulo:

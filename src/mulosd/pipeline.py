@@ -25,6 +25,7 @@ from tqdm import tqdm
 from mulosd.data.fashion_mnist import CLASS_NAMES
 from mulosd.decoding.methods import get_method
 from mulosd.decoding.sampling import RandomStreams, SamplingConfig
+from mulosd.decoding.state import add_counts
 from mulosd.errors import MulosdError
 from mulosd.models.cgpt import ContinuousGPT
 from mulosd.models.classifier import Classifier
@@ -91,10 +92,7 @@ def _add_stats(totals: dict, stats) -> None:
     lists (the accepted-length histogram) add up element by element."""
     for key, value in vars(stats).items():
         if isinstance(value, list):
-            acc = totals.setdefault(key, [])
-            acc.extend([0] * (len(value) - len(acc)))
-            for i, v in enumerate(value):
-                acc[i] += v
+            totals[key] = add_counts(totals.get(key, []), value)
         elif isinstance(value, dict):
             phases = totals.setdefault(key, {})
             for name, v in value.items():
@@ -283,7 +281,7 @@ class Pipeline:
             stop = min(start + batch_size, len(labels))
             streams = RandomStreams.from_seed(seed, range(first_index + start, first_index + stop), decoder.device)
             tokens, stats = _decode_batch(decoder, labels[start:stop].to(decoder.device), sampling, streams, traces)
-            all_tokens.append(tokens.cpu())
+            all_tokens.append(tokens)
             _add_stats(totals, stats)
         wall = time.perf_counter() - t0
         g = decoder.output_grid
@@ -291,7 +289,8 @@ class Pipeline:
         tokens = tokens.view(-1, g, g, *tokens.shape[2:])  # continuous tokens keep their channel axis
         images = decoder.decode_images(tokens)
         stats = _generation_stats(decoder, len(labels), g, sampling, seed, batch_size, totals, wall)
-        predictions = self.classify(images) if classify and self.classifier is not None else None
+        predictions = self.classify(images).cpu() if classify and self.classifier is not None else None
+        tokens, images = tokens.cpu(), images.cpu()  # outputs on the CPU whatever device decoded them
         if predictions is not None:
             stats["class_accuracy"] = round((predictions == labels).float().mean().item(), 4)
         return GenerationOutput(images=images, tokens=tokens, labels=labels, stats=stats, traces=traces,

@@ -1,1 +1,1 @@
-"""Decoding: the sampling module, the AR baseline, and (in later modules) the speculative engine."""
+"""Decoding: the method registry and parameters, the one decoding loop and its parts, the sampling module."""

@@ -157,12 +157,13 @@ class ContinuousScorer:
 
     def start(self, labels, cfg, streams) -> DecodeState:
         check_continuous(cfg)
+        self.back = 1
         t, B, N = self.target, len(labels), self.target.config.num_tokens
         t.setup_cache(model_rows(B, cfg), slack=self.width + 1)
         state = DecodeState.new(labels, cfg, streams, N, slack=self.width + 1, token_shape=(t.token_dim,),
                                 dtype=torch.float32)
-        if self.prefill_phase:
-            state.stats.time_s = {"prefill": 0.0, "drafting": 0.0, "verification": 0.0, "resampling": 0.0}
+        if self.prefill_phase:  # every phase of a CSpD cycle is reported, measured or not
+            state.stats.time_s = {name: 0.0 for name in ("prefill", "drafting", "verification", "resampling")}
         n_pre = min(N, max(1, math.floor(self.prefill * N + 0.5)))  # token 0 always comes from the target
         with state.phase(self.prefill_phase):
             ar_steps(t, state.tokens, t.prefill(cfg_labels(t, labels, cfg)), 0, n_pre, cfg, streams)
@@ -195,6 +196,7 @@ class ContinuousDrafter:
 
     def start(self, state: DecodeState) -> None:
         d, cfg, B = self.drafter, state.cfg, state.batch
+        self.back = 2
         d.setup_cache(model_rows(B, cfg), slack=self.gamma + 1)
         self.dstreams = state.streams.fork(DRAFTER_STREAM)
         with state.phase("prefill"):
@@ -213,8 +215,8 @@ class ContinuousDrafter:
         if self.independent:
             self.back = self.gamma + 1
         span = torch.arange(self.gamma, device=state.device)
-        return Proposal(tokens=drafts["x"], cells=state.frontier[:, None] + span, active=state.active,
-                        forwards=self.gamma, extra={"drafts": drafts})
+        return Proposal(tokens=drafts["x"], cells=state.frontier[:, None] + span, forwards=self.gamma,
+                        extra={"drafts": drafts})
 
     def observe(self, state, proposal, scores, verdict) -> None:
         pass

@@ -114,6 +114,8 @@ def decode(parts: Parts, labels: torch.Tensor, cfg: SamplingConfig, streams: Ran
                 proposer.observe(state, proposal, scores, verdict)
             state.stats.drafter_forwards += proposal.forwards
     finally:
-        scorer.finish()
-        proposer.finish()
+        try:
+            scorer.finish()
+        finally:
+            proposer.finish()
     return state.committed_tokens().clone(), state.stats

@@ -9,7 +9,6 @@ drafter roles). ``REGISTRY`` is the one list of methods.
 from __future__ import annotations
 
 import functools
-import inspect
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -38,20 +37,11 @@ class _Defaults:
         return MappingProxyType(owner.Params.defaults())
 
 
-class _ExactIf:
-    """``exact`` decided by the parameters: an instance answers for its own, the class for the defaults."""
-
-    def __init__(self, note: str):
-        self.note = note  # when it is exact, in words (``mulosd methods``)
-
-    def __get__(self, obj, owner) -> bool:
-        return (owner.Params.parse() if obj is None else obj.p).exact
-
-
 class Method:
     name: str = ""
     Params: type[Params] = Params  # the method's parameters (decoding/params.py)
-    exact: bool = True  # does the output follow the target's distribution exactly?
+    exact: bool = True  # does the output follow the target's distribution exactly (with these parameters)?
+    exact_note: str = ""  # when parameters change that, in words (``mulosd methods``)
     defaults = _Defaults()
     baseline = "ar"  # the plain AR method of the same model family: speed-ups are measured against it
 
@@ -67,15 +57,13 @@ class Method:
     def is_exact(cls, params: Mapping[str, Any] | None = None) -> bool:
         """Whether the method with these parameters (validated; missing ones default) samples the target's
         distribution exactly."""
-        p = cls.Params.parse(params)
-        return p.exact if isinstance(inspect.getattr_static(cls, "exact"), _ExactIf) else bool(cls.exact)
+        return bool(getattr(cls.Params.parse(params), "exact", cls.exact))
 
     @classmethod
     def exactness(cls) -> str:
         """Exact or lossy in a word (with the default parameters), and how the parameters change that, if they do."""
-        rule = inspect.getattr_static(cls, "exact")
         word = "exact" if cls.exact else "lossy"
-        return f"{word} ({rule.note})" if isinstance(rule, _ExactIf) else word
+        return f"{word} ({cls.exact_note})" if cls.exact_note else word
 
     def params(self) -> dict:
         """The parameters this method runs with (what the stats record)."""
@@ -154,7 +142,6 @@ class SJD(Method):
     def __init__(self, pipe, **params):
         super().__init__(pipe, **params)
         self.gamma = self.p.window
-        JacobiProposer(pipe.target.config.vocab_size, self.gamma, self.p.init, self.p.coupling)  # checks init/coupling
         self.rule = verify_exact
 
     def parts(self):
@@ -212,6 +199,10 @@ class ZipAR(Method):
         super().__init__(pipe, **params)
         self.window = self.p.window
 
+    def parts(self):
+        raise MulosdError("zipar is not speculative and has no loop parts: it runs ZipAR's schedule on the target "
+                          "(decoding/schedule.py); call generate()")
+
     def generate(self, labels, sampling, streams, trace=None):
         return generate_zipar(self.pipe.target, labels, sampling, streams, self.window)
 
@@ -224,7 +215,8 @@ class Mulo(Method):
 
     name = "mulo"
     Params = MuloParams
-    exact = _ExactIf("exact with acceptance=exact")
+    exact = False  # the default, threshold acceptance; an instance answers for its own parameters
+    exact_note = "exact with acceptance=exact"
     traces_cycles = True  # generate(..., trace=list) records every cycle (acceptance maps)
 
     def __init__(self, pipe, **params):
@@ -232,6 +224,7 @@ class Mulo(Method):
 
         super().__init__(pipe, **params)
         p = self.p
+        self.exact = p.exact
         r, H, V = p.r, pipe.target.config.grid_size, pipe.target.config.vocab_size
         if H % r:
             raise MulosdError(f"r={r} does not divide the target's {H}x{H} grid")
@@ -246,7 +239,7 @@ class Mulo(Method):
         down = up if self.downsampler == p.upsampler else pipe.resampler(self.downsampler, r, p.resize)
         resamplers = Resamplers(up=up, down=down, r=r)
         settings = MuloSettings(r=r, rows=rows, drafting=p.drafting, draft_window=p.draft_window,
-                                acceptance=p.acceptance, tau=p.tau, k=p.k, radius=p.resample_radius,
+                                acceptance=p.acceptance, tau=p.tau, radius=p.resample_radius,
                                 resampling=p.resampling, island_window=p.island_window, candidates=p.candidates)
         neighbours = codebook_neighbours(pipe.tokenizer.codebook.detach(), p.k, include_self=True)
         self._parts = (pipe.target, drafter, resamplers, neighbours, settings)

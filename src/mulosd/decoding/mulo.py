@@ -31,6 +31,7 @@ verification), never in a forward of its own; such re-feeds are counted (``refre
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +42,7 @@ from mulosd.decoding.grid import label_islands, resample_region
 from mulosd.decoding.rules import pooled_threshold_accept, verify_block_exact
 from mulosd.decoding.sampling import process_logits, sample
 from mulosd.decoding.schedule import ScheduledSampler, island_ready
-from mulosd.decoding.state import DRAFTER_STREAM, DecodeState, cfg_labels, double, model_rows
+from mulosd.decoding.state import DRAFTER_STREAM, PHASES, DecodeState, cfg_labels, double, model_rows
 from mulosd.models.gpt import GPT
 from mulosd.models.upsample import LatentResampler, PixelResampler
 
@@ -54,7 +55,6 @@ class MuloSettings:
     draft_window: int = 2  # ZipAR window for parallel drafting
     acceptance: str = "threshold"  # threshold | exact
     tau: float = 0.1  # pooled-mass threshold; inf rejects everything
-    k: int = 32  # pooling set size (the candidate and its k - 1 nearest codes); 1 = no pooling
     radius: int | None = 1  # neighbourhood radius l; None = infinity (raster rejection), 0 = naive local
     resampling: str = "parallel"  # serial | parallel
     island_window: int = 2  # ZipAR window inside a rejection island
@@ -110,7 +110,7 @@ def pad_partial_grid(x_rows: torch.Tensor) -> torch.Tensor:
     return torch.cat([x_rows, x_rows[:, -1:].expand(-1, missing, -1)], dim=1)
 
 
-PHASES = ("drafting", "upsampling", "verification", "resampling", "downsampling")
+MULO_PHASES = PHASES[:5]  # the phases MuLo-SD reports (no prefill)
 
 
 # ---- proposer: low-res drafter + up-sampler -------------------------------------------------------------------------
@@ -129,7 +129,7 @@ class MultiScaleProposer:
         self.H = self.h * settings.r
 
     def start(self, state: DecodeState) -> None:
-        for name in PHASES:  # every phase is reported, measured or not (a block may need no resampling)
+        for name in MULO_PHASES:  # every phase is reported, measured or not (a block may need no resampling)
             state.stats.time_s.setdefault(name, 0.0)
         with state.phase("drafting"):
             self.sampler = ScheduledSampler(self.drafter, None if self.s.drafting == "serial" else self.s.draft_window)
@@ -146,9 +146,7 @@ class MultiScaleProposer:
         if self.block is not None:
             start, end = self.block.extra["block"]
             if bool((state.frontier < end).any()):  # the block is not finished: its remaining candidates again
-                self.block.active = state.frontier < end
-                self.block.forwards = 0
-                return self.block
+                return dataclasses.replace(self.block, active=state.frontier < end, forwards=0)
         s, h, r, H = self.s, self.h, self.s.r, self.H
         lo = slice(self.next_row, min(h, self.next_row + s.rows))
         start, end = lo.start * r * H, lo.stop * r * H
@@ -400,15 +398,14 @@ class TruncateBlockRepairer:
 
     def __init__(self, grid: int):
         self.H = grid
-        self.block = None
 
     def repair(self, state: DecodeState, proposal: Proposal, scores, verdict) -> None:
-        (start, end), (_, fed) = proposal.extra["block"], scores
+        (start, end), (_, fed), book = proposal.extra["block"], scores, proposal.extra
         n, nxt, accept = verdict
         B, M, s = state.batch, end - start, state.stats
-        if self.block != (start, end):  # the block's first cycle
-            self.block, self.first_accept = (start, end), accept.clone()
-            self.resampled = torch.zeros(B, M, dtype=torch.bool, device=state.device)
+        if "resampled" not in book:  # the block's first cycle (a block's proposal lives for one call)
+            book["first_accept"] = accept.clone()
+            book["resampled"] = torch.zeros(B, M, dtype=torch.bool, device=state.device)
             s.drafted += B * M
         done = torch.arange(M, device=state.device)[None] < (state.frontier - start)[:, None]
         newly = (torch.arange(M, device=state.device)[None] < n[:, None]) & ~done
@@ -417,16 +414,16 @@ class TruncateBlockRepairer:
         state.cells.confirm(fed, start + n)  # fed with final context only
         rows = (n < M).nonzero().squeeze(1)
         state.tokens[rows, start + n[rows]] = nxt[rows]
-        self.resampled[rows, n[rows]] = True
+        book["resampled"][rows, n[rows]] = True
         state.frontier = torch.maximum(state.frontier, start + (n + 1).clamp_max(M))
         if not bool((state.frontier < end).any()):
-            s.resampled += int(self.resampled.sum())
+            s.resampled += int(book["resampled"].sum())
             s.tokens += B * M
             if state.trace is not None:
                 rows_ = M // self.H
                 state.trace.append({"block": (start, end), "draft": proposal.tokens.clone(),
-                                    "accept": self.first_accept.view(B, rows_, self.H),
-                                    "region": self.resampled.view(B, rows_, self.H)})
+                                    "accept": book["first_accept"].view(B, rows_, self.H),
+                                    "region": book["resampled"].view(B, rows_, self.H)})
 
 
 def mulo_parts(target: GPT, drafter: GPT, resamplers: Resamplers, neighbours: torch.Tensor | None,

@@ -12,8 +12,7 @@ accepted: ``"3"``, ``"0.1"``, ``"inf"`` where infinity is allowed, ``"true"`` / 
 allowed (JSON-parsed numbers and booleans are taken as they are).
 
 Rules between parameters of one method go in the class's ``check``. Rules that need the model set (vocabulary size,
-grids, drafter roles) are checked where the method is built (``decoding/methods.py``). This module imports no
-torch, so the CLI can read it cheaply.
+grids, drafter roles) are checked where the method is built (``decoding/methods.py``). This module itself imports no torch.
 """
 
 from __future__ import annotations
@@ -264,8 +263,8 @@ class Params:
 
 
 # ---- the methods' parameters (defaults and ranges: docs/METHODS.md, docs/MULOSD.md, docs/CSPD.md) -------------
-COUPLINGS = ("none", "maximal", "gumbel")  # decoding.proposers.JacobiProposer.COUPLINGS
-INITS = ("random", "spatial")  # decoding.proposers.JacobiProposer.INITS
+COUPLINGS = ("none", "maximal", "gumbel")  # the Jacobi proposer's couplings (decoding.proposers imports them)
+INITS = ("random", "spatial")  # and its initialisations
 _GAMMA = "draft length: tokens the drafter proposes per target forward"
 _DRAFTER = "drafter role in the model set (same grid and vocabulary as the target)"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from mulosd.decoding.engine import Proposal
+from mulosd.decoding.params import COUPLINGS, INITS
 from mulosd.decoding.rules import acceptance_probability, residual_distribution
 from mulosd.decoding.sampling import process_logits, sample
 from mulosd.decoding.state import DecodeState, cfg_labels, double, model_rows
@@ -22,7 +23,7 @@ class DrafterProposer:
     position-indexed cache and the same sampling module (CFG included) as the target. Its draws come from the
     target's streams (the drafts are part of the target-side sample path, as in the exactness tests)."""
 
-    observe_phase = "drafting"
+    observe_phase = None  # nothing to observe
 
     def __init__(self, drafter: GPT, gamma: int):
         self.drafter, self.gamma = drafter, gamma
@@ -74,8 +75,7 @@ class JacobiProposer:
     (``none``) changes most drafts every iteration on flat image distributions, which is what coupling fixes.
     """
 
-    INITS = ("random", "spatial")
-    COUPLINGS = ("none", "maximal", "gumbel")
+    INITS, COUPLINGS = INITS, COUPLINGS
 
     observe_phase = "drafting"
 

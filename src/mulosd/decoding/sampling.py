@@ -150,9 +150,3 @@ def sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     target = (uniforms.to(cdf.dtype) * cdf[..., -1]).unsqueeze(-1)
     idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
     return idx.clamp_max(probs.shape[-1] - 1)
-
-
-def sample_logits(logits: torch.Tensor, cfg: SamplingConfig, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """process_logits + sample: returns (tokens, probabilities)."""
-    probs = process_logits(logits, cfg)
-    return sample(probs, uniforms), probs

@@ -24,7 +24,9 @@ import torch
 
 from mulosd.decoding.sampling import RandomStreams, SamplingConfig
 
-DRAFTER_STREAM = 1  # RandomStreams.fork salt of every drafter's (and up-sampler's) per-image streams
+DRAFTER_STREAM = 1  # RandomStreams.fork salt of the low-res and continuous drafters' per-image streams
+# every phase a method may time, in report order (bench's tables and plots use this order)
+PHASES = ("drafting", "upsampling", "verification", "resampling", "downsampling", "prefill")
 
 
 @dataclass
@@ -67,8 +69,13 @@ class DecodeStats:
 
     def add_accepted(self, lengths: torch.Tensor) -> None:
         """Count one verification per entry of ``lengths`` (accepted drafts of one sample in one target forward)."""
-        counts = torch.bincount(lengths.flatten().long().cpu(), minlength=len(self.accept_hist)).tolist()
-        self.accept_hist = [a + b for a, b in zip(counts, self.accept_hist + [0] * (len(counts) - len(self.accept_hist)))]
+        self.accept_hist = add_counts(self.accept_hist, torch.bincount(lengths.flatten().long().cpu()).tolist())
+
+
+def add_counts(total: list, more: list) -> list:
+    """Element-wise sum of two count lists of any lengths (accepted-length histograms)."""
+    n = max(len(total), len(more))
+    return [(total[i] if i < len(total) else 0) + (more[i] if i < len(more) else 0) for i in range(n)]
 
 
 def _sync(device: torch.device | None) -> None:
@@ -120,6 +127,8 @@ class DecodeState:
         B, device = len(labels), labels.device
         if len(streams) != B:
             raise ValueError(f"{len(streams)} random streams for {B} images; one stream per image is needed")
+        if streams.device != device:  # the same generators, delivering where the decode runs
+            streams = streams.to(device)
         return cls(labels=labels, cfg=cfg, streams=streams,
                    tokens=torch.zeros(B, num_cells + slack, *token_shape, dtype=dtype, device=device),
                    frontier=torch.zeros(B, dtype=torch.long, device=device), num_cells=num_cells, stats=DecodeStats())

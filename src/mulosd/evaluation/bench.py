@@ -17,6 +17,7 @@ quality, writing, and ``run_bench`` with the state of one run (``_BenchRun``).
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import itertools
@@ -35,12 +36,12 @@ from tqdm import tqdm
 from mulosd.data import FashionMNIST
 from mulosd.decoding.methods import Method, get_method
 from mulosd.decoding.sampling import SamplingConfig
+from mulosd.decoding.state import PHASES, add_counts
 from mulosd.errors import MulosdError
 from mulosd.evaluation.fid import (cached_reference, fid_from_features, kernel_distance, kid_permutation_test,
                                    stratified_kid_ok)
 from mulosd.io import atomic_write, cache_dir, atomic_write_json, atomic_write_text, check_writable
 
-PHASES = ("drafting", "upsampling", "verification", "resampling", "downsampling", "prefill")
 SPACES = ("classifier", "inception")
 # KID (against the test set, and between a setting and its reference) weighs each setting's images as the
 # class-balanced sample they are: image i asks for class i mod 10 (fid._pair_weights). Recorded in results.json's
@@ -60,9 +61,8 @@ class Setting:
 
 
 def _param_names(method: str) -> set[str]:
-    """The parameter names of a method (``param_names()`` where the method class has it, else its defaults)."""
-    cls = get_method(method)
-    return set(cls.param_names()) if hasattr(cls, "param_names") else set(cls.defaults)
+    """The parameter names of a method, from its typed schema."""
+    return set(get_method(method).param_names())
 
 
 def _check_key(option: str, item: str, method: str, key: str) -> None:
@@ -397,12 +397,7 @@ CSV_FIELDS = ["label", "method", "batch_size", "num_images", "latency_s_per_imag
 
 
 def _sum_lists(lists) -> list[int]:
-    total: list[int] = []
-    for lst in lists:
-        total.extend([0] * (len(lst) - len(total)))
-        for i, v in enumerate(lst):
-            total[i] += v
-    return total
+    return functools.reduce(add_counts, lists, [])
 
 
 def _speed_columns(records: list[dict], ar_latency: float | None) -> dict:

@@ -49,8 +49,6 @@ class PixelResampler:
             raise MulosdError(f"resize mode {mode!r} unknown; allowed: {', '.join(MODES)}")
         self.tokenizer, self.r, self.mode = tokenizer, r, mode
 
-    kind = "pixel"
-
     def check(self, tokenizer: VQModel, r: int) -> None:
         pass  # built from the pipeline's own tokenizer: nothing can mismatch
 
