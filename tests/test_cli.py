@@ -178,7 +178,7 @@ def test_info_and_methods():
     from mulosd.decoding.methods import REGISTRY
 
     lines = r.output.splitlines()
-    heads = [line.split()[0] for line in lines if not line.startswith(" ")]
+    heads = [line.split()[0] for line in lines if line.strip() and not line.startswith(" ")]
     assert heads == list(REGISTRY)  # every method, in registry order
     for name, cls in REGISTRY.items():
         block = "\n".join(lines[lines.index(next(x for x in lines if x.startswith(name + "  "))):])
@@ -186,7 +186,7 @@ def test_info_and_methods():
         assert ("[exact" if cls.exact else "[lossy") in head
         for key, spec in cls.Params.specs().items():
             flag = "--param model=..." if key == "model" else "--" + key.replace("_", "-")
-            assert f"    {flag}" in block and spec.help in block, (name, key)
+            assert f"    {flag}" in block and " ".join(spec.help.split()) in " ".join(block.split()), (name, key)
             assert spec.type_name() in block
     assert "mulo  [lossy (exact with acceptance=exact)]" in r.output
     assert "--tau  (float|inf, default 0.1; number in (0.0, 1.0] or inf)" in r.output

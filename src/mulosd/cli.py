@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -20,10 +22,28 @@ def _run(fn, *args, **kwargs):
         raise click.ClickException(str(exc)) from None
 
 
-def _threads():
-    import torch
+# Seeds: 0 .. 2^32 - 1 (mulosd.decoding.sampling.MAX_SEED; not imported here, which would import torch for --help).
+SEED = click.IntRange(0, 2**32 - 1)
 
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+def _threads(threads: int | None) -> None:
+    from mulosd.resources import set_threads
+
+    set_threads(threads)
+
+
+def _cores() -> int:
+    from mulosd.resources import usable_cores
+
+    return usable_cores()
+
+
+def threads_option(fn):
+    """``--threads N`` (or $MULOSD_THREADS) on a command: PyTorch's CPU threads, default every usable core."""
+    return click.option("--threads", type=click.IntRange(min=1), default=None, envvar="MULOSD_THREADS",
+                        show_envvar=True, show_default=f"every core this process may use, {_cores()} here",
+                        help="CPU threads for PyTorch. On a machine busy with other work, fewer threads than cores "
+                             "can be several times faster.")(fn)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -137,23 +157,32 @@ class _GenerateCommand(click.Command):
 @click.option("--classes", default="0,1,2,3,4,5,6,7,8,9", help="Comma-separated class ids or names (e.g. 0,sneaker,bag).")
 @click.option("--num-per-class", type=click.IntRange(min=1), default=4, help="Images per class.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, help="Images decoded together.")
-@click.option("--seed", type=int, default=0, help="Random seed; image i uses stream (seed, i), so results do not depend on batch size.")
+@click.option("--seed", type=SEED, default=0, help="Random seed; image i uses stream (seed, i), so results do not depend on batch size.")
 @click.option("--cfg-scale", type=float, default=3.0, help="Classifier-free guidance scale s in uncond + s*(cond - uncond); 1 disables guidance. Range [0, 50].")
 @click.option("--temperature", type=float, default=1.0, help="Sampling temperature, 0 = greedy. Range [0, 10].")
-@click.option("--top-k", type=int, default=0, help="Keep the k most likely tokens (0 = off). Integer >= 0.")
+@click.option("--top-k", type=int, default=0, help="Keep the k most likely tokens (0 = off). Integer from 0 to the vocabulary size.")
 @click.option("--top-p", type=float, default=1.0, help="Nucleus sampling mass (1 = off). Range (0, 1].")
 # here: one option per method parameter (method_options), made from decoding/params.py
 @click.option("--acceptance-map", type=click.Path(dir_okay=False), default=None,
-              help="mulo: write a PNG of every cycle's drafted/accepted/rejected/resampled cells (first 8 images).")
+              help="mulo: write a PNG of every cycle's drafted/accepted/rejected/resampled cells (first 8 images), "
+                   "with a legend and class labels.")
 @click.option("--acceptance-gif", type=click.Path(dir_okay=False), default=None, help="mulo: the same as an animated GIF, one frame per cycle.")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Any method parameter by name, repeatable, winning over its option (e.g. --param gamma=4; "
                    "--method ar --param model=r2 samples a drafter alone).")
 @click.option("--out", type=click.Path(dir_okay=False), default="outputs/grid.png", help="Where to write the labelled PNG grid.")
+@click.option("--save-images", type=click.Path(file_okay=False), default=None,
+              help="Also write every image as its own PNG into this directory, named INDEX_CLASS-NAME.png "
+                   "(e.g. 00007_8-bag.png; the index is the image's random stream).")
+@click.option("--save-npz", type=click.Path(dir_okay=False), default=None,
+              help="Also write an .npz with tokens, images (uint8, N x H x W x C), labels, indices and the classifier's "
+                   "predictions.")
 @click.option("--stats-json", type=click.Path(dir_okay=False), default=None, help="Also write the run statistics as JSON here.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@threads_option
 def generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale, temperature, top_k, top_p,
-             acceptance_map, acceptance_gif, params, out, stats_json, progress, **method_params):
+             acceptance_map, acceptance_gif, params, out, save_images, save_npz, stats_json, progress, threads,
+             **method_params):
     """Generate class-conditional images and write a labelled grid (plus optional stats JSON).
 
     Method options (--gamma, --window, --tau, ...) are the methods' parameters (`mulosd methods`); unset ones take
@@ -163,10 +192,18 @@ def generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale,
     target_forwards_per_image, drafter_forwards, step_compression (tokens per target forward; 1.0 for AR),
     class_accuracy (share classified as the requested class by the shipped classifier).
     """
-    _threads()
+    _threads(threads)
     given = {key: v for key, v in method_params.items() if v is not None}
     _run(_generate, model, method, classes, num_per_class, batch_size, seed, cfg_scale, temperature, top_k, top_p,
-         given, params, out, stats_json, progress, acceptance_map, acceptance_gif)
+         given, params, out, stats_json, progress, acceptance_map, acceptance_gif, save_images, save_npz)
+
+
+def _check_top_k(pipe, top_k: int) -> None:
+    """Top-k above the vocabulary would silently keep every code: refuse it before any decoding."""
+    V = pipe.target.config.vocab_size
+    if top_k > V:
+        raise MulosdError(f"--top-k {top_k} exceeds the vocabulary of model set {pipe.name} ({V} codes); "
+                          f"allowed: 0 (off) to {V}")
 
 
 def _parse_params(items) -> dict:
@@ -183,7 +220,8 @@ def _parse_params(items) -> dict:
 
 
 def _generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale, temperature, top_k, top_p,
-              options, params, out, stats_json, progress, acceptance_map=None, acceptance_gif=None):
+              options, params, out, stats_json, progress, acceptance_map=None, acceptance_gif=None, save_images=None,
+              save_npz=None):
     from mulosd.decoding.methods import get_method
     from mulosd.decoding.sampling import SamplingConfig
     from mulosd.evaluation.grids import image_grid
@@ -204,6 +242,14 @@ def _generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale
     check_writable(out)
     if stats_json:
         check_writable(stats_json)
+    if save_images:
+        from mulosd.outputs import check_image_dir
+
+        check_image_dir(save_images)
+    if save_npz:
+        if Path(save_npz).suffix.lower() != ".npz":
+            raise MulosdError(f"--save-npz {save_npz!r} must end in .npz")
+        check_writable(save_npz)
     for path, ext, flag in ((acceptance_map, ".png", "--acceptance-map"), (acceptance_gif, ".gif", "--acceptance-gif")):
         if path is None:
             continue
@@ -214,6 +260,7 @@ def _generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale
         check_writable(path)
     trace = bool(acceptance_map or acceptance_gif)
     pipe = Pipeline.from_pretrained(model)
+    _check_top_k(pipe, top_k)
     result = pipe(classes, num_per_class=num_per_class, method=method, seed=seed, batch_size=batch_size,
                   cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, progress=progress,
                   trace=trace, **method_params)
@@ -224,15 +271,27 @@ def _generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale
     if stats_json:
         atomic_write_json(stats_json, result.stats)
         click.echo(f"wrote {stats_json}")
+    if save_images:
+        from mulosd.outputs import save_image_files
+
+        files = save_image_files(save_images, result.images, result.labels, pipe.class_names)
+        click.echo(f"wrote {len(files)} images to {save_images}/")
+    if save_npz:
+        from mulosd.outputs import save_npz as write_npz
+
+        write_npz(save_npz, result.tokens, result.images, result.labels, result.predictions)
+        click.echo(f"wrote {save_npz}")
     if trace:
         from mulosd.evaluation.maps import save_acceptance_gif, save_acceptance_map
 
         grid_size = result.tokens.shape[-1]
         if acceptance_map:
-            save_acceptance_map(acceptance_map, result.images, result.traces, grid_size)
+            save_acceptance_map(acceptance_map, result.images, result.traces, grid_size, labels=result.labels,
+                                class_names=pipe.class_names)
             click.echo(f"wrote {acceptance_map}")
         if acceptance_gif:
-            save_acceptance_gif(acceptance_gif, result.images, result.traces, grid_size)
+            save_acceptance_gif(acceptance_gif, result.images, result.traces, grid_size, labels=result.labels,
+                                class_names=pipe.class_names)
             click.echo(f"wrote {acceptance_gif}")
 
 
@@ -251,7 +310,7 @@ def _generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale
               help="One more row with these parameters (repeatable; e.g. mulo:upsampler=pixel,resampling=serial).")
 @click.option("--num-images", type=int, default=None, help="Images per setting (>= 1); image i has class i mod 10. Default: 100.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images decoded together. Default: 1.")
-@click.option("--seed", type=int, default=0, help="Image i uses random stream (seed, i) in every setting.")
+@click.option("--seed", type=SEED, default=0, help="Image i uses random stream (seed, i) in every setting.")
 @click.option("--cfg-scale", type=float, default=3.0, help="Classifier-free guidance scale (1 = off).")
 @click.option("--temperature", type=float, default=1.0, help="Sampling temperature (0 = greedy).")
 @click.option("--top-k", type=int, default=0, help="Top-k filter (0 = off).")
@@ -264,11 +323,14 @@ def _generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Output directory: results.json/csv/md, plots/, samples/, and state.* for --resume.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out after its last finished round.")
+@click.option("--force", is_flag=True, help="Clear --out first when it holds an earlier run (without --resume or "
+                                            "--force such a folder is refused).")
 @click.option("--warmup/--no-warmup", default=True, help="Decode one uncounted batch per setting first.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Fashion-MNIST directory (reference statistics).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@threads_option
 def bench(model, preset, methods_, sweeps, params, extra, num_images, batch_size, seed, cfg_scale, temperature, top_k,
-          top_p, inception, reference_images, out, resume, warmup, data_dir, progress):
+          top_p, inception, reference_images, out, resume, force, warmup, data_dir, progress, threads):
     """Speed and quality of decoding methods side by side, in one process on the same images.
 
     Rounds are interleaved (every setting decodes batch b before any decodes batch b+1, in a rotated order) and
@@ -281,15 +343,15 @@ def bench(model, preset, methods_, sweeps, params, extra, num_images, batch_size
     verification, resampling, down-sampling, prefill) for methods that measure it, and the accepted-length
     histogram. Plots go to DIR/plots, the first 20 images of every setting to DIR/samples.
     """
-    _threads()
+    _threads(threads)
     chosen = bench_options(preset, methods=methods_, num_images=num_images, batch_size=batch_size, inception=inception)
     _run(_bench, model, chosen["methods"], sweeps, params, extra, chosen["num_images"], chosen["batch_size"], seed,
          cfg_scale, temperature, top_k, top_p, chosen["inception"], reference_images, out, resume, warmup, data_dir,
-         progress)
+         progress, force)
 
 
 def _bench(model, methods_, sweeps, params, extra, num_images, batch_size, seed, cfg_scale, temperature, top_k, top_p,
-           inception, reference_images, out, resume, warmup, data_dir, progress):
+           inception, reference_images, out, resume, warmup, data_dir, progress, force=False):
     from mulosd.evaluation.bench import BenchConfig, parse_settings, run_bench
     from mulosd.pipeline import Pipeline
 
@@ -299,20 +361,85 @@ def _bench(model, methods_, sweeps, params, extra, num_images, batch_size, seed,
     cfg.validate()
     settings = parse_settings(methods_, sweeps, params, extra)
     pipe = Pipeline.from_pretrained(model)  # run_bench checks every setting's values, then --out, before decoding
-    result = run_bench(pipe, settings, cfg, out, resume=resume, progress=progress, data_dir=data_dir)
+    _check_top_k(pipe, top_k)
+    result = run_bench(pipe, settings, cfg, out, resume=resume, force=force, progress=progress, data_dir=data_dir)
     click.echo((Path(out) / "results.md").read_text())
     click.echo(f"wrote {out}/results.json, results.csv, results.md, plots/, samples/ "
                f"({result['config']['rounds_done']}/{result['config']['rounds_total']} rounds)")
 
 
 @main.command()
+@click.option("--model", default="fmnist-32", help="Shipped model-set name or a directory with a manifest.json.")
+@click.option("--methods", "methods_", default="ar,mcsjd,mulo",
+              help="Comma-separated methods, each with its default parameters; the first is the speed-up reference.")
+@click.option("--classes", default="0,1,2,3,4,5,6,7,8,9", help="Comma-separated class ids or names.")
+@click.option("--num-per-class", type=click.IntRange(min=1), default=1, help="Images per class.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1,
+              help="Images decoded together (1: the latency setting of the headline speed-ups).")
+@click.option("--seed", type=SEED, default=0, help="Image i uses random stream (seed, i) with every method.")
+@click.option("--cfg-scale", type=float, default=3.0, help="Classifier-free guidance scale (1 = off).")
+@click.option("--out", type=click.Path(file_okay=False), default="outputs/compare",
+              help="Directory for METHOD.png grids, compare.png (all side by side) and summary.json.")
+@click.option("--warmup/--no-warmup", default=True, help="Decode one uncounted batch per method first.")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@threads_option
+def compare(model, methods_, classes, num_per_class, batch_size, seed, cfg_scale, out, warmup, progress, threads):
+    """Run a few methods on the same classes and seeds and print, per method, its exactness, time per image,
+    speed-up over the first method and class accuracy, followed by what the model set's 1000-image bench runs
+    measured for the same methods (a few images time a speed-up well but cannot resolve a small quality
+    difference). `make demo` runs this with ar, mcsjd (the fastest exact method) and mulo."""
+    _threads(threads)
+    _run(_compare, model, methods_, classes, num_per_class, batch_size, seed, cfg_scale, out, warmup, progress)
+
+
+def _compare(model, methods_, classes, num_per_class, batch_size, seed, cfg_scale, out, warmup, progress):
+    import torch
+
+    from mulosd.decoding.methods import get_method
+    from mulosd.decoding.sampling import SamplingConfig
+    from mulosd.evaluation.compare import measured, run_compare, summary_lines, write_compare
+    from mulosd.io import check_writable
+    from mulosd.pipeline import Pipeline
+
+    names = [m.strip() for m in methods_.split(",") if m.strip()]
+    if not names:
+        raise MulosdError("--methods is empty; give at least one method (see `mulosd methods`)")
+    if len(set(names)) < len(names):
+        raise MulosdError(f"--methods {methods_!r} names a method twice")
+    for name in names:
+        get_method(name)
+    sampling = SamplingConfig(cfg_scale=cfg_scale)
+    check_writable(Path(out) / "summary.json")
+    pipe = Pipeline.from_pretrained(model)
+    labels = torch.tensor([c for c in pipe.class_ids(classes) for _ in range(num_per_class)])
+    rows = run_compare(pipe, names, labels, sampling, seed, batch_size, warmup=warmup, progress=progress)
+    data = measured(model)
+    write_compare(out, rows, pipe.class_names, data)
+    click.echo("\n".join(summary_lines(rows, data)))
+    click.echo(f"wrote {out}/compare.png (every method side by side), {out}/<method>.png, {out}/summary.json")
+
+
+@main.command()
 def methods():
     """List every decoding method: exact or lossy, what it does, and each parameter with its type, default, allowed
     values and meaning (the `generate` option that sets it first)."""
+    import textwrap
+
     from mulosd.decoding.methods import REGISTRY
+    from mulosd.evaluation.compare import measured, measured_text
+
+    data = measured("fmnist-32")
+    width = min(110, shutil.get_terminal_size((110, 24)).columns)
+
+    def wrap(text, indent):
+        return textwrap.fill(" ".join(text.split()), width=width, initial_indent=indent, subsequent_indent=indent)
 
     for name, cls in REGISTRY.items():
-        click.echo(f"{name}  [{cls.exactness()}]  {_first_sentence(cls.__doc__ or '')}")
+        click.echo(f"{name}  [{cls.exactness()}]")
+        click.echo(wrap(cls.__doc__ or "", "    "))
+        text = measured_text(data, name)
+        if text:
+            click.echo(wrap(f"measured on fmnist-32 ({data.get('machine', 'CPU')}): {text}", "    "))
         for key, spec in cls.Params.specs().items():
             if key in PARAM_ONLY:
                 flag = f"--param {key}=..."
@@ -322,19 +449,16 @@ def methods():
                 flag = _flag(key)
             allowed = spec.allowed_text()
             click.echo(f"    {flag}  ({spec.type_name()}, default {_default_text(spec)}{'; ' + allowed if allowed else ''})")
-            click.echo(f"        {spec.help}")
-
-
-def _first_sentence(text: str) -> str:
-    text = " ".join(text.split())
-    end = text.find(". ")
-    return text if end < 0 else text[: end + 1]
+            click.echo(wrap(spec.help, "        "))
+        click.echo("")
 
 
 @main.command()
 @click.argument("model", default="fmnist-32")
-def info(model):
+@threads_option
+def info(model, threads):
     """Describe a model set: components, sizes, grids."""
+    _threads(threads)
     _run(_info, model)
 
 
@@ -372,16 +496,22 @@ def _train_options(fn):
         click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Examples per step."),
         click.option("--lr", type=float, default=1e-3, help="Peak learning rate (AdamW, warm-up then cosine to 10 %)."),
         click.option("--warmup", type=click.IntRange(min=0), default=100, help="Linear warm-up steps."),
-        click.option("--seed", type=int, default=0, help="Seed for initialisation, batch order and every random draw."),
+        click.option("--seed", type=SEED, default=0, help="Seed for initialisation, batch order and every random draw."),
         click.option("--checkpoint-every", type=click.IntRange(min=1), default=200, help="Write checkpoint.pt atomically every N steps."),
         click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
         click.option("--data-dir", type=click.Path(file_okay=False), default=None,
                      help="Directory with the Fashion-MNIST IDX files (default: $MULOSD_DATA, then /usr/share/datasets/fashion-mnist)."),
         click.option("--limit", type=click.IntRange(min=1), default=None, help="Train on the first N images only (quick runs)."),
     ]
+
+    @functools.wraps(fn)
+    def with_threads(*args, threads=None, **kwargs):
+        _threads(threads)
+        return fn(*args, **kwargs)
+
     for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+        with_threads = opt(with_threads)
+    return threads_option(with_threads)
 
 
 def _train(recipe_fn, out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume):
@@ -408,7 +538,6 @@ def train():
 def train_tokenizer(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, data_dir, limit, channels,
                     z_channels, codebook_size, codebook_dim):
     """VQ tokenizer (factor 2) trained jointly on 32, 16 and 8 px Fashion-MNIST."""
-    _threads()
     from mulosd.models.vq import VQConfig
     from mulosd.training.recipes import TokenizerRecipe
 
@@ -429,7 +558,6 @@ def train_tokenizer(out, steps, batch_size, lr, warmup, seed, checkpoint_every, 
 def train_ar(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, data_dir, limit, tokenizer, grid, dim,
              layers, heads, class_dropout, bf16):
     """Class-conditional LlamaGen-style GPT on tokenised Fashion-MNIST."""
-    _threads()
     from mulosd.models.gpt import GPTConfig
     from mulosd.models.vq import VQModel
     from mulosd.training.recipes import ARRecipe
@@ -449,7 +577,6 @@ def train_ar(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume,
 @click.option("--features", type=click.IntRange(min=8), default=128, help="Penultimate feature size (the FID space).")
 def train_classifier(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, data_dir, limit, width, features):
     """Small CNN classifier (evaluation: class accuracy and feature FID)."""
-    _threads()
     from mulosd.models.classifier import ClassifierConfig
     from mulosd.training.recipes import ClassifierRecipe
 
@@ -472,7 +599,6 @@ def train_classifier(out, steps, batch_size, lr, warmup, seed, checkpoint_every,
 def train_upsampler(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, data_dir, limit, tokenizer, r, dim,
                     blocks, ce_steps, pixel_weight, ce_weight):
     """Learned latent up-/down-sampler for MuLo-SD (row-causal masked conv + pixel-shuffle), one per factor r."""
-    _threads()
     from mulosd.training.recipes import UpsamplerRecipe
 
     _run(_train, lambda: UpsamplerRecipe(tokenizer=tokenizer, r=int(r), dim=dim, n_blocks=blocks, ce_steps=ce_steps,
@@ -489,7 +615,6 @@ def train_upsampler(out, steps, batch_size, lr, warmup, seed, checkpoint_every, 
 def train_kl_tokenizer(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, data_dir, limit, channels,
                        z_channels, token_dim, kl_weight):
     """Continuous tokenizer: KL autoencoder, factor 2 (32 px -> 16x16 tokens of --token-dim channels), for car / cspd."""
-    _threads()
     from mulosd.models.kl import KLConfig
     from mulosd.training.recipes import KLTokenizerRecipe
 
@@ -520,7 +645,6 @@ def train_car(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume
               heads, head_width, head_depth, diffusion_steps, sample_steps, head_batch_mul, variance, class_dropout, bf16):
     """Continuous-token AR model (transformer + small MLP diffusion head) on KL-tokenised Fashion-MNIST: the target
     and the drafter of cspd."""
-    _threads()
     from mulosd.models.cgpt import ContinuousGPTConfig
     from mulosd.models.kl import KLAutoencoder
     from mulosd.training.recipes import ContinuousARRecipe
@@ -554,9 +678,11 @@ def train_car(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume
 @click.option("--continuous-drafter", "cdrafters", multiple=True, metavar="ROLE=STEM",
               help="Continuous drafter, repeatable (e.g. small=runs/car_small/model).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp16", help="Storage dtype for the shipped weights.")
+@threads_option
 def pack(out, base, name, tokenizer, target, classifier, drafters, upsamplers, continuous_tokenizer, continuous_target,
-         cdrafters, dtype):
+         cdrafters, dtype, threads):
     """Assemble trained models into a loadable model set (manifest.json + config/safetensors per component)."""
+    _threads(threads)
     _run(_pack, out, base, name, tokenizer, target, classifier, drafters, upsamplers, continuous_tokenizer,
          continuous_target, cdrafters, dtype)
 

@@ -79,6 +79,21 @@ class Method:
         """Where the method's models live: a decode's labels and random draws go there."""
         return next(getattr(self, "model", self.pipe.target).parameters()).device
 
+    def models(self) -> list:
+        """The transformers this method decodes with (its sampling model or the target, and its drafter if it has
+        one): what a batch's memory estimate counts."""
+        out = [getattr(self, "model", self.pipe.target)]
+        drafter = getattr(self, "drafter", None)
+        return out + ([drafter] if drafter is not None and drafter is not out[0] else [])
+
+    def check_sampling(self, sampling: SamplingConfig) -> None:
+        """Refuse sampling settings this method's models cannot honour: a top-k above the vocabulary (a filter
+        that would silently keep everything), or top-k / top-p for continuous tokens (no vocabulary to filter)."""
+        V = self.pipe.target.config.vocab_size
+        if sampling.top_k > V:
+            raise MulosdError(f"top-k {sampling.top_k} exceeds the vocabulary of model set {self.pipe.name} ({V} codes); "
+                              f"allowed: 0 (off) to {V}")
+
     def parts(self) -> Parts:
         """Fresh parts (scorer, proposer, verifier, repairer) for one decode call: the method's composition."""
         raise NotImplementedError
@@ -231,6 +246,11 @@ class Mulo(Method):
         if p.k > V:
             raise MulosdError(f"k must be at most {V} (the codebook has {V} entries), got {p.k}")
         self.drafter_role = p.drafter or f"r{r}"
+        if p.drafter is None and self.drafter_role not in pipe.drafters:
+            have = sorted(int(role[1:]) for role, m in pipe.drafters.items()
+                          if role[:1] == "r" and role[1:].isdigit() and m.config.grid_size * int(role[1:]) == H)
+            raise MulosdError(f"r={r}: model set {pipe.name} has no low-resolution drafter for r={r} (no role "
+                              f"'r{r}'); allowed r: {', '.join(map(str, have)) or 'none'} (or name one with drafter=ROLE)")
         drafter = check_drafter(pipe, self.drafter_role, H // r)
         rows = drafter.config.grid_size if p.rows is None else p.rows
         # auto: the learned down-sampler when the model set ships one for this r, else pixel
@@ -243,6 +263,7 @@ class Mulo(Method):
                                 resampling=p.resampling, island_window=p.island_window, candidates=p.candidates)
         neighbours = codebook_neighbours(pipe.tokenizer.codebook.detach(), p.k, include_self=True)
         self._parts = (pipe.target, drafter, resamplers, neighbours, settings)
+        self.drafter = drafter
 
     def params(self) -> dict:
         """The parameters, with the drafter role and the down-sampler kind resolved."""
@@ -266,6 +287,12 @@ class _Continuous(Method):
 
     def decode_images(self, tokens):
         return (self.cont.tokenizer.decode(tokens) + 1) / 2
+
+    def check_sampling(self, sampling: SamplingConfig) -> None:
+        if sampling.top_k or sampling.top_p < 1:
+            raise MulosdError(f"{self.name} samples continuous tokens with a diffusion head, which has no vocabulary to "
+                              f"filter: top-k {sampling.top_k} / top-p {sampling.top_p} do not apply; allowed: top-k 0, "
+                              "top-p 1 (temperature and the CFG scale do apply)")
 
 
 class CAR(_Continuous):

@@ -23,6 +23,7 @@ randomness does not depend on which batch it was drawn in.
 from __future__ import annotations
 
 import hashlib
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +91,22 @@ def process_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     return warp(logits, cfg)
 
 
+# Seeds a run accepts: image i of seed s uses the stream s * SEED_STRIDE + i, which must stay a valid 64-bit seed.
+MAX_SEED = 2**32 - 1
+SEED_STRIDE = 1_000_003
+
+
+def check_seed(seed) -> int:
+    """A run's seed as an int, or a clear error naming the allowed range."""
+    try:
+        value = operator.index(seed)  # ints and numpy/torch integers; never floats or bools' silent truth values
+    except TypeError:
+        value = None
+    if value is None or isinstance(seed, bool) or not 0 <= value <= MAX_SEED:
+        raise MulosdError(f"seed {seed!r} out of range; allowed: an integer from 0 to {MAX_SEED} (2^32 - 1)")
+    return value
+
+
 class RandomStreams:
     """One ``torch.Generator`` per image, seeded from (seed, image index): the same image gets the same random draws
     whichever batch it is decoded in and whatever the batch size. The generators run on the CPU and their draws are
@@ -103,7 +120,8 @@ class RandomStreams:
 
     @classmethod
     def from_seed(cls, seed: int, indices, device: torch.device | str | None = None) -> "RandomStreams":
-        return cls([seed * 1_000_003 + int(i) for i in indices], device)
+        check_seed(seed)
+        return cls([seed * SEED_STRIDE + int(i) for i in indices], device)
 
     def to(self, device: torch.device | str) -> "RandomStreams":
         """The same streams (same generators, same positions) delivering their draws on ``device``."""

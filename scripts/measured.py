@@ -1,0 +1,90 @@
+"""Write a model set's ``measured.json`` from the bench runs in docs/bench: each method's measured speed-up and
+quality per run, which `mulosd methods` and `mulosd compare` (the demo) quote next to their own numbers.
+
+    python scripts/measured.py                      # fmnist-32 from the runs listed in RUNS
+    python scripts/measured.py --check              # exit 1 if the shipped file is not what the runs give
+
+Only rows whose parameters are the method's defaults, plus the named variants in VARIANTS, are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from mulosd.io import atomic_write_json  # noqa: E402
+from mulosd.zoo import ZOO_DIR  # noqa: E402
+
+# The runs behind docs/RESULTS.md's tables (and MuLo-SD's lossless variant, measured only in the ablation run).
+RUNS = ["docs/bench/full_b1", "docs/bench/full_b8", "docs/bench/full_cont_b1", "docs/bench/full_cont_b8",
+        "docs/bench/ablations"]
+# Non-default rows worth quoting: label in the run -> what it is called in `mulosd methods`.
+VARIANTS = {
+    "mulo[acceptance=exact]": "acceptance=exact",
+    "cspd[relax=42,independent=True]": "relax=42, independent (the public code's settings)",
+}
+
+
+def rows(run: Path) -> list[dict]:
+    result = json.loads((run / "results.json").read_text())
+    cfg = result["config"]
+    base = {m["label"]: m for m in result["methods"]}
+    out = []
+    for m in result["methods"]:
+        label = m["label"]
+        if "[" in label and label not in VARIANTS:
+            continue
+        reference = "car" if m["method"] in ("car", "cspd") else "ar"
+        speed = m.get("speedup_vs_ar")  # the column holds the speed-up over the run's reference (car for cspd)
+        out.append({
+            "method": m["method"],
+            "variant": VARIANTS.get(label, "default"),
+            "batch_size": cfg["batch_size"],
+            "num_images": cfg["num_images"],
+            "speedup": speed,
+            "reference": reference,
+            "class_accuracy": m.get("class_accuracy"),
+            "reference_class_accuracy": base.get(reference, {}).get("class_accuracy"),
+            "p_classifier": m.get("p_vs_reference_classifier"),
+            "p_inception": m.get("p_vs_reference_inception"),
+            "exact": m.get("exact"),
+            "run": str(run.relative_to(ROOT)),
+            "date": cfg.get("date"),
+        })
+    return out
+
+
+def build() -> dict:
+    methods: dict[str, list] = {}
+    machine = None
+    for run in RUNS:
+        path = ROOT / run
+        machine = machine or json.loads((path / "results.json").read_text())["config"].get("machine")
+        for row in rows(path):
+            if row["variant"] != "default" or row["num_images"] >= 400:  # the small ablation run: its variants only
+                methods.setdefault(row["method"], []).append(row)
+    return {"model_set": "fmnist-32", "machine": machine, "runs": RUNS, "methods": methods}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="compare with the shipped file instead of writing it")
+    args = ap.parse_args()
+    path = ZOO_DIR / "fmnist-32" / "measured.json"
+    data = build()
+    if args.check:
+        same = path.exists() and json.loads(path.read_text()) == data
+        print(f"{path}: {'up to date' if same else 'differs from the runs'}")
+        return 0 if same else 1
+    atomic_write_json(path, data)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""The machine's resources as mulosd uses them: CPU threads and the memory a batch may take.
+
+``set_threads`` is what every command's ``--threads`` calls (default: the cores this process may run on).
+``check_batch_memory`` estimates what a decoding batch will allocate before anything is allocated, so a batch too
+large for the machine is refused with the largest one that fits instead of failing inside the allocator.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from mulosd.errors import MulosdError
+
+# A batch may plan to use at most this share of the memory available when it starts.
+MEMORY_SHARE = 0.8
+# Cells past the grid that speculative windows may write into a KV cache (the widest window of any method + 1).
+SLACK = 64
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask; the machine's count where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def set_threads(threads: int | None = None) -> int:
+    """PyTorch's intra-op threads: ``threads``, or every usable core when None. Returns the number set. On a
+    loaded machine fewer threads than cores can be much faster (threads wait on each other's time slices)."""
+    n = usable_cores() if threads is None else int(threads)
+    if n < 1:
+        raise MulosdError(f"--threads {threads} out of range; allowed: an integer >= 1")
+    torch.set_num_threads(n)
+    return n
+
+
+def available_memory(device: torch.device | str = "cpu") -> int | None:
+    """Bytes that can still be allocated on ``device``: free memory of a CUDA device, MemAvailable of the host
+    (Linux) otherwise; None when the platform does not say."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def bytes_per_image(models, rows_per_image: int) -> int:
+    """An upper estimate of what decoding one image allocates with these transformers: for each, a KV cache over
+    its sequence plus SLACK speculative cells for ``rows_per_image`` model rows (2 with CFG), the widest
+    activations of a forward over that sequence, and float32 logits over it."""
+    total = 0
+    for m in models:
+        c = m.config
+        seq = c.max_seq_len + SLACK
+        elem = next(m.parameters()).element_size()
+        total += rows_per_image * seq * c.n_layer * 2 * c.kv_heads * c.head_dim * elem  # K and V
+        total += rows_per_image * seq * 4 * c.dim * 4  # the MLP's hidden activations
+        total += rows_per_image * seq * c.vocab_size * 4  # logits / probabilities (0 for continuous tokens)
+    return total
+
+
+def check_batch_memory(models, batch: int, rows_per_image: int, device: torch.device | str = "cpu") -> None:
+    """Refuse a batch whose estimated size (``bytes_per_image`` x batch) exceeds MEMORY_SHARE of the memory
+    available on ``device``, naming the largest batch that fits."""
+    free = available_memory(device)
+    if free is None:
+        return
+    per_image = bytes_per_image(models, rows_per_image)
+    if per_image * batch <= MEMORY_SHARE * free:
+        return
+    fits = max(0, int(MEMORY_SHARE * free // per_image))
+    raise MulosdError(f"batch size {batch} would need about {per_image * batch / 2**30:.1f} GiB "
+                      f"({per_image / 2**20:.1f} MiB per image) but {device} has {free / 2**30:.1f} GiB available; "
+                      f"allowed here: a batch size of at most {fits}")
