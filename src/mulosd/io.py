@@ -12,10 +12,13 @@ import json
 import os
 import re
 import tempfile
+import types
+import typing
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mulosd.errors import MulosdError
@@ -88,18 +91,51 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def _expected_type(value: Any, tp: Any) -> str | None:
+    """None when the JSON ``value`` fits the config field type ``tp``, else what the field expects (in words).
+    Covers the types config fields use (int, float, str, bool, tuple[int, ...], ``X | None``); others pass."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        wants = [_expected_type(value, a) for a in args if a is not type(None)]
+        if any(w is None for w in wants):
+            return None
+        return " or ".join(wants) + (" or null" if type(None) in args else "")
+    if tp is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if tp is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if tp is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    if tp is str:
+        return None if isinstance(value, str) else "a string"
+    if typing.get_origin(tp) is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if not isinstance(value, (list, tuple)) or any(_expected_type(v, args[0]) for v in value):
+            return f"a list of {'integers' if args[0] is int else 'values'}"
+    return None
+
+
 def config_from_dict(cls, data: dict, source: str):
-    """Build a config dataclass from JSON, rejecting unknown or missing fields."""
+    """Build a config dataclass from JSON, rejecting unknown fields and values of the wrong type (missing fields
+    take their defaults). Every problem, including the dataclass's own validation, becomes a MulosdError naming
+    ``source`` (the file)."""
+    if not isinstance(data, dict):
+        raise MulosdError(f"{source}: the config must be a JSON object of {cls.__name__} fields, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise MulosdError(f"{source}: unknown {cls.__name__} fields {unknown}; allowed: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
+        wants = _expected_type(value, hints.get(name))
+        if wants:
+            raise MulosdError(f"{source}: {cls.__name__}.{name} must be {wants}, got {value!r}")
         kwargs[name] = tuple(value) if isinstance(value, list) else value
     try:
         return cls(**kwargs)
-    except TypeError as exc:
+    except (ValueError, TypeError, AssertionError, ZeroDivisionError) as exc:  # MulosdError is a ValueError
         raise MulosdError(f"{source}: invalid {cls.__name__}: {exc}") from None
 
 
@@ -118,17 +154,67 @@ def save_pretrained(model: torch.nn.Module, stem: str | os.PathLike, kind: str, 
 
 
 def read_config(stem: str | os.PathLike, kind: str, config_cls):
+    """The config in ``stem.json`` (``{"kind": kind, "config": {...}}``), checked field by field."""
     stem = Path(stem)
     cfg_path = stem.with_suffix(".json")
-    if not cfg_path.exists():
+    if not cfg_path.is_file():
         raise MulosdError(f"model config {cfg_path} not found")
     try:
         meta = json.loads(cfg_path.read_text())
+    except OSError as exc:
+        raise MulosdError(f"cannot read {cfg_path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise MulosdError(f"{cfg_path} is not valid JSON: not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise MulosdError(f"{cfg_path} is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise MulosdError(f"{cfg_path} must hold a JSON object {{\"kind\": ..., \"config\": {{...}}}}, "
+                          f"got {type(meta).__name__}")
     if meta.get("kind") != kind:
         raise MulosdError(f"{cfg_path} describes a {meta.get('kind')!r} model; expected {kind!r}")
-    return config_from_dict(config_cls, meta.get("config", {}), str(cfg_path))
+    if "config" not in meta:
+        raise MulosdError(f"{cfg_path} has no \"config\" (the {config_cls.__name__} fields)")
+    return config_from_dict(config_cls, meta["config"], str(cfg_path))
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, with one clear error for a missing, truncated, empty or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MulosdError(f"weights {path} not found")
+    try:
+        return load_file(str(path))
+    except SafetensorError as exc:
+        size = path.stat().st_size
+        raise MulosdError(f"{path} ({size} bytes) is not a readable safetensors file (truncated or corrupt?): "
+                          f"{exc}") from None
+    except OSError as exc:
+        raise MulosdError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def torch_load_checked(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, with one clear error for a missing, truncated, corrupt
+    or unsafe (non-tensor pickle) file. For training checkpoints and other torch files."""
+    path = Path(path)
+    if not path.is_file():
+        raise MulosdError(f"checkpoint {path} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise MulosdError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except Exception as exc:  # UnpicklingError, RuntimeError (truncated zip), EOFError, ...: all mean a bad file
+        raise MulosdError(f"{path} is not a readable torch checkpoint (truncated, corrupt, or not tensors only): "
+                          f"{_torch_load_reason(exc)}") from None
+
+
+def _torch_load_reason(exc: Exception) -> str:
+    """The informative part of torch.load's error, in one line: after "WeightsUnpickler error:" when present (the
+    rest is advice to drop weights_only), else its first sentence."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    text = " ".join(text.split())
+    return text.split(". ", 1)[0].rstrip(".") or type(exc).__name__
 
 
 def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> torch.nn.Module:
@@ -151,14 +237,19 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], so
 
 
 def load_pretrained(model_cls, stem: str | os.PathLike, kind: str):
-    """Build ``model_cls`` from ``stem.json`` and load ``stem.safetensors`` strictly."""
+    """Build ``model_cls`` from ``stem.json`` and load ``stem.safetensors`` strictly. Any bad file (config,
+    weights, or the two disagreeing) is a MulosdError naming it."""
     stem = Path(stem)
+    cfg_path = stem.with_suffix(".json")
     config = read_config(stem, kind, model_cls.config_class)
     weights = stem.with_suffix(".safetensors")
-    if not weights.exists():
-        raise MulosdError(f"weights {weights} not found beside {stem.with_suffix('.json')}")
-    model = model_cls(config)
-    load_state_strict(model, load_file(str(weights)), str(weights))
+    if not weights.is_file():
+        raise MulosdError(f"weights {weights} not found beside {cfg_path}")
+    try:
+        model = model_cls(config)
+    except (ValueError, TypeError, RuntimeError, AssertionError, ZeroDivisionError) as exc:
+        raise MulosdError(f"{cfg_path}: cannot build a {model_cls.__name__} from this config: {exc}") from None
+    load_state_strict(model, read_safetensors(weights), str(weights))
     return model.eval()
 
 

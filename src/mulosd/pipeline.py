@@ -131,6 +131,95 @@ def _generation_stats(decoder, n: int, g: int, sampling: SamplingConfig, seed: i
     }
 
 
+# What manifest.json may hold, key -> what its value must be; the first two are required. Unknown keys are
+# rejected, as unknown config fields are, so that a misspelt key is an error, not a silently missing component.
+# A component stem is a file name without .json/.safetensors, relative to the model-set directory.
+MANIFEST_KEYS = {
+    "tokenizer": "the VQ tokenizer's component stem",
+    "target": "the target GPT's component stem",
+    "name": "a string",
+    "classifier": "the classifier's component stem, or null",
+    "drafters": "an object mapping drafter roles to component stems",
+    "upsamplers": 'an object mapping up-sampling factors ("2", "4", ...) to component stems',
+    "continuous": 'null, or an object with "tokenizer" and "target" stems and optional "drafters" (role -> stem)',
+    "class_names": "a list of distinct, non-empty class names",
+}
+CONTINUOUS_KEYS = {
+    "tokenizer": "the KL tokenizer's component stem",
+    "target": "the continuous target's component stem",
+    "drafters": "an object mapping drafter roles to component stems",
+}
+
+
+def _check_keys(where: Path, section: str, obj: dict, keys: dict) -> None:
+    """Unknown or missing keys of ``obj`` (the manifest or its ``section``): the first two of ``keys`` are required."""
+    required = list(keys)[:2]
+    allowed = f"{', '.join(required)} (required), {', '.join(list(keys)[2:])}"
+    prefix = f"{section}." if section else ""
+    unknown = sorted(set(obj) - set(keys))
+    missing = [k for k in required if k not in obj]
+    for problem, names in (("unknown", unknown), ("missing required", missing)):
+        if names:
+            raise MulosdError(f"{where}: {problem} key{'s' if len(names) > 1 else ''} "
+                              f"{', '.join(repr(prefix + k) for k in names)}; allowed: {allowed}")
+
+
+def _component(where: Path, key: str, value) -> Path:
+    """The stem ``value`` of manifest entry ``key``, checked to be a name whose .json and .safetensors exist."""
+    if not isinstance(value, str) or not value.strip():
+        raise MulosdError(f"{where}: {key} must be a component stem (a file name without .json/.safetensors), "
+                          f"got {value!r}")
+    stem = where.parent / value
+    for path in (stem.with_suffix(".json"), stem.with_suffix(".safetensors")):
+        if not path.is_file():
+            raise MulosdError(f"{where}: {key} names {value!r}, but {path} does not exist")
+    return stem
+
+
+def _components(where: Path, key: str, value, what: str) -> dict[str, Path]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise MulosdError(f"{where}: {key} must be {what}, got {value!r}")
+    return {name: _component(where, f"{key}.{name}", stem) for name, stem in value.items()}
+
+
+def _manifest_spec(directory: Path) -> dict:
+    """``directory/manifest.json`` checked whole (keys, types, and that every named component's files exist) and
+    normalised: stems become paths, every optional key is present, up-sampler factors are ints."""
+    where = Path(directory) / "manifest.json"
+    raw = manifest(directory)
+    _check_keys(where, "", raw, MANIFEST_KEYS)
+    spec = {"tokenizer": _component(where, "tokenizer", raw["tokenizer"]),
+            "target": _component(where, "target", raw["target"]),
+            "name": raw.get("name", Path(directory).name)}
+    if not isinstance(spec["name"], str):
+        raise MulosdError(f"{where}: name must be {MANIFEST_KEYS['name']}, got {spec['name']!r}")
+    clf = raw.get("classifier")
+    spec["classifier"] = _component(where, "classifier", clf) if clf is not None else None
+    spec["drafters"] = _components(where, "drafters", raw.get("drafters"), MANIFEST_KEYS["drafters"])
+    spec["upsamplers"] = {}
+    for r, stem in _components(where, "upsamplers", raw.get("upsamplers"), MANIFEST_KEYS["upsamplers"]).items():
+        if not (r.isdigit() and int(r) >= 2):
+            raise MulosdError(f"{where}: upsamplers key {r!r} must be an up-sampling factor r, an integer >= 2")
+        spec["upsamplers"][int(r)] = stem
+    cont = raw.get("continuous")
+    if cont is not None:
+        if not isinstance(cont, dict):
+            raise MulosdError(f"{where}: continuous must be {MANIFEST_KEYS['continuous']}, got {cont!r}")
+        _check_keys(where, "continuous", cont, CONTINUOUS_KEYS)
+        cont = {"tokenizer": _component(where, "continuous.tokenizer", cont["tokenizer"]),
+                "target": _component(where, "continuous.target", cont["target"]),
+                "drafters": _components(where, "continuous.drafters", cont.get("drafters"), CONTINUOUS_KEYS["drafters"])}
+    spec["continuous"] = cont
+    names = raw.get("class_names", list(CLASS_NAMES))
+    if (not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names)
+            or len(set(names)) != len(names)):
+        raise MulosdError(f"{where}: class_names must be {MANIFEST_KEYS['class_names']}, got {names!r}")
+    spec["class_names"] = tuple(names)
+    return spec
+
+
 class Pipeline:
     def __init__(self, tokenizer: VQModel, target: GPT, classifier: Classifier | None = None,
                  drafters: dict[str, GPT] | None = None, class_names: tuple[str, ...] = CLASS_NAMES, name: str = "custom",
@@ -155,28 +244,32 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = "fmnist-32") -> "Pipeline":
+        """Load a model set (shipped name or directory). ``manifest.json`` is checked whole before any model is
+        loaded (see ``MANIFEST_KEYS``), then every component's config and weights; a bad file is a MulosdError
+        naming it."""
         directory = resolve(name_or_path)
-        spec = manifest(directory)
-        drafters = {role: GPT.from_pretrained(directory / stem) for role, stem in spec.get("drafters", {}).items()}
-        classifier = Classifier.from_pretrained(directory / spec["classifier"]) if spec.get("classifier") else None
-        upsamplers = {int(r): LatentResampler.from_pretrained(directory / stem) for r, stem in spec.get("upsamplers", {}).items()}
-        continuous = None
-        if spec.get("continuous"):
-            c = spec["continuous"]
-            continuous = ContinuousModels(
-                tokenizer=KLAutoencoder.from_pretrained(directory / c["tokenizer"]),
-                target=ContinuousGPT.from_pretrained(directory / c["target"]),
-                drafters={role: ContinuousGPT.from_pretrained(directory / stem) for role, stem in c.get("drafters", {}).items()})
-        return cls(
-            tokenizer=VQModel.from_pretrained(directory / spec["tokenizer"]),
-            target=GPT.from_pretrained(directory / spec["target"]),
-            classifier=classifier,
-            drafters=drafters,
-            class_names=tuple(spec.get("class_names", CLASS_NAMES)),
-            name=spec.get("name", Path(directory).name),
-            upsamplers=upsamplers,
-            continuous=continuous,
-        )
+        where = directory / "manifest.json"
+        spec = _manifest_spec(directory)
+        tokenizer, target = VQModel.from_pretrained(spec["tokenizer"]), GPT.from_pretrained(spec["target"])
+        drafters = {role: GPT.from_pretrained(stem) for role, stem in spec["drafters"].items()}
+        classifier = Classifier.from_pretrained(spec["classifier"]) if spec["classifier"] else None
+        upsamplers = {}
+        for r, stem in spec["upsamplers"].items():
+            m = LatentResampler.from_pretrained(stem)
+            if m.config.r != r:
+                raise MulosdError(f"{where}: upsamplers.{r} names {stem.name!r}, a learned up-sampler for r={m.config.r}; "
+                                  f"the key must be its factor r")
+            upsamplers[r] = m
+        c = spec["continuous"]
+        if c:
+            c = (KLAutoencoder.from_pretrained(c["tokenizer"]), ContinuousGPT.from_pretrained(c["target"]),
+                 {role: ContinuousGPT.from_pretrained(stem) for role, stem in c["drafters"].items()})
+        try:  # every file read; what is left to fail is the components not fitting each other
+            continuous = ContinuousModels(*c) if c else None
+            return cls(tokenizer=tokenizer, target=target, classifier=classifier, drafters=drafters,
+                       class_names=spec["class_names"], name=spec["name"], upsamplers=upsamplers, continuous=continuous)
+        except MulosdError as exc:
+            raise MulosdError(f"model set {directory}: {exc}") from None
 
     def model(self, role: str) -> GPT:
         """The target (``"target"``) or a drafter by role (``"r2"``, ``"r4"``, ``"small"``)."""

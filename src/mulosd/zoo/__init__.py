@@ -35,7 +35,36 @@ def resolve(name_or_path: str) -> Path:
 
 
 def manifest(directory: Path) -> dict:
-    return json.loads((directory / "manifest.json").read_text())
+    """The JSON object in ``directory/manifest.json``; a file that cannot be read, is not JSON or is not an object
+    is a MulosdError naming it (``Pipeline.from_pretrained`` checks the keys)."""
+    path = Path(directory) / "manifest.json"
+    try:
+        spec = json.loads(path.read_text())
+    except OSError as exc:
+        raise MulosdError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise MulosdError(f"{path} is not valid JSON: not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise MulosdError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    if not isinstance(spec, dict):
+        raise MulosdError(f"{path} must hold a JSON object naming the components (tokenizer, target, ...), "
+                          f"got a JSON {_json_type(spec)}")
+    return spec
+
+
+def _json_type(value) -> str:
+    """The JSON name of a parsed value's type: object, array, string, number, true/false, null."""
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool):
+        return "boolean"
+    if value is None:
+        return "null"
+    return "number"
 
 
 def write_manifest(directory: str | Path, spec: dict) -> Path:
