@@ -205,3 +205,16 @@ def test_methods_shows_whole_descriptions_and_measured_speedups():
 def test_measured_json_is_what_the_runs_say():
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "measured.py"), "--check"], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_truncated_llamagen_safetensors_is_one_message(tmp_path):
+    from safetensors.torch import save_file
+
+    from mulosd.errors import MulosdError
+    from mulosd.models.llamagen import read_state_dict
+
+    path = tmp_path / "gpt.safetensors"
+    save_file({"w": torch.zeros(64, 64)}, str(path))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(MulosdError, match="gpt.safetensors .* is not a readable safetensors file"):
+        read_state_dict(path)

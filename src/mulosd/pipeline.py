@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from mulosd.data.fashion_mnist import CLASS_NAMES
 from mulosd.decoding.methods import get_method
-from mulosd.decoding.sampling import RandomStreams, SamplingConfig
+from mulosd.decoding.sampling import RandomStreams, SamplingConfig, check_seed
 from mulosd.decoding.state import add_counts
 from mulosd.errors import MulosdError
 from mulosd.models.cgpt import ContinuousGPT
@@ -33,6 +33,7 @@ from mulosd.models.gpt import GPT
 from mulosd.models.kl import KLAutoencoder, check_tokenizer
 from mulosd.models.vq import VQModel
 from mulosd.models.upsample import LatentResampler, PixelResampler
+from mulosd.resources import check_batch_memory
 from mulosd.zoo import manifest, resolve, write_manifest
 
 
@@ -367,6 +368,10 @@ class Pipeline:
         labels = torch.as_tensor(labels, dtype=torch.long).flatten()
         if not len(labels):
             raise MulosdError("no labels given; pass at least one class id")
+        check_seed(seed)
+        decoder.check_sampling(sampling)
+        batch_size = min(batch_size, len(labels))  # what is used (and recorded): never more than the images
+        check_batch_memory(decoder.models(), batch_size, 2 if sampling.uses_cfg else 1, decoder.device)
         traces = [] if trace else None
         all_tokens, totals = [], {}
         t0 = time.perf_counter()

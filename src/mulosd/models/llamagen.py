@@ -15,10 +15,9 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from mulosd.errors import MulosdError
-from mulosd.io import load_state_strict
+from mulosd.io import load_state_strict, read_safetensors
 from mulosd.models.gpt import GPT, GPTConfig
 
 # LlamaGen's named sizes (n_layer, n_head, dim); FFN hidden rounds 8*dim/3 up to a multiple of 256.
@@ -51,7 +50,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise MulosdError(f"checkpoint {path} not found")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        return read_safetensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle.UnpicklingError and friends: refuse anything but tensors and containers

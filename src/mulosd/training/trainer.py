@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from mulosd.errors import MulosdError
-from mulosd.io import atomic_torch_save, atomic_write_json
+from mulosd.io import atomic_torch_save, atomic_write_json, torch_load_checked
 
 
 @dataclass
@@ -103,7 +103,7 @@ def train(recipe: Recipe, out_dir: str | Path, cfg: TrainConfig, resume: bool = 
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     start, elapsed = 0, 0.0
     if resume:
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        state = torch_load_checked(ckpt_path)
         saved = json.loads(state["settings"])
         mismatch = {k: (saved["recipe_args"].get(k), v) for k, v in settings["recipe_args"].items() if saved["recipe_args"].get(k) != v}
         if saved["recipe"] != recipe.name or mismatch:
