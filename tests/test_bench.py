@@ -267,7 +267,9 @@ def test_fid_is_recomputed_at_every_tenth_and_at_the_end():
 
 def _fake_pipe_and_methods(monkeypatch, fail: str | None = None):
     """A pipeline stand-in (no model work) and two registered methods that count their constructions, their
-    decoded batches and the pipeline's classifications: what bench's bookkeeping can be checked on in milliseconds."""
+    decoded batches and the pipeline's classifications: what bench's bookkeeping can be checked on in milliseconds.
+    An image depends only on its random stream (seed, i), as a real decode's does; ``log["interrupt_at"] = n``
+    makes the n-th decode call (counting from 0) raise KeyboardInterrupt, as a killed run stops."""
     import time
     from types import SimpleNamespace
 
@@ -275,7 +277,7 @@ def _fake_pipe_and_methods(monkeypatch, fail: str | None = None):
     from mulosd.evaluation import bench
     from mulosd.pipeline import Pipeline
 
-    log = {"built": [], "decoded": [], "classified": 0}
+    log = {"built": [], "decoded": [], "classified": 0, "interrupt_at": None}
 
     class Counting:  # the interface bench and Pipeline.generate use, nothing more
         name, baseline, exact, defaults, output_grid = "fake_ar", "fake_ar", True, {"gamma": 1}, 2
@@ -292,17 +294,27 @@ def _fake_pipe_and_methods(monkeypatch, fail: str | None = None):
         def params(self):
             return dict(self._p)
 
+        def check_sampling(self, sampling):
+            pass
+
+        def models(self):
+            return []  # nothing for Pipeline.generate's memory estimate to count
+
         def generate(self, labels, sampling, streams):
+            if len(log["decoded"]) == log["interrupt_at"]:
+                raise KeyboardInterrupt
             log["decoded"].append((self.name, self._p["gamma"], len(labels)))
             if self.name == fail:
                 raise RuntimeError("this setting fails")
             B = len(labels)
             time.sleep(0.002)  # a measurable wall time (stats keep 0.1 ms)
             stats = SimpleNamespace(target_forwards=4, active_forwards=4 * B, tokens=4 * B, time_s={}, accept_hist=[])
-            return torch.zeros(B, 4, dtype=torch.long), stats  # what Pipeline.generate reads of DecodeStats
+            tokens = torch.stack([torch.randint(0, 2**31, (4,), generator=g) for g in streams.generators])
+            return tokens, stats  # what Pipeline.generate reads of DecodeStats
 
-        def decode_images(self, tokens):
-            return torch.rand(len(tokens), 1, 4, 4, generator=torch.Generator().manual_seed(len(log["decoded"])))
+        def decode_images(self, tokens):  # [B, 2, 2] -> [B, 1, 4, 4], each image drawn from its own first token
+            return torch.stack([torch.rand(1, 4, 4, generator=torch.Generator().manual_seed(int(t.flatten()[0])))
+                                for t in tokens])
 
     class Drafting(Counting):
         name = "fake_sd"
@@ -372,3 +384,125 @@ def test_old_results_with_only_mean_accepted_length_still_render():
     row = _row("ar", {})
     old = {k: v for k, v in row.items() if k != "step_compression"} | {"mean_accepted_length": 2.0}
     assert markdown_table([old]) == markdown_table([row])
+
+
+def _files(folder):
+    """Every file under ``folder`` with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _pixels(path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size, im.convert("RGB").tobytes()
+
+
+def test_resumed_run_writes_the_sample_grids_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    """A run killed in the middle of a round, then resumed, ends with samples/<setting>.png pixel for pixel as an
+    uninterrupted run's: the grid's first images come back from the state and every image keeps its class row."""
+    from mulosd.evaluation.bench import SAMPLE_IMAGES, BenchConfig, run_bench
+
+    pipe, log = _fake_pipe_and_methods(monkeypatch)
+    settings = parse_settings("fake_ar,fake_sd")
+    cfg = BenchConfig(num_images=SAMPLE_IMAGES + 6, batch_size=3, warmup=False)  # the grid fills over 7 rounds
+    whole = run_bench(pipe, settings, cfg, tmp_path / "whole", progress=False, plots=False)
+    log["interrupt_at"] = len(log["decoded"]) + 2 * 2 + 1  # round 3 (images 6-8), its second setting
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(pipe, settings, cfg, tmp_path / "cut", progress=False, plots=False)
+    state = json.loads((tmp_path / "cut" / "state.json").read_text())
+    assert state["done_rounds"] == 2
+    log["interrupt_at"] = None
+    again = run_bench(pipe, settings, cfg, tmp_path / "cut", resume=True, progress=False, plots=False)
+    assert again["config"]["complete"] and [r["num_images"] for r in again["methods"]] == [SAMPLE_IMAGES + 6] * 2
+    assert [r["fid_classifier"] for r in again["methods"]] == [r["fid_classifier"] for r in whole["methods"]]
+    names = sorted(p.name for p in (tmp_path / "whole" / "samples").iterdir())
+    assert names == ["fake_ar.png", "fake_sd.png"]
+    assert sorted(p.name for p in (tmp_path / "cut" / "samples").iterdir()) == names
+    for name in names:
+        assert _pixels(tmp_path / "cut" / "samples" / name) == _pixels(tmp_path / "whole" / "samples" / name), name
+
+
+def test_resume_from_a_state_without_samples_keeps_the_old_grids(tmp_path, monkeypatch):
+    """A state written before bench kept the sample images cannot rebuild a complete grid: the grid the first
+    process wrote stays as it was rather than being replaced by the later images alone."""
+    from safetensors.torch import load_file, save_file
+
+    from mulosd.evaluation.bench import BenchConfig, run_bench
+
+    pipe, log = _fake_pipe_and_methods(monkeypatch)
+    cfg = BenchConfig(num_images=6, batch_size=2, warmup=False)
+    out = tmp_path / "b"
+    log["interrupt_at"] = 1  # round 2
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(pipe, parse_settings("fake_ar"), cfg, out, progress=False, plots=False)
+    saved = load_file(str(out / "state.safetensors"))
+    assert saved["samples_index/fake_ar"].tolist() == [0, 1]
+    save_file({k: v for k, v in saved.items() if not k.startswith("samples")}, str(out / "state.safetensors"))
+    grid = (out / "samples" / "fake_ar.png").read_bytes()
+    log["interrupt_at"] = None
+    run_bench(pipe, parse_settings("fake_ar"), cfg, out, resume=True, progress=False, plots=False)
+    assert (out / "samples" / "fake_ar.png").read_bytes() == grid
+
+
+def test_bench_refuses_a_folder_with_files_unless_resume_or_force(tmp_path, monkeypatch):
+    """An earlier run's folder is refused, untouched, without --resume or --force; --force deletes bench's own
+    files in it (a stale samples/x.png included) and leaves anything else; --resume with --force is refused."""
+    from mulosd.evaluation.bench import BenchConfig, run_bench
+
+    pipe, log = _fake_pipe_and_methods(monkeypatch)
+    settings = parse_settings("fake_ar")
+    cfg = BenchConfig(num_images=2, batch_size=2, warmup=False)
+    out = tmp_path / "b"
+    run_bench(pipe, settings, cfg, out, progress=False, plots=False)
+    (out / "samples" / "x.png").write_bytes(b"a stale grid")
+    (out / ".state.json.abc123.tmp").write_text("a write cut short")
+    (out / "notes.txt").write_text("mine")
+    before = _files(out)
+    with pytest.raises(MulosdError, match=r"is not empty .*--resume to continue .*--force to delete"):
+        run_bench(pipe, settings, cfg, out, progress=False, plots=False)
+    assert _files(out) == before
+    with pytest.raises(MulosdError, match="--resume continues .* --force deletes"):
+        run_bench(pipe, settings, cfg, out, resume=True, force=True, progress=False, plots=False)
+    assert _files(out) == before and log["built"] == [("fake_ar", 1)]  # refused before the method was built
+    res = run_bench(pipe, parse_settings("fake_sd"), cfg, out, force=True, progress=False, plots=False)
+    assert [r["label"] for r in res["methods"]] == ["fake_sd"]
+    assert sorted(_files(out)) == ["notes.txt", "results.csv", "results.json", "results.md", "samples/fake_sd.png",
+                                   "state.json", "state.safetensors"]
+    assert (out / "notes.txt").read_text() == "mine"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run_bench(pipe, settings, cfg, empty, progress=False, plots=False)  # an empty folder is no earlier run
+    assert (empty / "results.json").exists()
+
+
+def test_refused_resume_leaves_no_folder_and_names_what_differs(tmp_path, monkeypatch):
+    from mulosd.evaluation.bench import BenchConfig, run_bench
+
+    pipe, _ = _fake_pipe_and_methods(monkeypatch)
+    settings = parse_settings("fake_ar,fake_sd")
+    cfg = BenchConfig(num_images=4, batch_size=2, warmup=False)
+    for out in (tmp_path / "missing", tmp_path / "a" / "b"):
+        with pytest.raises(MulosdError, match="no bench run to continue in .* start without --resume"):
+            run_bench(pipe, settings, cfg, out, resume=True, progress=False, plots=False)
+        assert not out.exists() and not (tmp_path / "a").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MulosdError, match="no bench run to continue"):
+        run_bench(pipe, settings, cfg, tmp_path / "empty", resume=True, progress=False, plots=False)
+    assert list((tmp_path / "empty").iterdir()) == []
+    out = tmp_path / "run"
+    run_bench(pipe, settings, cfg, out, progress=False, plots=False)
+    before = _files(out)
+    other = BenchConfig(num_images=6, batch_size=2, temperature=0.5, warmup=False)
+    with pytest.raises(MulosdError) as err:
+        run_bench(pipe, parse_settings("fake_ar,fake_sd", sweeps=("fake_sd.gamma=2",)), other, out, resume=True,
+                  progress=False, plots=False)
+    msg = str(err.value)
+    assert "holds a run with other settings" in msg and "--force" in msg
+    for part in ("num_images: 4 -> 6", "sampling.temperature: 1.0 -> 0.5", "settings added: fake_sd[gamma=2]",
+                 "settings removed: fake_sd"):
+        assert part in msg, (part, msg)
+    assert "batch_size" not in msg and "seed" not in msg  # only what differs
+    with pytest.raises(MulosdError, match=r"settings order: fake_ar, fake_sd -> fake_sd, fake_ar\)"):
+        run_bench(pipe, parse_settings("fake_sd,fake_ar"), cfg, out, resume=True, progress=False, plots=False)
+    assert _files(out) == before

@@ -3,15 +3,19 @@
 Every setting (a method plus parameters; sweeps expand into one setting per point) decodes the same images:
 image i has class i mod 10 and random stream (seed, i). Batches are interleaved: round b decodes batch b with
 every setting, in an order rotated each round, so slow drift of the machine hits all settings alike. After
-every round the raw per-batch records (and the classifier features of the images) are written atomically to
-``state.json`` / ``state.safetensors`` in the output directory, together with the aggregated
-``results.json``, ``results.csv`` and ``results.md``; ``resume=True`` continues after the last finished round.
-A setting that raises is reported in its row (``error``) and skipped in later rounds; the others go on.
+every round the raw per-batch records (with the classifier features and the first images of every setting) are
+written atomically to ``state.json`` / ``state.safetensors`` in the output directory, together with the
+aggregated ``results.json``, ``results.csv`` and ``results.md``; ``resume=True`` continues after the last finished
+round, and its ``samples/<setting>.png`` grids are those an uninterrupted run writes. A folder that already holds
+files is refused unless ``resume`` (a run of the same config; else the differences are named) or ``force``
+(bench's own files in it are deleted first). A setting that raises is reported in its row (``error``) and skipped
+in later rounds; the others go on.
 
-Each setting's method is built once, before any work (so bad values fail before ``--out`` is created), and that
-one object decodes its warm-up batch and every measured batch (``Pipeline.generate``); the images of a batch are
-classified once, by the pipeline. The module reads top to bottom: settings, scheduling and resume, measurement,
-quality, writing, and ``run_bench`` with the state of one run (``_BenchRun``).
+Each setting's method is built once, before any work, and ``--out`` is checked (with a resumed run's state) before
+it is created, so bad values leave no folder behind. That one object decodes its warm-up batch and every measured
+batch (``Pipeline.generate``); the images of a batch are classified once, by the pipeline. The module reads top to
+bottom: settings, scheduling and resume, measurement, quality, writing, and ``run_bench`` with the state of one
+run (``_BenchRun``).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -203,21 +208,121 @@ def _run_config(pipe, settings: list[Setting], cfg: BenchConfig) -> dict:
             "inception": cfg.inception, **({"reference_images": cfg.reference_images} if cfg.inception else {})}
 
 
-def _load_state(out: Path, config: dict, settings: list[Setting], spaces) -> tuple[dict, dict, int, dict | None]:
-    """A resumed run's records, errors, finished rounds and saved features per space (None: no feature file),
-    after checking that ``out`` holds a run of the same config."""
+_ABSENT = object()
+
+
+def _shown(value) -> str:
+    return "(absent)" if value is _ABSENT else json.dumps(value)
+
+
+def _settings_differences(old: list, new: list) -> list[str]:
+    """Which setting labels a resumed run adds or drops, which keep their label but not their method or
+    parameters, or (all else equal) how their order changed: the order decides every round's rotation."""
+    before, after = {e[0]: e for e in old}, {e[0]: e for e in new}
+    added = [label for label in after if label not in before]
+    removed = [label for label in before if label not in after]
+    out = [f"settings added: {', '.join(added)}"] if added else []
+    out += [f"settings removed: {', '.join(removed)}"] if removed else []
+    out += [f"setting {label}: {_shown(before[label][1:])} -> {_shown(after[label][1:])}"
+            for label in after if label in before and before[label] != after[label]]
+    if not out:
+        out = [f"settings order: {', '.join(before)} -> {', '.join(after)}"]
+    return out
+
+
+def _config_differences(old: dict, new: dict) -> list[str]:
+    """``key: old -> new`` for every field of a run's config that differs (dicts field by field, the settings by
+    label), in the new config's order, then the fields only the old one has."""
+    diffs = []
+    for key in [*new, *(k for k in old if k not in new)]:
+        a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
+        if a == b:
+            continue
+        if key == "settings" and isinstance(a, list) and isinstance(b, list):
+            diffs += _settings_differences(a, b)
+        elif isinstance(a, dict) and isinstance(b, dict):
+            diffs += [f"{key}.{k}: {_shown(a.get(k, _ABSENT))} -> {_shown(b.get(k, _ABSENT))}"
+                      for k in [*b, *(k for k in a if k not in b)] if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
+        else:
+            diffs.append(f"{key}: {_shown(a)} -> {_shown(b)}")
+    return diffs
+
+
+@dataclass
+class _Saved:
+    """What a resumed run continues from (``_load_state``)."""
+    records: dict
+    errors: dict
+    done_rounds: int
+    feats: dict | None  # per space, per label: [features so far]; None without a feature file
+    samples: dict  # label -> (its first images so far, their image indices); labels without any left out
+
+
+def _load_state(out: Path, config: dict, settings: list[Setting], spaces) -> _Saved:
+    """A resumed run's state, after checking that ``out`` holds a run of the same config (else the differences
+    are named). Only reads: a refused resume leaves the folder (or its absence) as it was."""
     state_path, feats_path = out / "state.json", out / "state.safetensors"
-    if not state_path.exists():
-        raise MulosdError(f"--resume: no state.json in {out}; start without --resume")
-    state = json.loads(state_path.read_text())
-    if state["config"] != json.loads(json.dumps(config)):
-        raise MulosdError(f"--resume: {out} holds a run with other settings; use another --out or the same options")
-    feats = None
+    if not state_path.is_file():
+        raise MulosdError(f"--resume: no bench run to continue in {out} (no state.json); start without --resume")
+    try:
+        state = json.loads(state_path.read_text())
+        old = state["config"]
+        keep = (state["records"], state["errors"], int(state["done_rounds"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise MulosdError(f"--resume: {state_path} is unreadable ({type(exc).__name__}: {exc}); "
+                          f"use another --out, or --force to start over in {out}") from None
+    diffs = _config_differences(old, json.loads(json.dumps(config))) if isinstance(old, dict) else ["config"]
+    if diffs:
+        raise MulosdError(f"--resume: {out} holds a run with other settings ({'; '.join(diffs)}); use the same "
+                          f"options, another --out, or --force to start over in {out}")
+    feats, samples = None, {}
     if feats_path.exists():
-        saved = load_file(str(feats_path))
+        try:
+            saved = load_file(str(feats_path))
+        except (SafetensorError, OSError) as exc:
+            raise MulosdError(f"--resume: {feats_path} is unreadable ({exc}); use another --out, or --force to "
+                              f"start over in {out}") from None
         feats = {space: {s.label: [saved[f"{space}/{s.label}"]] if f"{space}/{s.label}" in saved else []
                          for s in settings} for space in spaces}
-    return state["records"], state["errors"], state["done_rounds"], feats
+        samples = {s.label: (saved[f"samples/{s.label}"], saved[f"samples_index/{s.label}"]) for s in settings
+                   if f"samples/{s.label}" in saved and f"samples_index/{s.label}" in saved}
+    return _Saved(*keep, feats, samples)
+
+
+# bench's own files in an output folder: what --force deletes (nothing else in the folder is touched)
+RUN_FILES = ("results.json", "results.csv", "results.md", "state.json", "state.safetensors")
+RUN_FOLDERS = ("plots", "samples")  # of PNG files
+
+
+def _own_file(name: str, names) -> bool:
+    """``name`` is one of ``names`` or the temporary file atomic_write left of one (``.NAME.xxxx.tmp``)."""
+    return name in names or (name.startswith(".") and name.endswith(".tmp")
+                             and any(name.startswith(f".{n}.") for n in names))
+
+
+def _check_out(out: Path, resume: bool, force: bool) -> None:
+    """Refuse, before anything is created or deleted, a folder that already holds files unless the run continues
+    it (``resume``) or starts over in it (``force``)."""
+    if resume and force:
+        raise MulosdError("--resume continues the run in --out and --force deletes it; give one of them")
+    if not resume and not force and out.is_dir() and any(out.iterdir()):
+        raise MulosdError(f"{out} is not empty (an earlier run?); use --resume to continue that run, --force to "
+                          f"delete its results first, or another --out")
+
+
+def _clear_run(out: Path) -> None:
+    """--force: delete bench's own files (results.*, state.*, the PNGs of plots/ and samples/, temporary files
+    of interrupted writes) from ``out``; whatever else is in it stays, and nothing outside it is touched."""
+    for entry in out.iterdir():
+        if entry.name in RUN_FOLDERS and entry.is_dir() and not entry.is_symlink():
+            for f in entry.iterdir():
+                temporary = f.name.startswith(".") and f.name.endswith(".tmp") and ".png." in f.name
+                if (f.is_file() or f.is_symlink()) and (f.suffix == ".png" or temporary):
+                    f.unlink()
+            if not any(entry.iterdir()):
+                entry.rmdir()
+        elif (entry.is_file() or entry.is_symlink()) and _own_file(entry.name, RUN_FILES):
+            entry.unlink()  # a link is removed itself, never what it points to
 
 
 # ---- measurement ------------------------------------------------------------------------------------------
@@ -506,18 +611,23 @@ def _write_results(out: Path, result: dict) -> None:
     atomic_write_text(out / "results.md", markdown_table(result["methods"]))
 
 
-def _save_state(out: Path, config: dict, records: dict, errors: dict, done_rounds: int, feats: dict) -> None:
-    """What --resume reads: the raw records (state.json) and every setting's features so far (state.safetensors)."""
+def _save_state(out: Path, config: dict, records: dict, errors: dict, done_rounds: int, feats: dict,
+                samples: dict) -> None:
+    """What --resume reads: the raw records (state.json), and every setting's features so far with its sample
+    images and their image indices (state.safetensors; the images as decoded, so a resumed grid is the same)."""
     atomic_write_json(out / "state.json", {"config": config, "records": records, "errors": errors,
                                            "done_rounds": done_rounds})
     tensors = {f"{space}/{k}": torch.cat(v).contiguous() for space, d in feats.items() for k, v in d.items() if v}
+    for label, (images, index) in samples.items():
+        tensors[f"samples/{label}"], tensors[f"samples_index/{label}"] = images.contiguous(), index.contiguous()
     atomic_write(out / "state.safetensors", lambda tmp: save_file(tensors, tmp))
 
 
-def _save_sample_grid(pipe, out: Path, label: str, images: torch.Tensor, labels_all: torch.Tensor) -> None:
+def _save_sample_grid(pipe, out: Path, label: str, images: torch.Tensor, classes: torch.Tensor) -> None:
+    """samples/<label>.png: ``images`` in rows by ``classes`` (the class each image asked for)."""
     from mulosd.evaluation.grids import image_grid
 
-    grid = image_grid(images, labels_all[: len(images)], pipe.class_names)
+    grid = image_grid(images, classes, pipe.class_names)
     safe = "".join(ch if ch.isalnum() or ch in "-_=.," else "_" for ch in label)
     atomic_write(out / "samples" / f"{safe}.png", lambda tmp: grid.save(tmp, format="PNG"))
 
@@ -531,7 +641,6 @@ class _BenchRun:
         self.pipe, self.settings, self.cfg, self.out = pipe, settings, cfg, out
         self.save_samples, self.plots = save_samples, plots
         self.methods = _build_methods(pipe, settings)
-        check_writable(out / "results.json")  # creates --out: only once every setting is known to be valid
         self.config = _run_config(pipe, settings, cfg)
         self.extractors = _extractors(pipe, cfg)
         self.records: dict[str, list[dict]] = {s.label: [] for s in settings}
@@ -540,18 +649,29 @@ class _BenchRun:
         self.done_rounds = 0
         self.labels = torch.arange(cfg.num_images) % len(pipe.class_names)  # image i asks for class i mod 10
         self.batches = _batches(cfg)
-        self.samples: dict[str, torch.Tensor] = {}
+        # label -> (its first SAMPLE_IMAGES images so far, their image indices): the grid, kept in the state
+        self.samples: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.no_grid: set[str] = set()  # resumed from a state without a setting's samples: its old grid stays
         self.quality: dict[str, dict] = {}  # label -> FID/KID columns as last computed
         self.quality_round = 0  # the round at which they were
         self.machine = machine_description()  # read once: every write of this process names the same CPU
         self.refs: dict = {}
         self.floors: dict = {}
 
-    def resume(self) -> None:
-        records, errors, done_rounds, feats = _load_state(self.out, self.config, self.settings, self.extractors)
-        self.records, self.errors, self.done_rounds = records, errors, done_rounds
-        if feats is not None:
-            self.feats = feats
+    def open(self, resume: bool, force: bool) -> None:
+        """Read a resumed run's state (checked against this run's config), then create --out (and with ``force``
+        delete bench's files in it): nothing is created or deleted before every check has passed."""
+        saved = _load_state(self.out, self.config, self.settings, self.extractors) if resume else None
+        check_writable(self.out / "results.json")  # creates --out: only once everything else is known to be valid
+        if force:
+            _clear_run(self.out)
+        if saved is not None:
+            self.records, self.errors, self.done_rounds = saved.records, saved.errors, saved.done_rounds
+            if saved.feats is not None:
+                self.feats = saved.feats
+            self.samples = saved.samples
+            if self.done_rounds:  # a state written before samples were kept: complete grids cannot be rebuilt
+                self.no_grid = {s.label for s in self.settings} - set(self.samples)
 
     def load_references(self, data_dir: str | None, progress: bool) -> None:
         """Test-set statistics per feature space (cached) and the real-vs-real FID floor at this N."""
@@ -585,10 +705,13 @@ class _BenchRun:
         self.records[s.label].append(_record(b, output))
         for space, extract in self.extractors.items():
             self.feats[space][s.label].append(extract(output.images))
-        if self.save_samples and lo < SAMPLE_IMAGES:
-            kept = torch.cat([self.samples.get(s.label, output.images[:0]), output.images])[:SAMPLE_IMAGES]
-            self.samples[s.label] = kept
-            _save_sample_grid(self.pipe, self.out, s.label, kept, self.labels)
+        if self.save_samples and lo < SAMPLE_IMAGES and s.label not in self.no_grid:
+            n = min(hi, SAMPLE_IMAGES) - lo
+            images, index = self.samples.get(s.label, (output.images[:0], torch.zeros(0, dtype=torch.long)))
+            images = torch.cat([images, output.images[:n].to(images.dtype)])
+            index = torch.cat([index, torch.arange(lo, lo + n)])
+            self.samples[s.label] = images, index
+            _save_sample_grid(self.pipe, self.out, s.label, images, self.labels[index])
 
     def run_rounds(self, progress: bool) -> dict:
         """Every round not yet done, each followed by a write; the last write is final."""
@@ -633,7 +756,7 @@ class _BenchRun:
         references, ref_latency = _speed_references(self.settings, self.methods, self.records)
         result = self.result(self.rows(final, references, ref_latency), final, references)
         _write_results(self.out, result)
-        _save_state(self.out, self.config, self.records, self.errors, self.done_rounds, self.feats)
+        _save_state(self.out, self.config, self.records, self.errors, self.done_rounds, self.feats, self.samples)
         if self.plots and _quality_due(self.done_rounds, len(self.batches), final):  # plotting every round would cost
             from mulosd.evaluation.plots import write_plots
 
@@ -642,14 +765,18 @@ class _BenchRun:
 
 
 def run_bench(pipe, settings: list[Setting], cfg: BenchConfig, out_dir: str | Path, resume: bool = False,
-              progress: bool = True, data_dir: str | None = None, save_samples: bool = True, plots: bool = True) -> dict:
-    """Run (or with ``resume`` continue) a bench of ``settings`` into ``out_dir``; returns results.json's dict."""
+              progress: bool = True, data_dir: str | None = None, save_samples: bool = True, plots: bool = True,
+              force: bool = False) -> dict:
+    """Run (or with ``resume`` continue) a bench of ``settings`` into ``out_dir``; returns results.json's dict.
+    An ``out_dir`` that holds files is refused unless ``resume`` (a run of the same config) or ``force`` (bench's
+    own files in it are deleted first; other files stay); the two together are refused. Every refusal comes
+    before ``out_dir`` is created or anything in it changes."""
     cfg.validate()
     if pipe.classifier is None:
         raise MulosdError(f"model set {pipe.name} has no classifier; bench needs it for class accuracy and FID")
+    _check_out(Path(out_dir), resume, force)  # before the methods are built (which can take a while)
     run = _BenchRun(pipe, settings, cfg, Path(out_dir), save_samples, plots)
-    if resume:
-        run.resume()
+    run.open(resume, force)
     run.load_references(data_dir, progress)
     if cfg.warmup and run.done_rounds < len(run.batches):
         run.warm_up()
