@@ -33,7 +33,7 @@ def keep_threads():
     (["--seed", "-1"], 2, "0<=x<=4294967295"),
     (["--top-k", "100000"], 1, "--top-k 100000 exceeds the vocabulary of model set fmnist-32 (512 codes); allowed: 0 (off) to 512"),
     (["--method", "mulo", "--r", "8"], 1, "no low-resolution drafter for r=8 (no role 'r8'); allowed r: 2, 4"),
-    (["--method", "car", "--top-k", "5"], 1, "car samples continuous tokens with a diffusion head"),
+    (["--method", "car", "--top-k", "5"], 1, "top-k / top-p filter a vocabulary and do not apply to continuous tokens"),
     (["--num-per-class", "5000", "--batch-size", "100000"], 1, "batch size 50000 would need about"),
     (["--save-npz", "x.npy"], 1, "must end in .npz"),
     (["--threads", "0"], 2, "--threads"),
@@ -218,3 +218,16 @@ def test_truncated_llamagen_safetensors_is_one_message(tmp_path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(MulosdError, match="gpt.safetensors .* is not a readable safetensors file"):
         read_state_dict(path)
+
+
+def test_bench_cli_refuses_an_old_run_folder_and_a_resume_without_state(tmp_path):
+    old = tmp_path / "old"
+    (old / "samples").mkdir(parents=True)
+    (old / "samples" / "sd.png").write_bytes(b"old")
+    r = run("bench", "--methods", "ar", "--num-images", "1", "--out", str(old), "--no-progress")
+    assert r.exit_code == 1 and "--resume" in r.output and "--force" in r.output, r.output
+    assert (old / "samples" / "sd.png").read_bytes() == b"old"
+    r = run("bench", "--methods", "ar", "--num-images", "1", "--out", str(tmp_path / "new"), "--resume", "--no-progress")
+    assert r.exit_code == 1 and "no state.json" in r.output and not (tmp_path / "new").exists(), r.output
+    r = run("bench", "--methods", "ar", "--num-images", "1", "--out", str(old), "--resume", "--force", "--no-progress")
+    assert r.exit_code == 1 and (old / "samples" / "sd.png").exists(), r.output

@@ -321,7 +321,8 @@ def _generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale
 @click.option("--reference-images", type=int, default=10000,
               help="Test-split images behind the Inception reference statistics (2..10000; cached after the first run).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Output directory: results.json/csv/md, plots/, samples/, and state.* for --resume.")
+              help="Output directory: results.json/csv/md, plots/, samples/, and state.* for --resume. A folder that "
+                   "already holds files is refused unless --resume or --force is given.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out after its last finished round.")
 @click.option("--force", is_flag=True, help="Clear --out first when it holds an earlier run (without --resume or "
                                             "--force such a folder is refused).")

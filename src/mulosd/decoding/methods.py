@@ -19,7 +19,7 @@ from mulosd.decoding.params import (ARParams, CARParams, CSpDParams, GSDParams, 
                                     Params, SDParams, SJDParams, ZipARParams)
 from mulosd.decoding.proposers import DrafterProposer, JacobiProposer
 from mulosd.decoding.rules import codebook_neighbours, verify_exact, verify_grouped, verify_lantern
-from mulosd.decoding.sampling import RandomStreams, SamplingConfig
+from mulosd.decoding.sampling import RandomStreams, SamplingConfig, check_continuous
 from mulosd.decoding.schedule import generate_zipar
 from mulosd.decoding.state import DecodeStats
 from mulosd.decoding.window import ar_parts, window_parts
@@ -289,10 +289,7 @@ class _Continuous(Method):
         return (self.cont.tokenizer.decode(tokens) + 1) / 2
 
     def check_sampling(self, sampling: SamplingConfig) -> None:
-        if sampling.top_k or sampling.top_p < 1:
-            raise MulosdError(f"{self.name} samples continuous tokens with a diffusion head, which has no vocabulary to "
-                              f"filter: top-k {sampling.top_k} / top-p {sampling.top_p} do not apply; allowed: top-k 0, "
-                              "top-p 1 (temperature and the CFG scale do apply)")
+        check_continuous(sampling)
 
 
 class CAR(_Continuous):
