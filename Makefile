@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(BIN)/mulosd compare --methods ar,mcsjd,mulo --classes 0,1,2,3,4,5,6,7,8,9 --num-per-class 1 --batch-size 1 \
+	$(BIN)/mulosd compare --methods ar,mcsjd,mulo --classes 0,1,2,3,4,5,6,7,8,9 --num-per-class 2 --batch-size 1 \
 		--seed 0 --cfg-scale 3 --out outputs/demo
 	$(BIN)/mulosd generate --method mulo --classes 0,1,2,3,4,5,6,7,8,9 --num-per-class 1 --batch-size 1 --seed 0 \
 		--cfg-scale 3 --out outputs/demo/mulo_grid.png --acceptance-map outputs/demo/mulo_map.png --no-progress

@@ -47,6 +47,7 @@ def rows(run: Path) -> list[dict]:
             "batch_size": cfg["batch_size"],
             "num_images": cfg["num_images"],
             "speedup": speed,
+            "latency_s_per_image": m.get("latency_s_per_image"),
             "reference": reference,
             "class_accuracy": m.get("class_accuracy"),
             "reference_class_accuracy": base.get(reference, {}).get("class_accuracy"),

@@ -40,7 +40,9 @@ def measured_text(data: dict, method: str) -> str | None:
         items = []
         for r in sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["batch_size"]):
             if r["speedup"] is None or r["method"] == r["reference"]:
-                items.append(f"batch {r['batch_size']}: class accuracy {r['class_accuracy']:.3f}")
+                latency = r.get("latency_s_per_image")
+                items.append(f"batch {r['batch_size']}: " + (f"{latency:.2f} s/image, " if latency else "")
+                             + f"class accuracy {r['class_accuracy']:.3f}")
                 continue
             p = r.get("p_classifier")
             quality = f"class accuracy {r['class_accuracy']:.3f} vs {r['reference']} {r['reference_class_accuracy']:.3f}"
@@ -83,7 +85,8 @@ def summary_lines(rows: list[dict], data: dict | None = None) -> list[str]:
                      f"{r['speedup']:8.2f}x {acc:>15s}")
     if data:
         lines.append(f"{n} images time the speed-up but cannot resolve a few points of quality; the shipped bench "
-                     f"runs ({data.get('machine', 'CPU')}) measured:")
+                     f"runs ({data.get('machine', 'CPU')}) measured (speed-ups differ between CPUs; compare the "
+                     f"time per AR image):")
         for r in rows:
             text = measured_text(data, r["method"])
             if text:
