@@ -282,6 +282,7 @@ def _fake_pipe_and_methods(monkeypatch, fail: str | None = None):
     class Counting:  # the interface bench and Pipeline.generate use, nothing more
         name, baseline, exact, defaults, output_grid = "fake_ar", "fake_ar", True, {"gamma": 1}, 2
         device = torch.device("cpu")  # where a method's models live: Pipeline.generate puts labels and streams there
+        dtype = torch.float32  # the stats record it
 
         def __init__(self, pipe, **params):
             self.pipe, self._p = pipe, {**self.defaults, **params}

@@ -108,6 +108,8 @@ def _generation_stats(decoder, n: int, g: int, sampling: SamplingConfig, seed: i
     return {
         "method": decoder.name,
         "params": decoder.params(),
+        "device": str(decoder.device),
+        "dtype": str(decoder.dtype).removeprefix("torch."),
         "num_images": n,
         "batch_size": batch_size,
         "seed": seed,
@@ -233,6 +235,49 @@ class Pipeline:
         self.name = name
         self._check()
 
+    # ---- device and precision ---------------------------------------------------------------------------
+    def transformers(self) -> list:
+        """The autoregressive transformers (target, drafters, the continuous family's): what ``dtype`` casts."""
+        out = [self.target, *self.drafters.values()]
+        if self.continuous is not None:
+            out += [self.continuous.target, *self.continuous.drafters.values()]
+        return out
+
+    def modules(self) -> list:
+        """Every model of the set: the transformers, the tokenizers, the learned up-samplers, the classifier."""
+        out = self.transformers() + [self.tokenizer, *self.upsamplers.values()]
+        if self.classifier is not None:
+            out.append(self.classifier)
+        if self.continuous is not None:
+            out.append(self.continuous.tokenizer)
+        return out
+
+    def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> "Pipeline":
+        """Move every model to ``device`` (cpu, cuda, cuda:N, auto) and cast the transformers to ``dtype``
+        (float32, bfloat16, float16); the tokenizers, up-samplers, diffusion heads and the classifier stay float32 (small, and a
+        codebook search or FID features in half precision would change results for no speed), as LlamaGen keeps
+        its VQ model in float32 beside a bfloat16 GPT. Logits become float32 before any probability is formed."""
+        from mulosd.resources import resolve_device, resolve_dtype
+
+        device = resolve_device(device) if device is not None else self.device
+        dtype = resolve_dtype(dtype, device) if dtype is not None else self.dtype
+        for m in self.modules():
+            m.to(device)
+        for m in self.transformers():
+            m.to(dtype)
+            if isinstance(m, ContinuousGPT):
+                m.head.float()  # the diffusion head samples in float32: its last steps' sigma is ~0.005
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.target.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The transformers' dtype (the rest of the set is float32)."""
+        return next(self.target.parameters()).dtype
+
     def _check(self) -> None:
         vocab = self.tokenizer.config.codebook_size
         for role, model in [("target", self.target), *self.drafters.items()]:
@@ -244,10 +289,17 @@ class Pipeline:
                 raise MulosdError(f"{role} model has {model.config.num_classes} classes; the model set names {len(self.class_names)}")
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str = "fmnist-32") -> "Pipeline":
-        """Load a model set (shipped name or directory). ``manifest.json`` is checked whole before any model is
-        loaded (see ``MANIFEST_KEYS``), then every component's config and weights; a bad file is a MulosdError
-        naming it."""
+    def from_pretrained(cls, name_or_path: str = "fmnist-32", device: str | torch.device | None = None,
+                        dtype: str | torch.dtype | None = None) -> "Pipeline":
+        """Load a model set (shipped name or directory) onto ``device`` with its transformers in ``dtype`` (see
+        ``to``; default: the CPU in float32). ``manifest.json`` is checked whole before any model is loaded (see
+        ``MANIFEST_KEYS``), then every component's config and weights; a bad file is a MulosdError naming it."""
+        if device is not None or dtype is not None:  # a bad device or dtype is refused before anything is read
+            from mulosd.resources import resolve_device, resolve_dtype
+
+            device = resolve_device(device if device is not None else "cpu")
+            dtype = resolve_dtype(dtype if dtype is not None else "float32", device)
+            return cls.from_pretrained(name_or_path).to(device, dtype)
         directory = resolve(name_or_path)
         where = directory / "manifest.json"
         spec = _manifest_spec(directory)

@@ -85,3 +85,71 @@ def check_batch_memory(models, batch: int, rows_per_image: int, device: torch.de
     raise MulosdError(f"batch size {batch} would need about {per_image * batch / 2**30:.1f} GiB "
                       f"({per_image / 2**20:.1f} MiB per image) but {device} has {free / 2**30:.1f} GiB available; "
                       f"allowed here: a batch size of at most {fits}")
+
+
+# ---- devices and precisions ------------------------------------------------------------------------------------
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def resolve_device(name: str | torch.device | None = "cpu") -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (the first CUDA device when there is one, else the CPU) -> a
+    torch.device that exists on this machine, or one clear error saying what does."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    text = (name or "cpu").strip().lower()
+    if text == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
+        raise MulosdError(f"device {name!r} unknown; allowed: cpu, cuda, cuda:N, auto")
+    if device.type == "cpu":
+        return torch.device("cpu")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise MulosdError(f"device {name!r}: this machine has no CUDA device (torch {torch.__version__}, "
+                          f"CUDA build {torch.version.cuda or 'none'}); allowed here: cpu, auto")
+    index = 0 if device.index is None else device.index
+    if index >= count:
+        raise MulosdError(f"device {name!r} does not exist: this machine has {count} CUDA device"
+                          f"{'s' if count > 1 else ''} ({', '.join(f'cuda:{i}' for i in range(count))})")
+    return torch.device("cuda", index)
+
+
+def resolve_dtype(name: str | torch.dtype | None = "float32", device: torch.device | str = "cpu") -> torch.dtype:
+    """``float32`` / ``bfloat16`` / ``float16`` (or fp32 / bf16 / fp16) -> a torch dtype the device supports."""
+    if isinstance(name, torch.dtype):
+        if name not in DTYPES.values():
+            raise MulosdError(f"dtype {name} unsupported; allowed: {', '.join(DTYPES)}")
+        dtype = name
+    else:
+        text = (name or "float32").strip().lower()
+        text = DTYPE_ALIASES.get(text, text)
+        if text not in DTYPES:
+            raise MulosdError(f"dtype {name!r} unknown; allowed: {', '.join(DTYPES)} (or fp32, bf16, fp16)")
+        dtype = DTYPES[text]
+    device = torch.device(device)
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise MulosdError(f"dtype bfloat16: {torch.cuda.get_device_name(device)} does not support it; "
+                          "allowed here: float32, float16")
+    return dtype
+
+
+def device_description(device: torch.device | str) -> str:
+    """What a device is, for stats and results: the GPU's name, or the CPU's architecture and thread count."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    import platform
+
+    return f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (CUDA kernels run asynchronously): call before reading a clock."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

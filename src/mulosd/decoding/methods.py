@@ -79,6 +79,11 @@ class Method:
         """Where the method's models live: a decode's labels and random draws go there."""
         return next(getattr(self, "model", self.pipe.target).parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the transformer it decodes with (probabilities are float32 whatever it is)."""
+        return next(getattr(self, "model", self.pipe.target).parameters()).dtype
+
     def models(self) -> list:
         """The transformers this method decodes with (its sampling model or the target, and its drafter if it has
         one): what a batch's memory estimate counts."""

@@ -85,7 +85,9 @@ def warp(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
 
 
 def process_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
-    """Raw model logits (the doubled batch when ``cfg.uses_cfg``) -> final sampling probabilities."""
+    """Raw model logits (the doubled batch when ``cfg.uses_cfg``) -> final sampling probabilities, computed in
+    float32 whatever the model's dtype (guidance amplifies rounding: s * (cond - uncond))."""
+    logits = logits.float()
     if cfg.uses_cfg:
         logits = cfg_mix(logits, cfg.cfg_scale)
     return warp(logits, cfg)

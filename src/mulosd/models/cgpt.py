@@ -75,12 +75,12 @@ class ContinuousGPT(GPT):
     def forward(self, class_labels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Teacher-forced pass: tokens [B, N, d] -> z [B, N, dim], row k conditioning token k."""
         self._check_tokens(tokens)
-        return super().forward(class_labels, tokens)
+        return super().forward(class_labels, tokens.to(self.tok_embeddings.weight.dtype))
 
     def decode(self, tokens: torch.Tensor, cells: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Feed tokens [B, T, d] at grid cells [B, T]; returns z [B, T, dim] (row t conditions cell cells[:, t] + 1)."""
-        self._check_tokens(tokens)
-        return super().decode(tokens, cells, mask)
+        self._check_tokens(tokens)  # tokens are float32; a bfloat16 trunk reads them in its own dtype
+        return super().decode(tokens.to(self.tok_embeddings.weight.dtype), cells, mask)
 
     def head_loss(self, tokens: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The diffusion loss of tokens [B, N, d] given their conditions z [B, N, dim] (from :meth:`forward`)."""
