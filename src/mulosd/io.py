@@ -153,20 +153,27 @@ def save_pretrained(model: torch.nn.Module, stem: str | os.PathLike, kind: str, 
     return stem
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON value in ``path``; a file that cannot be read or is not JSON is one MulosdError naming it (and
+    the line and column of a syntax error)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except OSError as exc:
+        raise MulosdError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise MulosdError(f"{path} is not valid JSON: not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise MulosdError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+
+
 def read_config(stem: str | os.PathLike, kind: str, config_cls):
     """The config in ``stem.json`` (``{"kind": kind, "config": {...}}``), checked field by field."""
     stem = Path(stem)
     cfg_path = stem.with_suffix(".json")
     if not cfg_path.is_file():
         raise MulosdError(f"model config {cfg_path} not found")
-    try:
-        meta = json.loads(cfg_path.read_text())
-    except OSError as exc:
-        raise MulosdError(f"cannot read {cfg_path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise MulosdError(f"{cfg_path} is not valid JSON: not UTF-8 text") from None
-    except json.JSONDecodeError as exc:
-        raise MulosdError(f"{cfg_path} is not valid JSON: {exc}") from None
+    meta = read_json(cfg_path)
     if not isinstance(meta, dict):
         raise MulosdError(f"{cfg_path} must hold a JSON object {{\"kind\": ..., \"config\": {{...}}}}, "
                           f"got {type(meta).__name__}")

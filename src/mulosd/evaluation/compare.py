@@ -5,12 +5,12 @@ images time the speed honestly but cannot resolve a quality difference of a few 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from mulosd.errors import MulosdError
+from mulosd.io import read_json
 from mulosd.zoo import resolve
 
 
@@ -23,10 +23,7 @@ def measured(model: str) -> dict:
         return {}
     if not path.exists():
         return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise MulosdError(f"{path} is not valid JSON: {exc}") from None
+    return read_json(path)
 
 
 def measured_text(data: dict, method: str) -> str | None:

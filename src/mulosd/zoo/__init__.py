@@ -7,7 +7,6 @@ components, which ``Pipeline.save_pretrained`` then writes (``mulosd pack``).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,14 +37,9 @@ def manifest(directory: Path) -> dict:
     """The JSON object in ``directory/manifest.json``; a file that cannot be read, is not JSON or is not an object
     is a MulosdError naming it (``Pipeline.from_pretrained`` checks the keys)."""
     path = Path(directory) / "manifest.json"
-    try:
-        spec = json.loads(path.read_text())
-    except OSError as exc:
-        raise MulosdError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise MulosdError(f"{path} is not valid JSON: not UTF-8 text") from None
-    except json.JSONDecodeError as exc:
-        raise MulosdError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    from mulosd.io import read_json
+
+    spec = read_json(path)
     if not isinstance(spec, dict):
         raise MulosdError(f"{path} must hold a JSON object naming the components (tokenizer, target, ...), "
                           f"got a JSON {_json_type(spec)}")
