@@ -1,7 +1,13 @@
-"""Per-model training recipes: what to build, what data to read, and which loss to minimise."""
+"""Per-model training recipes: what to build, what data to read, and which loss to minimise.
+
+Data stays on the CPU; ``loss`` and ``evaluate`` move what they use to the model's device (``model_device``) and
+bring results back. Random draws come from the trainer's CPU generator and are moved after drawing, so a seed gives
+the same draws on every device.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,6 +19,17 @@ from mulosd.data import FashionMNIST
 from mulosd.models.classifier import Classifier, ClassifierConfig
 from mulosd.models.gpt import GPTConfig
 from mulosd.models.vq import VQConfig, VQModel
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device a model's parameters are on (where a recipe sends its batches)."""
+    return next(model.parameters()).device
+
+
+def bf16_autocast(device: torch.device, enabled: bool):
+    """A recipe's own bf16 switch (--bf16): autocast on the model's device type when on, nothing when off (an
+    autocast with enabled=False would switch off the trainer's --dtype autocast around it)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
 @dataclass
@@ -42,13 +59,15 @@ class TokenizerRecipe:
         return len(self.images[self.scales[0]])
 
     def loss(self, model, index, step, gen):
+        device = model_device(model)
+        self._usage = self._usage.to(device)
         total, metrics = 0.0, {}
         for s in self.scales:
-            x = self.images[s][index]
+            x = self.images[s][index].to(device)
             if step == 0 and s == self.scales[0]:  # initialise the codebook from real latents
                 with torch.no_grad():
                     z = model.encode_latent(x).permute(0, 2, 3, 1).reshape(-1, self.vq.codebook_dim)
-                    pick = torch.randint(len(z), (self.vq.codebook_size,), generator=gen)
+                    pick = torch.randint(len(z), (self.vq.codebook_size,), generator=gen).to(device)
                     model.embedding.weight.copy_(z[pick])
             rec, vq_loss, tokens, z = model(x)
             mse = F.mse_loss(rec, x)
@@ -66,21 +85,24 @@ class TokenizerRecipe:
             return
         dead = (self._usage == 0).nonzero().flatten()
         if len(dead) and self._latents is not None:
-            pick = torch.randint(len(self._latents), (len(dead),), generator=self._gen)
+            pick = torch.randint(len(self._latents), (len(dead),), generator=self._gen).to(self._latents.device)
             with torch.no_grad():
-                model.embedding.weight[dead] = self._latents[pick]
+                # latents are bfloat16 under --dtype bfloat16; the codebook stays float32
+                model.embedding.weight[dead] = self._latents[pick].to(model.embedding.weight.dtype)
         self._usage.zero_()
 
     def evaluate(self, model) -> dict:
         test = FashionMNIST.load("test", self.data_dir).head(self.limit)
+        device = model_device(model)
         out = {}
         with torch.no_grad():
             for s in self.scales:
                 x = test.at(s)
-                rec = torch.cat([model.decode(model.encode(x[i : i + 500])) for i in range(0, len(x), 500)])
+                tokens = torch.cat([model.encode(x[i : i + 500].to(device)) for i in range(0, len(x), 500)])
+                rec = torch.cat([model.decode(tokens[i : i + 500]).cpu() for i in range(0, len(x), 500)])
+                tokens = tokens.cpu()
                 mse = F.mse_loss(rec, x).item()  # images in [-1, 1]
                 mse01 = mse / 4
-                tokens = torch.cat([model.encode(x[i : i + 500]) for i in range(0, len(x), 500)])
                 out[f"test_{s}px"] = {
                     "mse_pm1": round(mse, 5),
                     "psnr_db": round(10 * math.log10(1.0 / mse01), 2),
@@ -110,8 +132,9 @@ class ClassifierRecipe:
         return len(self.labels)
 
     def loss(self, model, index, step, gen):
-        x, y = self.images[index], self.labels[index]
-        flip = torch.rand(len(x), generator=gen) < 0.5  # horizontal flips: garments are left-right symmetric
+        device = model_device(model)
+        x, y = self.images[index].to(device), self.labels[index].to(device)
+        flip = (torch.rand(len(x), generator=gen) < 0.5).to(device)  # horizontal flips: garments are symmetric
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         logits = model(x)
         return F.cross_entropy(logits, y), {"acc": (logits.argmax(-1) == y).float().mean().item()}
@@ -121,13 +144,15 @@ class ClassifierRecipe:
 
     def evaluate(self, model) -> dict:
         test = FashionMNIST.load("test", self.data_dir).head(self.limit)
-        pred = model.predict(test.images)
+        pred = model.predict(test.images.to(model_device(model))).cpu()
         return {"test_accuracy": round((pred == test.labels).float().mean().item(), 4)}
 
 
 def encode_dataset(tokenizer: VQModel, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
-    """images [N, 1, H, W] -> flattened raster tokens [N, (H/f)*(W/f)] (int16 to keep the cache small)."""
-    out = [tokenizer.encode(images[i : i + batch]).flatten(1) for i in range(0, len(images), batch)]
+    """images [N, 1, H, W] -> flattened raster tokens [N, (H/f)*(W/f)] (int16 to keep the cache small), on the CPU
+    whatever device the tokenizer is on."""
+    device = model_device(tokenizer)
+    out = [tokenizer.encode(images[i : i + batch].to(device)).flatten(1).cpu() for i in range(0, len(images), batch)]
     return torch.cat(out).to(torch.int16)
 
 
@@ -171,11 +196,13 @@ class ARRecipe:
         return len(self.labels)
 
     def loss(self, model, index, step, gen):
-        tokens = self.tokens[index].long()
+        device = model_device(model)
+        tokens = self.tokens[index].long().to(device)
         labels = self.labels[index].clone()
         drop = torch.rand(len(labels), generator=gen) < self.gpt.class_dropout_prob
         labels[drop] = self.gpt.num_classes
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        labels = labels.to(device)
+        with bf16_autocast(device, self.bf16):
             logits = model(labels, tokens)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens.reshape(-1))
         return loss, {}
@@ -186,8 +213,9 @@ class ARRecipe:
     def evaluate(self, model) -> dict:
         test = FashionMNIST.load("test", self.data_dir)
         n = min(2000, self.limit or 2000)
-        tokens = encode_dataset(self.vq, test.at(self.px)[:n]).long()
-        labels = test.labels[:n]
+        device = model_device(model)
+        tokens = encode_dataset(self.vq, test.at(self.px)[:n]).long().to(device)
+        labels = test.labels[:n].to(device)
         with torch.no_grad():
             nll = sum(
                 F.cross_entropy(model(labels[i : i + 200], tokens[i : i + 200]).reshape(-1, self.gpt.vocab_size),
@@ -249,14 +277,21 @@ class UpsamplerRecipe:
     def num_examples(self) -> int:
         return len(self.images)
 
-    def _grids(self, index):
+    def _grids(self, index, device):
         g = 32 // self.vq.config.downsample
-        hi = self.hi[index].long().view(-1, g, g)
-        lo = self.lo[index].long().view(-1, g // self.r, g // self.r)
+        hi = self.hi[index].long().view(-1, g, g).to(device)
+        lo = self.lo[index].long().view(-1, g // self.r, g // self.r).to(device)
         return hi, lo
 
+    def _frozen_tokenizer(self, device: torch.device) -> VQModel:
+        """The frozen tokenizer, moved to ``device`` (the model's) on first use there."""
+        if model_device(self.vq) != device:
+            self.vq.to(device)
+        return self.vq
+
     def loss(self, model, index, step, gen):
-        hi, lo = self._grids(index)
+        device = model_device(model)
+        hi, lo = self._grids(index, device)
         logits = model.up_logits(lo)
         ce_up = F.cross_entropy(logits, hi)
         ce_down = F.cross_entropy(model.down_logits(hi), lo)
@@ -266,8 +301,9 @@ class UpsamplerRecipe:
         soft = logits.softmax(1)
         hard = F.one_hot(soft.argmax(1), soft.shape[1]).permute(0, 3, 1, 2).to(soft.dtype)
         weights = hard + soft - soft.detach()  # forward: the argmax code; backward: through the softmax
-        codes = torch.einsum("bvhw,vd->bdhw", weights, self.vq.codebook)
-        mse = F.mse_loss(self.vq.decode_latent(codes), self.images[index])
+        vq = self._frozen_tokenizer(device)
+        codes = torch.einsum("bvhw,vd->bdhw", weights, vq.codebook)
+        mse = F.mse_loss(vq.decode_latent(codes), self.images[index].to(device))
         metrics["mse"] = mse.item()
         return self.pixel_weight * mse + self.ce_weight * ce_up + ce_down, metrics
 
@@ -282,19 +318,25 @@ class UpsamplerRecipe:
         test = FashionMNIST.load("test", self.data_dir).head(min(2000, self.limit or 2000))
         g = 32 // self.vq.config.downsample
         images = test.at(32)
+        device = model_device(model)
+        vq = self._frozen_tokenizer(device)
         with torch.no_grad():
-            hi = encode_dataset(self.vq, images).long().view(-1, g, g)
-            lo = encode_dataset(self.vq, test.at(32 // self.r)).long().view(-1, g // self.r, g // self.r)
-            logits = torch.cat([model.up_logits(lo[i : i + 250]) for i in range(0, len(lo), 250)])
+            hi = encode_dataset(vq, images).long().view(-1, g, g)
+            lo = encode_dataset(vq, test.at(32 // self.r)).long().view(-1, g // self.r, g // self.r)
+
+            def chunks(fn, tokens):  # fn over 250 tokens at a time on the device, the result on the CPU
+                return torch.cat([fn(tokens[i : i + 250].to(device)).cpu() for i in range(0, len(tokens), 250)])
+
+            logits = chunks(model.up_logits, lo)
             up = logits.argmax(1)
             top5 = (logits.topk(5, dim=1).indices == hi[:, None]).any(1)
-            down = torch.cat([model.down_logits(hi[i : i + 250]).argmax(1) for i in range(0, len(hi), 250)])
-            pix = PixelResampler(self.vq, self.r)
-            pix_up = torch.cat([pix.up(lo[i : i + 250]) for i in range(0, len(lo), 250)])
-            pix_down = torch.cat([pix.down(hi[i : i + 250]) for i in range(0, len(hi), 250)])
+            down = chunks(lambda t: model.down_logits(t).argmax(1), hi)
+            pix = PixelResampler(vq, self.r)
+            pix_up = chunks(pix.up, lo)
+            pix_down = chunks(pix.down, hi)
 
             def psnr(tokens):
-                rec = torch.cat([self.vq.decode(tokens[i : i + 250]) for i in range(0, len(tokens), 250)])
+                rec = chunks(vq.decode, tokens)
                 return round(10 * math.log10(4.0 / F.mse_loss(rec, images).item()), 2)
 
         return {
@@ -337,7 +379,7 @@ class KLTokenizerRecipe:
         return len(self.images)
 
     def loss(self, model, index, step, gen):
-        x = self.images[index]
+        x = self.images[index].to(model_device(model))
         rec, kl, _ = model(x, gen)
         mse = F.mse_loss(rec, x)
         return mse + self.kl.kl_weight * kl, {"mse": mse.item(), "kl": kl.item()}
@@ -347,11 +389,13 @@ class KLTokenizerRecipe:
 
     def evaluate(self, model) -> dict:
         """Stores the latent statistics, then: test-split reconstruction MSE/PSNR from the tokens (posterior means)."""
-        model.set_latent_statistics(self.images)
+        device = model_device(model)
+        model.set_latent_statistics(self.images.to(device))
         test = FashionMNIST.load("test", self.data_dir).head(self.limit).at(32)
         with torch.no_grad():
-            tokens = torch.cat([model.encode(test[i : i + 500]) for i in range(0, len(test), 500)])
-            rec = torch.cat([model.decode(tokens[i : i + 500]) for i in range(0, len(tokens), 500)])
+            tokens = torch.cat([model.encode(test[i : i + 500].to(device)) for i in range(0, len(test), 500)])
+            rec = torch.cat([model.decode(tokens[i : i + 500]).cpu() for i in range(0, len(tokens), 500)])
+            tokens = tokens.cpu()
         mse = F.mse_loss(rec, test).item()
         return {"test_mse_pm1": round(mse, 6), "test_psnr_db": round(10 * math.log10(4.0 / mse), 2),
                 "token_std": [round(v, 3) for v in tokens.reshape(-1, self.kl.token_dim).std(0).tolist()],
@@ -397,11 +441,13 @@ class ContinuousARRecipe:
         return len(self.labels)
 
     def loss(self, model, index, step, gen):
-        tokens = self.tokens[index]
+        device = model_device(model)
+        tokens = self.tokens[index].to(device)
         labels = self.labels[index].clone()
         drop = torch.rand(len(labels), generator=gen) < self.gpt.class_dropout_prob
         labels[drop] = self.gpt.num_classes
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        labels = labels.to(device)
+        with bf16_autocast(device, self.bf16):
             z = model(labels, tokens)
         return model.head_loss(tokens, z.float())
 
@@ -413,8 +459,9 @@ class ContinuousARRecipe:
         test = FashionMNIST.load("test", self.data_dir)
         n = min(1000, self.limit or 1000)
         images = test.at(32)[:n]
-        tokens = torch.cat([self.kl.encode(images[i : i + 500]) for i in range(0, n, 500)])
-        labels = test.labels[:n]
+        device = model_device(model)
+        tokens = torch.cat([self.kl.encode(images[i : i + 500]) for i in range(0, n, 500)]).to(device)
+        labels = test.labels[:n].to(device)
         torch.manual_seed(0)
         with torch.no_grad():
             mses = [model.head_loss(tokens[i : i + 100], model(labels[i : i + 100], tokens[i : i + 100]))[1]["mse"]

@@ -5,10 +5,17 @@ A run directory holds ``checkpoint.pt`` (model + optimiser + step, written atomi
 ``weights_only=True``), ``log.jsonl`` (one line per logged step), and at the end the exported model
 (``model.json`` + ``model.safetensors``) and ``summary.json``. Batch order and every random draw are functions of
 (seed, step), so a run killed at step s and resumed gives the same model as an uninterrupted one.
+
+Device and precision: the model trains on ``device`` (cpu, cuda, cuda:N, auto) with float32 master weights; the
+recipes keep their data on the CPU and move each batch to the model's device. ``dtype`` bfloat16 or float16 runs the
+recipe's loss under ``torch.autocast`` (mixed precision); float16 also scales the loss (``torch.amp.GradScaler``,
+its state in the checkpoint). Checkpoints hold CPU tensors and name no device, so a run started on a GPU resumes on
+the CPU and the other way round (with any allowed dtype: only the recipe's settings must match).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -22,6 +29,7 @@ from tqdm import tqdm
 
 from mulosd.errors import MulosdError
 from mulosd.io import atomic_torch_save, atomic_write_json, torch_load_checked
+from mulosd.resources import device_description, resolve_device, resolve_dtype
 
 
 @dataclass
@@ -86,10 +94,37 @@ def _param_groups(model: torch.nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def train(recipe: Recipe, out_dir: str | Path, cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+def training_precision(device: str | torch.device | None = "cpu",
+                       dtype: str | torch.dtype | None = "float32") -> tuple[torch.device, torch.dtype]:
+    """``--device`` / ``--dtype`` of a training run checked against this machine: (device, dtype), or one clear
+    error. float16 is refused on the CPU: PyTorch runs it there (autocast and the grad scaler work) but without
+    fast kernels, several times slower than float32, where bfloat16 is as fast and needs no loss scaling."""
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    if device.type == "cpu" and dtype == torch.float16:
+        raise MulosdError("dtype float16: mixed-precision training on the CPU runs in bfloat16 only (float16 has no "
+                          "fast CPU kernels: several times slower than float32); allowed on the CPU: float32, bfloat16")
+    return device, dtype
+
+
+def _to_cpu(obj):
+    """A state dict (nested dicts, lists, tuples of tensors and plain values) with every tensor on the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def train(recipe: Recipe, out_dir: str | Path, cfg: TrainConfig, resume: bool = False, progress: bool = True,
+          device: str | torch.device | None = "cpu", dtype: str | torch.dtype | None = "float32") -> dict:
     cfg.validate()
+    device, dtype = training_precision(device, dtype)
+    dtype_name = str(dtype).removeprefix("torch.")
+    mixed = dtype != torch.float32
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
     # normalised through JSON, so a resumed run compares like with like (tuples come back as lists)
     settings = json.loads(json.dumps({"recipe": recipe.name, "recipe_args": recipe.describe(), "train": dataclasses.asdict(cfg)}))
@@ -97,10 +132,12 @@ def train(recipe: Recipe, out_dir: str | Path, cfg: TrainConfig, resume: bool = 
         raise MulosdError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
     if resume and not ckpt_path.exists():
         raise MulosdError(f"--resume given but {ckpt_path} does not exist")
+    out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(cfg.seed)
-    model = recipe.build_model()
+    model = recipe.build_model().to(device)  # initialised on the CPU (the same weights on every device), float32
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start, elapsed = 0, 0.0
     if resume:
         state = torch_load_checked(ckpt_path)
@@ -108,14 +145,16 @@ def train(recipe: Recipe, out_dir: str | Path, cfg: TrainConfig, resume: bool = 
         mismatch = {k: (saved["recipe_args"].get(k), v) for k, v in settings["recipe_args"].items() if saved["recipe_args"].get(k) != v}
         if saved["recipe"] != recipe.name or mismatch:
             raise MulosdError(f"cannot resume {ckpt_path}: it was trained with different settings {mismatch or saved['recipe']}")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        model.load_state_dict(state["model"])  # CPU tensors, copied onto the model's device
+        opt.load_state_dict(state["optimizer"])  # moves the moments to the parameters' device
+        if scaler.is_enabled() and state.get("scaler"):  # a float16 run continued in float16 keeps its loss scale
+            scaler.load_state_dict(state["scaler"])
         start, elapsed = int(state["step"]), float(state["elapsed_s"])
 
     def save_checkpoint(step: int, spent: float) -> None:
         atomic_torch_save(ckpt_path, {
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-            "elapsed_s": spent, "settings": json.dumps(settings),
+            "model": _to_cpu(model.state_dict()), "optimizer": _to_cpu(opt.state_dict()), "step": step,
+            "elapsed_s": spent, "settings": json.dumps(settings), "dtype": dtype_name, "scaler": scaler.state_dict(),
         })
 
     n = recipe.num_examples()
@@ -131,14 +170,17 @@ def train(recipe: Recipe, out_dir: str | Path, cfg: TrainConfig, resume: bool = 
             group["lr"] = lr_at(step, cfg)
         step_seed = cfg.seed * 1_000_003 + step
         torch.manual_seed(step_seed)  # dropout and any other global-RNG use: a function of the step, as on resume
-        gen = torch.Generator().manual_seed(step_seed)
-        loss, metrics = recipe.loss(model, batch_indices(step, n, cfg.batch_size, cfg.seed), step, gen)
+        gen = torch.Generator().manual_seed(step_seed)  # a CPU generator on every device: the same draws
+        with torch.autocast(device.type, dtype=dtype) if mixed else contextlib.nullcontext():
+            loss, metrics = recipe.loss(model, batch_indices(step, n, cfg.batch_size, cfg.seed), step, gen)
         if not torch.isfinite(loss):
             raise MulosdError(f"loss became {loss.item()} at step {step}; lower --lr (now {cfg.lr})")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()  # without float16 the scaler passes everything through unchanged
+        scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        scaler.step(opt)  # float16: skipped when a gradient overflowed (the scale then shrinks)
+        scaler.update()
         recipe.after_step(model, step)
         last = {"step": step + 1, "loss": loss.item(), **metrics, "lr": lr_at(step, cfg), "elapsed_s": time.perf_counter() - t0}
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
@@ -152,7 +194,8 @@ def train(recipe: Recipe, out_dir: str | Path, cfg: TrainConfig, resume: bool = 
     save_checkpoint(cfg.steps, spent)
     model.eval()
     evaluation = recipe.evaluate(model)
-    model.save_pretrained(out / "model")
-    summary = {**settings, "train_time_s": round(spent, 1), "final": last, "eval": evaluation}
+    model.save_pretrained(out / "model")  # written from CPU float32 copies of the weights
+    summary = {**settings, "device": str(device), "hardware": device_description(device), "dtype": dtype_name,
+               "train_time_s": round(spent, 1), "final": last, "eval": evaluation}
     atomic_write_json(out / "summary.json", summary)
     return summary
