@@ -11,6 +11,13 @@ files is refused unless ``resume`` (a run of the same config; else the differenc
 (bench's own files in it are deleted first). A setting that raises is reported in its row (``error``) and skipped
 in later rounds; the others go on.
 
+Under torchrun (``torchrun --nproc_per_node=N -m mulosd bench ...``; ``mulosd.distributed``) round b is decoded by
+rank b mod N: the ranks decode N rounds at a time, each its own, and send their records, features and sample
+images to rank 0, which merges them in round order and writes exactly what one process writes (the rows, the state
+for --resume, the grids), plus ``config.world_size``. Latencies stay per batch, so per rank: the time one process
+takes per image, not the job's throughput. Rank 0 alone reads and writes files; a resumed run's progress is
+broadcast from it.
+
 Each setting's method is built once, before any work, and ``--out`` is checked (with a resumed run's state) before
 it is created, so bad values leave no folder behind. That one object decodes its warm-up batch and every measured
 batch (``Pipeline.generate``); the images of a batch are classified once, by the pipeline. The module reads top to
@@ -28,6 +35,7 @@ import itertools
 import json
 import platform
 import statistics
+import subprocess
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -42,6 +50,8 @@ from mulosd.data import FashionMNIST
 from mulosd.decoding.methods import Method, get_method
 from mulosd.decoding.sampling import SamplingConfig
 from mulosd.decoding.state import PHASES, add_counts
+from mulosd.distributed import Context, dtype_name, init, pipe_device, pipe_dtype
+from mulosd.distributed import context as dist_context
 from mulosd.errors import MulosdError
 from mulosd.evaluation.fid import (cached_reference, fid_from_features, kernel_distance, kid_permutation_test,
                                    stratified_kid_ok)
@@ -202,10 +212,14 @@ def _round_order(settings: list[Setting], b: int) -> list[Setting]:
 
 
 def _run_config(pipe, settings: list[Setting], cfg: BenchConfig) -> dict:
-    """What a run measures; a resumed run must have the same (compared as JSON)."""
+    """What a run measures; a resumed run must have the same (compared as JSON). The transformers' dtype changes
+    the images, so a run in another dtype than float32 names it (runs in float32, older ones included, do not);
+    the device and the number of processes do not enter: a resumed run may use others."""
+    dtype = dtype_name(pipe_dtype(pipe))
     return {"model": pipe.name, "num_images": cfg.num_images, "batch_size": cfg.batch_size, "seed": cfg.seed,
             "sampling": vars(cfg.sampling()), "settings": [[s.label, s.method, s.params] for s in settings],
-            "inception": cfg.inception, **({"reference_images": cfg.reference_images} if cfg.inception else {})}
+            "inception": cfg.inception, **({"reference_images": cfg.reference_images} if cfg.inception else {}),
+            **({"dtype": dtype} if dtype != "float32" else {})}
 
 
 _ABSENT = object()
@@ -337,30 +351,78 @@ def _decode(pipe, method: Method, labels: torch.Tensor, lo: int, seed: int, cfg:
                          classify=classify)
 
 
-def _record(b: int, output) -> dict:
-    """The raw numbers of one decoded batch that the rows are aggregated from (kept in state.json)."""
+def token_digest(tokens: torch.Tensor) -> str:
+    """A short fingerprint of one image's tokens (its dtype, shape and values): equal digests, equal tokens."""
+    t = tokens.detach().cpu().contiguous()
+    return hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode() + t.numpy().tobytes()).hexdigest()[:16]
+
+
+def _record(b: int, output, rank: int = 0, peak_memory_mb: float | None = None) -> dict:
+    """The raw numbers of one decoded batch that the rows are aggregated from (kept in state.json): with the
+    rank that decoded it, its peak device memory (CUDA; None on the CPU) and every image's token digest."""
     st, counts = output.stats, output.stats["counts"]
     return {
         "batch": b, "images": len(output.labels), "wall_s": st["wall_time_s"],
         "drafter_forwards": st["drafter_forwards"],
         **{k: counts[k] for k in ("active_forwards", "tokens", "accepted", "drafted", "resampled")},
         "correct": int((output.predictions == output.labels).sum()), "time_s": st["time_breakdown_s"],
-        "accept_hist": st["accepted_length_histogram"],
+        "accept_hist": st["accepted_length_histogram"], "rank": rank, "peak_memory_mb": peak_memory_mb,
+        "token_digests": [token_digest(t) for t in output.tokens],
     }
+
+
+def _cpu_model() -> str | None:
+    """The CPU's model name (Linux: /proc/cpuinfo), None where unknown."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def machine_description() -> str:
     """Architecture, CPU model (Linux: /proc/cpuinfo), torch threads and version: speed-ups between methods are
     measured in one process, but how they compare across runs depends on the CPU, so every run names it."""
-    model = ""
+    model = _cpu_model()
+    return (f"{platform.machine()}{f' ({model})' if model else ''}, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}")
+
+
+@functools.lru_cache(maxsize=1)
+def nvidia_driver_version() -> str | None:
+    """The NVIDIA driver's version, read locally: NVML (pynvml) when importable, else ``nvidia-smi``; None when
+    neither answers."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                model = f" ({line.split(':', 1)[1].strip()})"
-                break
-    except OSError:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            version = pynvml.nvmlSystemGetDriverVersion()
+        finally:
+            pynvml.nvmlShutdown()
+        return version.decode() if isinstance(version, bytes) else str(version)
+    except Exception:  # noqa: BLE001 - not installed, no driver, no permission: try the next way
         pass
-    return f"{platform.machine()}{model}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20, check=True)
+        lines = [line.strip() for line in done.stdout.splitlines() if line.strip()]
+        return lines[0] if lines else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def device_description(device: torch.device | str) -> dict:
+    """What decoded: the device, its name (the GPU's, or the CPU model), the CUDA version PyTorch was built with
+    and the NVIDIA driver's version (both None on the CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return {"device": str(device), "device_name": torch.cuda.get_device_name(device),
+                "cuda_version": torch.version.cuda, "driver_version": nvidia_driver_version()}
+    return {"device": "cpu", "device_name": _cpu_model() or platform.processor() or platform.machine(),
+            "cuda_version": None, "driver_version": None}
 
 
 def _speed_references(settings: list[Setting], methods: dict[str, Method], records: dict) -> tuple[dict, dict]:
@@ -439,11 +501,16 @@ def _quality(space: str, feats: torch.Tensor | None, ref, labels: torch.Tensor) 
     return {f"fid_{space}": round(fid_from_features(feats, *ref[:2]), 4), f"kid_{space}": kid}
 
 
-def _quality_due(done_rounds: int, total_rounds: int, final: bool) -> bool:
+def _quality_due(done_rounds: int, total_rounds: int, final: bool, previous: int | None = None) -> bool:
     """Whether a write recomputes FID/KID: at the end and at every tenth of the run. Each FID needs the square root
     of a 2048 x 2048 covariance product (seconds on 2 cores per setting), so recomputing it after every round would
-    cost more than the decoding it measures; the rows in between carry the last values (config: quality_round)."""
-    return final or done_rounds % max(1, total_rounds // 10) == 0
+    cost more than the decoding it measures; the rows in between carry the last values (config: quality_round).
+    ``previous``: the rounds done at the last write, when a write can follow several rounds (under torchrun, one
+    per rank): due when a tenth was crossed since."""
+    every = max(1, total_rounds // 10)
+    if previous is None:
+        return final or done_rounds % every == 0
+    return final or done_rounds // every > previous // every
 
 
 def _qualities(feats: dict, refs: dict, labels: torch.Tensor) -> dict:
@@ -498,7 +565,7 @@ CSV_FIELDS = ["label", "method", "batch_size", "num_images", "latency_s_per_imag
               "target_forwards_per_image", "drafter_forwards_per_image", "step_compression", "acceptance_rate",
               "resampled_per_image", "class_accuracy", "fid_classifier", "kid_classifier", "fid_inception",
               "kid_inception", "kid_vs_reference_classifier", "p_vs_reference_classifier",
-              "kid_vs_reference_inception", "p_vs_reference_inception", "error"]
+              "kid_vs_reference_inception", "p_vs_reference_inception", "peak_memory_mb", "error"]
 
 
 def _sum_lists(lists) -> list[int]:
@@ -525,6 +592,9 @@ def _speed_columns(records: list[dict], ar_latency: float | None) -> dict:
         "acceptance_rate": round(total("accepted") / total("drafted"), 4) if total("drafted") else None,
         "resampled_per_image": round(total("resampled") / n, 3),
         "class_accuracy": round(total("correct") / n, 4),
+        # the most device memory one measured batch allocated (CUDA; warm-up excluded); None on the CPU
+        "peak_memory_mb": max((r["peak_memory_mb"] for r in records if r.get("peak_memory_mb") is not None),
+                              default=None),
     }
 
 
@@ -635,11 +705,16 @@ def _save_sample_grid(pipe, out: Path, label: str, images: torch.Tensor, classes
 # ---- the run ----------------------------------------------------------------------------------------------
 class _BenchRun:
     """The state of one ``run_bench`` call: the built methods, the raw per-batch records and image features per
-    setting, the settings that failed, the finished rounds, and the FID/KID columns as last computed."""
+    setting, the settings that failed, the finished rounds, and the FID/KID columns as last computed. Under
+    torchrun every rank holds one; the records, features and grids are rank 0's (``absorb``), the others keep
+    only what decides their work (the finished rounds and the failed settings, broadcast from rank 0)."""
 
-    def __init__(self, pipe, settings: list[Setting], cfg: BenchConfig, out: Path, save_samples: bool, plots: bool):
+    def __init__(self, pipe, settings: list[Setting], cfg: BenchConfig, out: Path, save_samples: bool, plots: bool,
+                 ctx: Context | None = None):
         self.pipe, self.settings, self.cfg, self.out = pipe, settings, cfg, out
         self.save_samples, self.plots = save_samples, plots
+        self.ctx = ctx or Context()
+        self.device = pipe_device(pipe)
         self.methods = _build_methods(pipe, settings)
         self.config = _run_config(pipe, settings, cfg)
         self.extractors = _extractors(pipe, cfg)
@@ -647,6 +722,7 @@ class _BenchRun:
         self.feats = {space: {s.label: [] for s in settings} for space in self.extractors}
         self.errors: dict[str, str] = {}
         self.done_rounds = 0
+        self.previous_rounds = 0  # the rounds done at the write before: when a tenth of the run was crossed
         self.labels = torch.arange(cfg.num_images) % len(pipe.class_names)  # image i asks for class i mod 10
         self.batches = _batches(cfg)
         # label -> (its first SAMPLE_IMAGES images so far, their image indices): the grid, kept in the state
@@ -655,12 +731,18 @@ class _BenchRun:
         self.quality: dict[str, dict] = {}  # label -> FID/KID columns as last computed
         self.quality_round = 0  # the round at which they were
         self.machine = machine_description()  # read once: every write of this process names the same CPU
+        self.hardware = {**device_description(self.device), "dtype": dtype_name(pipe_dtype(pipe)),
+                         "world_size": self.ctx.world_size}
         self.refs: dict = {}
         self.floors: dict = {}
 
     def open(self, resume: bool, force: bool) -> None:
         """Read a resumed run's state (checked against this run's config), then create --out (and with ``force``
-        delete bench's files in it): nothing is created or deleted before every check has passed."""
+        delete bench's files in it): nothing is created or deleted before every check has passed. Rank 0 does
+        it; every rank learns the finished rounds and failed settings (or rank 0's refusal)."""
+        self.done_rounds, self.errors = self.ctx.on_main(lambda: self._open(resume, force))
+
+    def _open(self, resume: bool, force: bool) -> tuple[int, dict]:
         saved = _load_state(self.out, self.config, self.settings, self.extractors) if resume else None
         check_writable(self.out / "results.json")  # creates --out: only once everything else is known to be valid
         if force:
@@ -672,6 +754,7 @@ class _BenchRun:
             self.samples = saved.samples
             if self.done_rounds:  # a state written before samples were kept: complete grids cannot be rebuilt
                 self.no_grid = {s.label for s in self.settings} - set(self.samples)
+        return self.done_rounds, self.errors
 
     def load_references(self, data_dir: str | None, progress: bool) -> None:
         """Test-set statistics per feature space (cached) and the real-vs-real FID floor at this N."""
@@ -683,7 +766,8 @@ class _BenchRun:
                        for space, extract in self.extractors.items()}
 
     def warm_up(self) -> None:
-        """One uncounted batch per setting, decoded by the same method object as the measured ones."""
+        """One uncounted batch per setting, decoded by the same method object as the measured ones (on every rank);
+        a setting whose warm-up fails on some rank is failed on all."""
         hi = min(self.cfg.batch_size, self.cfg.num_images)
         for s in self.settings:
             if s.label in self.errors:
@@ -693,47 +777,98 @@ class _BenchRun:
                         self.cfg, classify=False)
             except Exception:  # noqa: BLE001 - reported in the row, the other settings go on
                 self.errors[s.label] = traceback.format_exc(limit=3)
+        if self.ctx.distributed:
+            parts = self.ctx.gather(self.errors)
+            if self.ctx.main:
+                for part in parts:
+                    for label, error in part.items():
+                        self.errors.setdefault(label, error)
+            self.errors = self.ctx.broadcast(self.errors)
 
-    def measure(self, s: Setting, b: int) -> None:
-        """Decode batch b with setting s; keep its record, features and sample images (or its error)."""
+    def measure(self, s: Setting, b: int) -> dict:
+        """Decode batch b with setting s on this rank: its record, features and sample images, or its error, as
+        an item for ``absorb`` (on rank 0)."""
         lo, hi = self.batches[b]
+        item = {"label": s.label, "batch": b, "error": None}
+        cuda = self.device.type == "cuda"
         try:
+            if cuda:  # this batch's own peak: every setting's models stay loaded, the others' caches are freed
+                torch.cuda.reset_peak_memory_stats(self.device)
             output = _decode(self.pipe, self.methods[s.label], self.labels[lo:hi], lo, self.cfg.seed, self.cfg)
+            peak = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1) if cuda else None
+            item["feats"] = {space: extract(output.images) for space, extract in self.extractors.items()}
         except Exception:  # noqa: BLE001 - reported in the row, the other settings go on
-            self.errors[s.label] = traceback.format_exc(limit=3)
-            return
-        self.records[s.label].append(_record(b, output))
-        for space, extract in self.extractors.items():
-            self.feats[space][s.label].append(extract(output.images))
-        if self.save_samples and lo < SAMPLE_IMAGES and s.label not in self.no_grid:
+            return {**item, "error": traceback.format_exc(limit=3), "feats": None}
+        item["record"] = _record(b, output, self.ctx.rank, peak)
+        if self.save_samples and lo < SAMPLE_IMAGES:
             n = min(hi, SAMPLE_IMAGES) - lo
-            images, index = self.samples.get(s.label, (output.images[:0], torch.zeros(0, dtype=torch.long)))
-            images = torch.cat([images, output.images[:n].to(images.dtype)])
-            index = torch.cat([index, torch.arange(lo, lo + n)])
-            self.samples[s.label] = images, index
-            _save_sample_grid(self.pipe, self.out, s.label, images, self.labels[index])
+            item["samples"] = (output.images[:n].cpu(), torch.arange(lo, lo + n))
+        return item
 
-    def run_rounds(self, progress: bool) -> dict:
-        """Every round not yet done, each followed by a write; the last write is final."""
-        n = len(self.settings)
-        bar = tqdm(total=len(self.batches) * n, initial=self.done_rounds * n, desc="bench", disable=not progress)
+    def decode_round(self, b: int, bar) -> list[dict]:
+        """Batch b with every setting that has not failed, in the round's rotated order."""
+        items = []
+        for s in _round_order(self.settings, b):
+            bar.update(1)
+            if s.label not in self.errors:
+                items.append(self.measure(s, b))
+        return items
+
+    def absorb(self, item: dict) -> None:
+        """Keep one measured item (rank 0; items arrive in round order): its record and features, its sample
+        images (and the grid redrawn), or its error. Items of a setting after the batch it failed at are dropped,
+        as one process would never have decoded them."""
+        label = item["label"]
+        if label in self.errors:
+            return
+        if item["error"] is not None:
+            self.errors[label] = item["error"]
+            return
+        self.records[label].append(item["record"])
+        for space, feats in item["feats"].items():
+            self.feats[space][label].append(feats)
+        if "samples" in item and label not in self.no_grid:
+            new, new_index = item["samples"]
+            images, index = self.samples.get(label, (new[:0], torch.zeros(0, dtype=torch.long)))
+            images = torch.cat([images, new.to(images.dtype)])
+            index = torch.cat([index, new_index])
+            self.samples[label] = images, index
+            _save_sample_grid(self.pipe, self.out, label, images, self.labels[index])
+
+    def run_rounds(self, progress: bool) -> dict | None:
+        """Every round not yet done, each followed by a write; the last write is final. Under torchrun the ranks
+        decode W rounds at a time (round b on rank b mod W) and rank 0 writes after each such step. Returns
+        results.json's dict on rank 0, None on the others."""
+        n, total, ctx = len(self.settings), len(self.batches), self.ctx
+        bar = tqdm(total=total * n, initial=self.done_rounds * n, desc="bench", disable=not (progress and ctx.main))
         result = None
-        for b in range(self.done_rounds, len(self.batches)):
-            for s in _round_order(self.settings, b):
-                bar.update(1)
-                if s.label not in self.errors:
-                    self.measure(s, b)
-            self.done_rounds = b + 1
-            result = self.write(final=self.done_rounds == len(self.batches))
+        while self.done_rounds < total:
+            start = self.done_rounds
+            b = start + ctx.rank
+            parts = ctx.gather(self.decode_round(b, bar) if b < total else [])
+            self.done_rounds = min(start + ctx.world_size, total)
+            if ctx.main:
+                for item in sorted((i for part in parts for i in part), key=lambda i: i["batch"]):  # stable
+                    self.absorb(item)
+                bar.update(self.done_rounds * n - bar.n)
+                result = self.write(final=self.done_rounds == total)
+                self.previous_rounds = self.done_rounds
+            if ctx.distributed:
+                self.errors = ctx.broadcast(self.errors)
         bar.close()
+        if not ctx.main:
+            return None
         return result if result is not None else self.write(final=True)
+
+    def due(self, final: bool) -> bool:
+        return _quality_due(self.done_rounds, len(self.batches), final, self.previous_rounds)
 
     def rows(self, final: bool, references: dict, ref_latency: dict) -> list[dict]:
         """The results rows; FID/KID recomputed where due (``_quality_due``), else carried from the last time."""
         rows = []
         for s in self.settings:
             method = self.methods[s.label]
-            if s.label not in self.quality or _quality_due(self.done_rounds, len(self.batches), final):
+            if s.label not in self.quality or self.due(final):
                 self.quality[s.label] = _setting_quality(s.label, references.get(type(method).baseline), self.feats,
                                                          self.refs, self.labels)
                 self.quality_round = self.done_rounds
@@ -742,8 +877,9 @@ class _BenchRun:
         return rows
 
     def result(self, rows: list[dict], final: bool, references: dict) -> dict:
-        """results.json: the run's config with its progress, machine and FID floors, and the rows."""
+        """results.json: the run's config with its progress, machine, device and FID floors, and the rows."""
         return {"config": {**self.config, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": self.machine,
+                           **self.hardware,
                            "rounds_done": self.done_rounds, "rounds_total": len(self.batches), "complete": final,
                            "quality_round": self.quality_round, "kid_strata": KID_STRATA,
                            "fid_classifier_real_floor": self.floors["classifier"],
@@ -754,10 +890,11 @@ class _BenchRun:
     def write(self, final: bool) -> dict:
         """Results, state and (at the quality cadence: plots show FID) plots, all written atomically."""
         references, ref_latency = _speed_references(self.settings, self.methods, self.records)
+        due = self.due(final)
         result = self.result(self.rows(final, references, ref_latency), final, references)
         _write_results(self.out, result)
         _save_state(self.out, self.config, self.records, self.errors, self.done_rounds, self.feats, self.samples)
-        if self.plots and _quality_due(self.done_rounds, len(self.batches), final):  # plotting every round would cost
+        if self.plots and due:  # plotting every round would cost
             from mulosd.evaluation.plots import write_plots
 
             write_plots(result, self.out)
@@ -766,18 +903,28 @@ class _BenchRun:
 
 def run_bench(pipe, settings: list[Setting], cfg: BenchConfig, out_dir: str | Path, resume: bool = False,
               progress: bool = True, data_dir: str | None = None, save_samples: bool = True, plots: bool = True,
-              force: bool = False) -> dict:
+              force: bool = False) -> dict | None:
     """Run (or with ``resume`` continue) a bench of ``settings`` into ``out_dir``; returns results.json's dict.
     An ``out_dir`` that holds files is refused unless ``resume`` (a run of the same config) or ``force`` (bench's
     own files in it are deleted first; other files stay); the two together are refused. Every refusal comes
-    before ``out_dir`` is created or anything in it changes."""
+    before ``out_dir`` is created or anything in it changes.
+
+    Under torchrun (WORLD_SIZE > 1) every rank calls this: the rounds are shared out (round b on rank b mod W),
+    rank 0 alone reads and writes ``out_dir`` and returns the dict; the other ranks return None. A job with more
+    processes than rounds is refused."""
     cfg.validate()
     if pipe.classifier is None:
         raise MulosdError(f"model set {pipe.name} has no classifier; bench needs it for class accuracy and FID")
-    _check_out(Path(out_dir), resume, force)  # before the methods are built (which can take a while)
-    run = _BenchRun(pipe, settings, cfg, Path(out_dir), save_samples, plots)
+    rounds = len(_batches(cfg))
+    dist_context().check_world(rounds, f"batch{'es' if rounds > 1 else ''} ({cfg.num_images} images at batch size "
+                               f"{cfg.batch_size}); every process decodes whole batches",
+                               "; a smaller --batch-size or more --num-images gives more batches")
+    ctx = init(pipe_device(pipe))
+    ctx.on_main(lambda: _check_out(Path(out_dir), resume, force))  # before the methods are built (a while)
+    run = _BenchRun(pipe, settings, cfg, Path(out_dir), save_samples, plots, ctx)
     run.open(resume, force)
-    run.load_references(data_dir, progress)
+    if ctx.main:
+        run.load_references(data_dir, progress)
     if cfg.warmup and run.done_rounds < len(run.batches):
         run.warm_up()
     return run.run_rounds(progress)
