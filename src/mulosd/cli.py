@@ -19,6 +19,11 @@ def _run(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except MulosdError as exc:
+        if getattr(exc, "echoed", False):  # a torchrun rank > 0 refusing with rank 0, which prints the message
+            from mulosd.distributed import let_main_report
+
+            let_main_report()
+            raise click.exceptions.Exit(1) from None
         raise click.ClickException(str(exc)) from None
 
 
@@ -27,8 +32,11 @@ SEED = click.IntRange(0, 2**32 - 1)
 
 
 def _threads(threads: int | None) -> None:
+    from mulosd.distributed import threads_per_process
     from mulosd.resources import set_threads
 
+    if threads is None:  # under torchrun the processes of a node share its cores rather than each taking them all
+        threads = threads_per_process(_cores())
     set_threads(threads)
 
 
@@ -36,6 +44,18 @@ def _cores() -> int:
     from mulosd.resources import usable_cores
 
     return usable_cores()
+
+
+DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
+
+
+def device_options(fn):
+    """``--device`` and ``--dtype`` on a command that decodes (generate, bench, compare, sample, profile)."""
+    fn = click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="float32",
+                      help="Precision of the transformers (the tokenizer, up-samplers, diffusion heads and classifier "
+                           "stay float32; probabilities are always float32).")(fn)
+    return click.option("--device", default="cpu", metavar="cpu|cuda|cuda:N|auto",
+                        help="Where every model runs (auto: the first CUDA device if there is one, else the CPU).")(fn)
 
 
 def threads_option(fn):
@@ -179,10 +199,11 @@ class _GenerateCommand(click.Command):
                    "predictions.")
 @click.option("--stats-json", type=click.Path(dir_okay=False), default=None, help="Also write the run statistics as JSON here.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@device_options
 @threads_option
 def generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale, temperature, top_k, top_p,
-             acceptance_map, acceptance_gif, params, out, save_images, save_npz, stats_json, progress, threads,
-             **method_params):
+             acceptance_map, acceptance_gif, params, out, save_images, save_npz, stats_json, progress, device, dtype,
+             threads, **method_params):
     """Generate class-conditional images and write a labelled grid (plus optional stats JSON).
 
     Method options (--gamma, --window, --tau, ...) are the methods' parameters (`mulosd methods`); unset ones take
@@ -195,7 +216,16 @@ def generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale,
     _threads(threads)
     given = {key: v for key, v in method_params.items() if v is not None}
     _run(_generate, model, method, classes, num_per_class, batch_size, seed, cfg_scale, temperature, top_k, top_p,
-         given, params, out, stats_json, progress, acceptance_map, acceptance_gif, save_images, save_npz)
+         given, params, out, stats_json, progress, acceptance_map, acceptance_gif, save_images, save_npz, device, dtype)
+
+
+def _device_dtype(device, dtype):
+    """The command's --device / --dtype checked against this machine (before any model is loaded)."""
+    from mulosd.distributed import context
+    from mulosd.resources import resolve_device, resolve_dtype
+
+    device = resolve_device(context().device(device))  # under torchrun: cuda (or auto) -> cuda:LOCAL_RANK
+    return device, resolve_dtype(dtype, device)
 
 
 def _check_top_k(pipe, top_k: int) -> None:
@@ -221,7 +251,7 @@ def _parse_params(items) -> dict:
 
 def _generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale, temperature, top_k, top_p,
               options, params, out, stats_json, progress, acceptance_map=None, acceptance_gif=None, save_images=None,
-              save_npz=None):
+              save_npz=None, device="cpu", dtype="float32"):
     from mulosd.decoding.methods import get_method
     from mulosd.decoding.sampling import SamplingConfig
     from mulosd.evaluation.grids import image_grid
@@ -229,7 +259,12 @@ def _generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale
     from mulosd.pipeline import Pipeline
 
     # Validate everything cheap before loading models or doing work.
+    device, dtype = _device_dtype(device, dtype)
     SamplingConfig(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+    from mulosd import distributed  # under torchrun: more processes than images is refused before anything is written
+
+    distributed.context().check_world(len([c for c in str(classes).split(",") if c.strip()]) * num_per_class, "images",
+                                      "; ask for more images or start fewer processes")
     method_cls = get_method(method)
     foreign = sorted(set(options) - set(method_cls.param_names()))
     if foreign:
@@ -259,11 +294,14 @@ def _generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale
             raise MulosdError(f"{flag} {path!r} must end in {ext}")
         check_writable(path)
     trace = bool(acceptance_map or acceptance_gif)
-    pipe = Pipeline.from_pretrained(model)
+    pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype)
     _check_top_k(pipe, top_k)
-    result = pipe(classes, num_per_class=num_per_class, method=method, seed=seed, batch_size=batch_size,
-                  cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, progress=progress,
-                  trace=trace, **method_params)
+    # pipe(...) over the ranks of a torchrun job (one process: pipe(...) itself); rank 0 alone writes the outputs
+    result = distributed.call(pipe, classes, num_per_class=num_per_class, method=method, seed=seed,
+                              batch_size=batch_size, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
+                              top_p=top_p, progress=progress, trace=trace, **method_params)
+    if result is None:  # a torchrun rank > 0: its images went to rank 0
+        return
     grid = image_grid(result.images, result.labels, pipe.class_names)
     atomic_write(out, lambda tmp: grid.save(tmp, format="PNG"))
     click.echo(f"wrote {out} ({result.stats['num_images']} images, {result.stats['wall_time_s']:.2f} s, "
@@ -329,9 +367,10 @@ def _generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale
 @click.option("--warmup/--no-warmup", default=True, help="Decode one uncounted batch per setting first.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Fashion-MNIST directory (reference statistics).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@device_options
 @threads_option
 def bench(model, preset, methods_, sweeps, params, extra, num_images, batch_size, seed, cfg_scale, temperature, top_k,
-          top_p, inception, reference_images, out, resume, force, warmup, data_dir, progress, threads):
+          top_p, inception, reference_images, out, resume, force, warmup, data_dir, progress, device, dtype, threads):
     """Speed and quality of decoding methods side by side, in one process on the same images.
 
     Rounds are interleaved (every setting decodes batch b before any decodes batch b+1, in a rotated order) and
@@ -348,11 +387,12 @@ def bench(model, preset, methods_, sweeps, params, extra, num_images, batch_size
     chosen = bench_options(preset, methods=methods_, num_images=num_images, batch_size=batch_size, inception=inception)
     _run(_bench, model, chosen["methods"], sweeps, params, extra, chosen["num_images"], chosen["batch_size"], seed,
          cfg_scale, temperature, top_k, top_p, chosen["inception"], reference_images, out, resume, warmup, data_dir,
-         progress, force)
+         progress, force, device, dtype)
 
 
 def _bench(model, methods_, sweeps, params, extra, num_images, batch_size, seed, cfg_scale, temperature, top_k, top_p,
-           inception, reference_images, out, resume, warmup, data_dir, progress, force=False):
+           inception, reference_images, out, resume, warmup, data_dir, progress, force=False, device="cpu",
+           dtype="float32"):
     from mulosd.evaluation.bench import BenchConfig, parse_settings, run_bench
     from mulosd.pipeline import Pipeline
 
@@ -361,9 +401,13 @@ def _bench(model, methods_, sweeps, params, extra, num_images, batch_size, seed,
                       reference_images=reference_images)
     cfg.validate()
     settings = parse_settings(methods_, sweeps, params, extra)
-    pipe = Pipeline.from_pretrained(model)  # run_bench checks every setting's values, then --out, before decoding
+    device, dtype = _device_dtype(device, dtype)
+    # run_bench checks every setting's values, then --out, before decoding
+    pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype)
     _check_top_k(pipe, top_k)
     result = run_bench(pipe, settings, cfg, out, resume=resume, force=force, progress=progress, data_dir=data_dir)
+    if result is None:  # a torchrun rank > 0: rank 0 wrote the results
+        return
     click.echo((Path(out) / "results.md").read_text())
     click.echo(f"wrote {out}/results.json, results.csv, results.md, plots/, samples/ "
                f"({result['config']['rounds_done']}/{result['config']['rounds_total']} rounds)")
@@ -383,17 +427,21 @@ def _bench(model, methods_, sweeps, params, extra, num_images, batch_size, seed,
               help="Directory for METHOD.png grids, compare.png (all side by side) and summary.json.")
 @click.option("--warmup/--no-warmup", default=True, help="Decode one uncounted batch per method first.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@device_options
 @threads_option
-def compare(model, methods_, classes, num_per_class, batch_size, seed, cfg_scale, out, warmup, progress, threads):
+def compare(model, methods_, classes, num_per_class, batch_size, seed, cfg_scale, out, warmup, progress, device, dtype,
+            threads):
     """Run a few methods on the same classes and seeds and print, per method, its exactness, time per image,
     speed-up over the first method and class accuracy, followed by what the model set's 1000-image bench runs
     measured for the same methods (a few images time a speed-up well but cannot resolve a small quality
     difference). `make demo` runs this with ar, mcsjd (the fastest exact method) and mulo."""
     _threads(threads)
-    _run(_compare, model, methods_, classes, num_per_class, batch_size, seed, cfg_scale, out, warmup, progress)
+    _run(_compare, model, methods_, classes, num_per_class, batch_size, seed, cfg_scale, out, warmup, progress, device,
+         dtype)
 
 
-def _compare(model, methods_, classes, num_per_class, batch_size, seed, cfg_scale, out, warmup, progress):
+def _compare(model, methods_, classes, num_per_class, batch_size, seed, cfg_scale, out, warmup, progress, device="cpu",
+             dtype="float32"):
     import torch
 
     from mulosd.decoding.methods import get_method
@@ -409,15 +457,90 @@ def _compare(model, methods_, classes, num_per_class, batch_size, seed, cfg_scal
         raise MulosdError(f"--methods {methods_!r} names a method twice")
     for name in names:
         get_method(name)
+    device, dtype = _device_dtype(device, dtype)
     sampling = SamplingConfig(cfg_scale=cfg_scale)
     check_writable(Path(out) / "summary.json")
-    pipe = Pipeline.from_pretrained(model)
+    pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype)
     labels = torch.tensor([c for c in pipe.class_ids(classes) for _ in range(num_per_class)])
     rows = run_compare(pipe, names, labels, sampling, seed, batch_size, warmup=warmup, progress=progress)
     data = measured(model)
     write_compare(out, rows, pipe.class_names, data)
     click.echo("\n".join(summary_lines(rows, data)))
     click.echo(f"wrote {out}/compare.png (every method side by side), {out}/<method>.png, {out}/summary.json")
+
+
+@main.command()
+@click.option("--model", default=None,
+              help="Profile this model set's target (a shipped name or a directory). Give --model or --size.")
+@click.option("--size", default=None, metavar="GPT-B|GPT-L|GPT-XL|...",
+              help="Profile a LlamaGen GPT of this size with random weights (c2i, 1000 classes, vocabulary 16384).")
+@click.option("--image-size", type=click.IntRange(min=16), default=256,
+              help="With --size: image side in pixels (LlamaGen's VQ-16: 256 -> 16x16 tokens, 384 -> 24x24).")
+@click.option("--batch-sizes", default="1,4,16", help="Comma-separated batch sizes (images; CFG doubles the model batch).")
+@click.option("--new-tokens", default="1,2,4,8,16,32,64,128,256",
+              help="Comma-separated numbers of new tokens per forward (1 = one AR decode step).")
+@click.option("--cache-len", type=click.IntRange(min=0), default=0,
+              help="Image tokens already in the KV cache before the timed forward; points past the grid are skipped.")
+@click.option("--repeats", type=click.IntRange(min=1), default=10, help="Timed forwards per point (the median is reported).")
+@click.option("--warmup", type=click.IntRange(min=0), default=2, help="Untimed forwards per point first.")
+@click.option("--cfg/--no-cfg", default=True, help="Classifier-free guidance: the model batch is twice the batch size.")
+@click.option("--seed", type=SEED, default=0, help="Seed of the random weights (--size) and of the fed tokens.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Directory for profile.json, profile.csv, profile.md (the table) and profile.png (the plot).")
+@device_options
+@threads_option
+def profile(model, size, image_size, batch_sizes, new_tokens, cache_len, repeats, warmup, cfg, seed, out, device, dtype,
+            threads):
+    """Cost of one target forward as a function of batch size and of new tokens per forward, with a KV cache of
+    --cache-len tokens, on --device in --dtype: a table and a plot. The ratio cost(k) / cost(1) is what decides a
+    speculative method's speed-up: verifying k tokens in one forward against k decode steps."""
+    _threads(threads)
+    _run(_profile, model, size, image_size, batch_sizes, new_tokens, cache_len, repeats, warmup, cfg, seed, out,
+         device, dtype, threads)
+
+
+def _int_csv(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise MulosdError(f"{flag} {text!r} must be comma-separated integers >= 1") from None
+    if not values or min(values) < 1:
+        raise MulosdError(f"{flag} {text!r} must be comma-separated integers >= 1")
+    return values
+
+
+def _profile(model, size, image_size, batch_sizes, new_tokens, cache_len, repeats, warmup, cfg, seed, out, device,
+             dtype, threads):
+    import torch
+
+    from mulosd.evaluation.profile import LLAMAGEN_SIZES, run_profile, size_config
+    from mulosd.models.gpt import GPT
+
+    if (model is None) == (size is None):
+        raise MulosdError("give exactly one of --model (a model set's target) or --size (a LlamaGen GPT with random "
+                          f"weights; sizes: {', '.join(LLAMAGEN_SIZES)})")
+    device, dtype = _device_dtype(device, dtype)
+    batches, ks = _int_csv(batch_sizes, "--batch-sizes"), _int_csv(new_tokens, "--new-tokens")
+    if size is not None:
+        config = size_config(size, image_size)  # unknown sizes and image sizes are refused here, before allocating
+        torch.manual_seed(seed)
+        with torch.device(device):
+            gpt = GPT(config)
+        label = f"{size} {image_size}px (random weights)"
+    else:
+        from mulosd.pipeline import Pipeline
+
+        gpt = Pipeline.from_pretrained(model).target
+        label = f"{model} target"
+    gpt = gpt.to(device=device, dtype=dtype).eval()
+    info = {"device_arg": str(device), "dtype_arg": str(dtype).removeprefix("torch."), "threads": threads}
+    result = run_profile(gpt, out, batches, ks, cache_len, repeats, warmup, label=label, device_info=info, cfg=cfg,
+                         progress=lambda row: click.echo(
+                             f"batch {row['batch']:>3} k {row['new_tokens']:>4}: "
+                             + (f"{row['median_ms']:.2f} ms" if row["status"] == "ok" else f"skipped ({row['reason']})"),
+                             err=True))
+    click.echo((Path(out) / "profile.md").read_text())
+    click.echo(f"wrote {out}/profile.json, profile.csv, profile.md, profile.png ({len(result['rows'])} points)")
 
 
 @main.command()
@@ -489,6 +612,73 @@ def _info(model):
                        f"head {c.head_depth}x{c.head_width} ({c.sample_steps} steps), {n(m) / 1e6:.2f} M params")
 
 
+# ---------------------------------------------------------------------------------------------- sample
+@main.command()
+@click.option("--model", default="fmnist-32", help="Shipped model-set name or a directory with a manifest.json.")
+@click.option("--method", default="ar", help="Decoding method (see `mulosd methods`).")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="A parameter of the method, repeatable (e.g. --param gamma=4); unset ones take its default.")
+@click.option("--num-images", type=click.IntRange(min=1), default=10000,
+              help="Images in all (N). 10 000 is the size of Fashion-MNIST's test split; ADM and LlamaGen report FID "
+                   "on 50 000.")
+@click.option("--classes", default=None,
+              help="Comma-separated class ids or names; image i asks for the (i mod count)-th. Default: every class "
+                   "(image i asks for class i mod the number of classes).")
+@click.option("--shard-size", type=click.IntRange(min=1), default=1000,
+              help="Images per shard file. A rerun skips the complete shards, so a killed run loses at most the "
+                   "shards it was writing.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, help="Images decoded together.")
+@click.option("--seed", type=SEED, default=0, help="Image i uses random stream (seed, i), whatever process or run decodes it.")
+@click.option("--cfg-scale", type=float, default=3.0, help="Classifier-free guidance scale (1 = off). Range [0, 50].")
+@click.option("--temperature", type=float, default=1.0, help="Sampling temperature, 0 = greedy. Range [0, 10].")
+@click.option("--top-k", type=int, default=0, help="Keep the k most likely tokens (0 = off).")
+@click.option("--top-p", type=float, default=1.0, help="Nucleus sampling mass (1 = off). Range (0, 1].")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Output folder: sample.json (the configuration), shard_NNNNN.npz, and samples.npz at the end. A "
+                   "folder holding another configuration's run, or other files, is refused.")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@device_options
+@threads_option
+def sample(model, method, params, num_images, classes, shard_size, batch_size, seed, cfg_scale, temperature, top_k,
+           top_p, out, progress, device, dtype, threads):
+    """Write N images of one method for an FID evaluation, as the ADM / LlamaGen evaluator reads them.
+
+    The images go into --out as shard_00000.npz, shard_00001.npz, ... (arr_0: uint8 images n x H x W x 3, RGB;
+    arr_1: labels; tokens; indices), each written atomically, and at the end into samples.npz (arr_0: every
+    image in index order, arr_1: labels) for `python evaluator.py ref_batch.npz samples.npz`. Rerun the same
+    command after an interruption: complete shards are kept. Under `torchrun --nproc_per_node=N -m mulosd sample
+    ...` the shards are shared out between the processes.
+    """
+    _threads(threads)
+    _run(_sample, model, method, params, num_images, classes, shard_size, batch_size, seed, cfg_scale, temperature,
+         top_k, top_p, out, progress, device, dtype)
+
+
+def _sample(model, method, params, num_images, classes, shard_size, batch_size, seed, cfg_scale, temperature, top_k,
+            top_p, out, progress, device="cpu", dtype="float32"):
+    from mulosd.decoding.methods import get_method
+    from mulosd.evaluation.sample import SampleConfig, run_sample
+    from mulosd.pipeline import Pipeline
+
+    cfg = SampleConfig(num_images=num_images, shard_size=shard_size, batch_size=batch_size, seed=seed,
+                       cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+    cfg.validate()
+    method_params = _parse_params(params)
+    get_method(method).Params.parse(method_params)  # every value checked before any model is loaded
+    device, dtype = _device_dtype(device, dtype)
+    pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype)
+    _check_top_k(pipe, top_k)
+    if classes is not None:
+        cfg.classes = tuple(pipe.class_ids(classes))
+    summary = run_sample(pipe, method, method_params, cfg, out, progress=progress)
+    if summary is None:  # a torchrun rank > 0: rank 0 reports
+        return
+    click.echo(f"wrote {summary['samples']} ({summary['num_images']} images in {summary['shards']} shards; decoded "
+               f"{summary['decoded_images']} now in {summary['wall_time_s']:.1f} s on {summary['world_size']} "
+               f"process{'es' if summary['world_size'] > 1 else ''}, {summary['skipped_shards']} shards kept from an "
+               "earlier run)")
+
+
 # ---------------------------------------------------------------------------------------------- train
 def _train_options(fn):
     opts = [
@@ -500,6 +690,12 @@ def _train_options(fn):
         click.option("--seed", type=SEED, default=0, help="Seed for initialisation, batch order and every random draw."),
         click.option("--checkpoint-every", type=click.IntRange(min=1), default=200, help="Write checkpoint.pt atomically every N steps."),
         click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
+        click.option("--device", default="cpu", metavar="cpu|cuda|cuda:N|auto",
+                     help="Where the model trains (auto: the first CUDA device if there is one, else the CPU). "
+                          "Checkpoints are device-free: a run resumes on any device."),
+        click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="float32",
+                     help="float32, or mixed precision over float32 weights: the loss under bfloat16 or float16 "
+                          "autocast (float16 with loss scaling, CUDA only; on the CPU: float32, bfloat16)."),
         click.option("--data-dir", type=click.Path(file_okay=False), default=None,
                      help="Directory with the Fashion-MNIST IDX files (default: $MULOSD_DATA, then /usr/share/datasets/fashion-mnist)."),
         click.option("--limit", type=click.IntRange(min=1), default=None, help="Train on the first N images only (quick runs)."),
@@ -515,13 +711,16 @@ def _train_options(fn):
     return threads_option(with_threads)
 
 
-def _train(recipe_fn, out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume):
+def _train(recipe_fn, out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device="cpu", dtype="float32"):
     from mulosd.training import TrainConfig, train
+    from mulosd.training.trainer import training_precision
 
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, seed=seed, checkpoint_every=checkpoint_every)
     cfg.validate()
-    summary = train(recipe_fn(), out, cfg, resume=resume)
-    click.echo(json.dumps({"train_time_s": summary["train_time_s"], "final": summary["final"], "eval": summary["eval"]}, indent=2))
+    device, dtype = training_precision(device, dtype)  # before the recipe reads its data and before --out exists
+    summary = train(recipe_fn(), out, cfg, resume=resume, device=device, dtype=dtype)
+    click.echo(json.dumps({"device": summary["device"], "dtype": summary["dtype"], "train_time_s": summary["train_time_s"],
+                           "final": summary["final"], "eval": summary["eval"]}, indent=2))
     click.echo(f"exported {Path(out) / 'model'}.{{json,safetensors}}")
 
 
@@ -536,14 +735,14 @@ def train():
 @click.option("--z-channels", type=click.IntRange(min=1), default=32, help="Latent channels before quantisation.")
 @click.option("--codebook-size", type=click.IntRange(2, 1024), default=512, help="Number of codes (<= 1024).")
 @click.option("--codebook-dim", type=click.IntRange(min=1), default=8, help="Code vector dimension (L2-normalised).")
-def train_tokenizer(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, data_dir, limit, channels,
+def train_tokenizer(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype, data_dir, limit, channels,
                     z_channels, codebook_size, codebook_dim):
     """VQ tokenizer (factor 2) trained jointly on 32, 16 and 8 px Fashion-MNIST."""
     from mulosd.models.vq import VQConfig
     from mulosd.training.recipes import TokenizerRecipe
 
     vq = VQConfig(channels=channels, z_channels=z_channels, codebook_size=codebook_size, codebook_dim=codebook_dim)
-    _run(_train, lambda: TokenizerRecipe(vq=vq, data_dir=data_dir, limit=limit), out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume)
+    _run(_train, lambda: TokenizerRecipe(vq=vq, data_dir=data_dir, limit=limit), out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype)
 
 
 @train.command("ar")
@@ -556,7 +755,7 @@ def train_tokenizer(out, steps, batch_size, lr, warmup, seed, checkpoint_every, 
 @click.option("--heads", type=click.IntRange(min=1), default=6, help="Attention heads (head dim must be a multiple of 4).")
 @click.option("--class-dropout", type=click.FloatRange(0, 1), default=0.1, help="Probability of the null class (for CFG).")
 @click.option("--bf16/--fp32", default=False, help="bf16 autocast for the forward pass (weights stay fp32).")
-def train_ar(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, data_dir, limit, tokenizer, grid, dim,
+def train_ar(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype, data_dir, limit, tokenizer, grid, dim,
              layers, heads, class_dropout, bf16):
     """Class-conditional LlamaGen-style GPT on tokenised Fashion-MNIST."""
     from mulosd.models.gpt import GPTConfig
@@ -569,20 +768,20 @@ def train_ar(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume,
                         class_dropout_prob=class_dropout)
         return ARRecipe(gpt=gpt, tokenizer=tokenizer, data_dir=data_dir, bf16=bf16, limit=limit)
 
-    _run(_train, recipe, out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume)
+    _run(_train, recipe, out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype)
 
 
 @train.command("classifier")
 @_train_options
 @click.option("--width", type=click.IntRange(min=4), default=32, help="Base conv width.")
 @click.option("--features", type=click.IntRange(min=8), default=128, help="Penultimate feature size (the FID space).")
-def train_classifier(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, data_dir, limit, width, features):
+def train_classifier(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype, data_dir, limit, width, features):
     """Small CNN classifier (evaluation: class accuracy and feature FID)."""
     from mulosd.models.classifier import ClassifierConfig
     from mulosd.training.recipes import ClassifierRecipe
 
     cfg = ClassifierConfig(width=width, num_features=features)
-    _run(_train, lambda: ClassifierRecipe(cfg=cfg, data_dir=data_dir, limit=limit), out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume)
+    _run(_train, lambda: ClassifierRecipe(cfg=cfg, data_dir=data_dir, limit=limit), out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype)
 
 
 @train.command("upsampler")
@@ -597,14 +796,14 @@ def train_classifier(out, steps, batch_size, lr, warmup, seed, checkpoint_every,
               help="Steps of stage 1 (cross-entropy on codes only); the remaining steps add the pixel loss.")
 @click.option("--pixel-weight", type=click.FloatRange(min=0), default=10.0, help="Weight of the stage-2 pixel MSE.")
 @click.option("--ce-weight", type=click.FloatRange(min=0), default=0.5, help="Weight of the up-sampler cross-entropy in stage 2.")
-def train_upsampler(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, data_dir, limit, tokenizer, r, dim,
+def train_upsampler(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype, data_dir, limit, tokenizer, r, dim,
                     blocks, ce_steps, pixel_weight, ce_weight):
     """Learned latent up-/down-sampler for MuLo-SD (row-causal masked conv + pixel-shuffle), one per factor r."""
     from mulosd.training.recipes import UpsamplerRecipe
 
     _run(_train, lambda: UpsamplerRecipe(tokenizer=tokenizer, r=int(r), dim=dim, n_blocks=blocks, ce_steps=ce_steps,
                                          pixel_weight=pixel_weight, ce_weight=ce_weight, data_dir=data_dir, limit=limit),
-         out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume)
+         out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype)
 
 
 @train.command("kl-tokenizer")
@@ -613,7 +812,7 @@ def train_upsampler(out, steps, batch_size, lr, warmup, seed, checkpoint_every, 
 @click.option("--z-channels", type=click.IntRange(min=1), default=32, help="Trunk channels at the latent resolution.")
 @click.option("--token-dim", type=click.IntRange(min=1), default=4, help="Channels of a continuous token.")
 @click.option("--kl-weight", type=click.FloatRange(min=0), default=1e-4, help="Weight of the KL term (per latent element) against the pixel MSE.")
-def train_kl_tokenizer(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, data_dir, limit, channels,
+def train_kl_tokenizer(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype, data_dir, limit, channels,
                        z_channels, token_dim, kl_weight):
     """Continuous tokenizer: KL autoencoder, factor 2 (32 px -> 16x16 tokens of --token-dim channels), for car / cspd."""
     from mulosd.models.kl import KLConfig
@@ -621,7 +820,7 @@ def train_kl_tokenizer(out, steps, batch_size, lr, warmup, seed, checkpoint_ever
 
     kl = KLConfig(channels=channels, z_channels=z_channels, token_dim=token_dim, kl_weight=kl_weight)
     _run(_train, lambda: KLTokenizerRecipe(kl=kl, data_dir=data_dir, limit=limit), out, steps, batch_size, lr, warmup,
-         seed, checkpoint_every, resume)
+         seed, checkpoint_every, resume, device, dtype)
 
 
 @train.command("car")
@@ -642,7 +841,7 @@ def train_kl_tokenizer(out, steps, batch_size, lr, warmup, seed, checkpoint_ever
                    "exact std-product term (docs/CSPD.md).")
 @click.option("--class-dropout", type=click.FloatRange(0, 1), default=0.1, help="Probability of the null class (for CFG).")
 @click.option("--bf16/--fp32", default=False, help="bf16 autocast for the transformer's forward (the head stays fp32).")
-def train_car(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, data_dir, limit, tokenizer, dim, layers,
+def train_car(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype, data_dir, limit, tokenizer, dim, layers,
               heads, head_width, head_depth, diffusion_steps, sample_steps, head_batch_mul, variance, class_dropout, bf16):
     """Continuous-token AR model (transformer + small MLP diffusion head) on KL-tokenised Fashion-MNIST: the target
     and the drafter of cspd."""
@@ -658,7 +857,7 @@ def train_car(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume
                                   variance=variance, class_dropout_prob=class_dropout)
         return ContinuousARRecipe(gpt=cfg, tokenizer=tokenizer, data_dir=data_dir, bf16=bf16, limit=limit)
 
-    _run(_train, recipe, out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume)
+    _run(_train, recipe, out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype)
 
 
 # ---------------------------------------------------------------------------------------------- pack

@@ -264,13 +264,13 @@ class ResidualRepairer:
         rows = torch.arange(B, device=device)[:, None]
         state.tokens[rows, cells] = torch.where(keep, row, state.tokens[rows, cells])
         s = state.stats
-        s.tokens += int(count.sum())
-        s.drafted += int(real[active].sum())
-        s.accepted += int(acc[active].sum())
-        s.add_accepted(acc[active])
-        s.resampled += int(resampled[active].sum())
-        s.residual_tries += int(tries[active].sum())
-        s.fallbacks += int(fell[active].sum())
+        s.tokens += count.sum()  # counted on the device (DecodeStats.finish reads them back once)
+        s.drafted += (real * active).sum()
+        s.accepted += (acc * active).sum()
+        s.add_accepted(acc, G, where=active)
+        s.resampled += (resampled * active).sum()
+        s.residual_tries += (tries * active).sum()
+        s.fallbacks += (fell * active).sum()
         if state.trace is not None:
             state.trace.append({"frontier": frontier.clone(), "accepted": n.clone(), "log_ratio": log_ratio.clone(),
                                 "active": active.clone()})

@@ -118,4 +118,4 @@ def decode(parts: Parts, labels: torch.Tensor, cfg: SamplingConfig, streams: Ran
             scorer.finish()
         finally:
             proposer.finish()
-    return state.committed_tokens().clone(), state.stats
+    return state.committed_tokens().clone(), state.stats.finish()

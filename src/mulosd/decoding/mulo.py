@@ -220,7 +220,7 @@ class CellForwards:
             mask = double(mask, st.cfg)
         logits = self.target.decode(double(st.tokens.gather(1, cells), st.cfg), double(cells, st.cfg), mask=mask)
         st.stats.target_forwards += 1
-        st.stats.active_forwards += int((count > 0).sum())
+        st.stats.active_forwards += (count > 0).sum()
         self.fresh &= ~feed
         return torch.where(valid, cells, -1), process_logits(logits, st.cfg)
 
@@ -271,7 +271,7 @@ class CellScorer:
         feed = stale | (cell[None] == last[:, None])
         feed[:, start : end - 1] |= ~committed[:, start : end - 1]
         feed &= proposal.active[:, None]
-        state.stats.refreshed += int((stale & feed & (cell[None] != last[:, None])).sum())
+        state.stats.refreshed += (stale & feed & (cell[None] != last[:, None])).sum()
         if not bool(feed.any()):  # only cell 0 is wanted (a block of one cell at the start)
             return state.first[:, None].expand(-1, end - start, -1), feed
         cells, probs = cf.forward(feed)
@@ -326,13 +326,13 @@ class LocalRepairer:
         state.cells.confirm(fed, first)  # candidates fed before the first rejection saw only accepted drafts
         s = state.stats
         s.drafted += B * M
-        s.accepted += int(accept.sum())
-        s.add_accepted(accept.sum(1))
+        s.accepted += accept.sum()
+        s.add_accepted(accept.sum(1), M)
         if self.s.resampling == "serial":
             resample_serial(state, region)
         else:
             resample_parallel(state, region, self.s.island_window, self.H)
-        s.resampled += int(region.sum())
+        s.resampled += region.sum()
         s.tokens += B * M
         state.frontier = torch.maximum(state.frontier, end_t)
         if state.trace is not None:
@@ -409,15 +409,15 @@ class TruncateBlockRepairer:
             s.drafted += B * M
         done = torch.arange(M, device=state.device)[None] < (state.frontier - start)[:, None]
         newly = (torch.arange(M, device=state.device)[None] < n[:, None]) & ~done
-        s.accepted += int(newly.sum())
-        s.add_accepted(newly.sum(1)[proposal.active])
+        s.accepted += newly.sum()
+        s.add_accepted(newly.sum(1), M, where=proposal.active)
         state.cells.confirm(fed, start + n)  # fed with final context only
         rows = (n < M).nonzero().squeeze(1)
         state.tokens[rows, start + n[rows]] = nxt[rows]
         book["resampled"][rows, n[rows]] = True
         state.frontier = torch.maximum(state.frontier, start + (n + 1).clamp_max(M))
         if not bool((state.frontier < end).any()):
-            s.resampled += int(book["resampled"].sum())
+            s.resampled += book["resampled"].sum()
             s.tokens += B * M
             if state.trace is not None:
                 rows_ = M // self.H

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -36,6 +36,9 @@ class DecodeStats:
     ``target_forwards`` / ``drafter_forwards`` count batched forward passes. ``active_forwards`` sums, over the
     samples, the target passes each sample took part in while still unfinished (samples advance independently,
     so one may finish before its batch-mates); tokens committed per active forward is the mean accepted length.
+
+    During a decode the counts that depend on the data may be 0-d tensors on the model's device (``s.tokens +=
+    count.sum()``), so counting never waits for the device; ``finish`` turns them into ints once, at the end.
     """
 
     target_forwards: int = 0
@@ -67,9 +70,31 @@ class DecodeStats:
             _sync(device)
             self.time_s[name] = self.time_s.get(name, 0.0) + time.perf_counter() - start
 
-    def add_accepted(self, lengths: torch.Tensor) -> None:
-        """Count one verification per entry of ``lengths`` (accepted drafts of one sample in one target forward)."""
-        self.accept_hist = add_counts(self.accept_hist, torch.bincount(lengths.flatten().long().cpu()).tolist())
+    def add_accepted(self, lengths: torch.Tensor, longest: int, where: torch.Tensor | None = None) -> None:
+        """Count one verification per entry of ``lengths`` (accepted drafts of one sample in one target forward,
+        at most ``longest``), only where ``where`` (bool, same shape) holds; counted on the device."""
+        lengths = lengths.flatten().long().clamp(0, longest)
+        weight = torch.ones_like(lengths) if where is None else where.flatten().long()
+        counts = torch.zeros(longest + 1, dtype=torch.long, device=lengths.device).index_add_(0, lengths, weight)
+        self._pending_hist().append(counts)
+
+    def _pending_hist(self) -> list:
+        if "_hist" not in self.__dict__:
+            self.__dict__["_hist"] = []
+        return self.__dict__["_hist"]
+
+    def finish(self) -> "DecodeStats":
+        """Read every device-side count back once (the decode's last host sync) and return self, all ints."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                setattr(self, f.name, int(value))
+        by_size: dict[int, torch.Tensor] = {}
+        for counts in self.__dict__.pop("_hist", []):
+            by_size[len(counts)] = by_size[len(counts)] + counts if len(counts) in by_size else counts
+        for counts in by_size.values():
+            self.accept_hist = add_counts(self.accept_hist, counts.tolist())
+        return self
 
 
 def add_counts(total: list, more: list) -> list:

@@ -113,13 +113,13 @@ class TruncateRepairer:
         count = commit(state.tokens, f, proposal.tokens, verdict, N)
         state.frontier = f + count
         s = state.stats
-        s.tokens += int(count.sum())
+        s.tokens += count.sum()  # counted on the device (DecodeStats.finish reads them back once)
         if proposal.width:
-            real = (N - f).clamp(0, proposal.width)[active]  # drafts that landed on grid cells
-            accepted = torch.minimum(verdict.num_accepted[active], real)
-            s.drafted += int(real.sum())
-            s.add_accepted(accepted)
-            s.accepted += int(accepted.sum())
+            real = (N - f).clamp(0, proposal.width) * active  # drafts that landed on grid cells
+            accepted = torch.minimum(verdict.num_accepted, real)
+            s.drafted += real.sum()
+            s.add_accepted(accepted, proposal.width, where=active)
+            s.accepted += accepted.sum()
 
 
 class AppendRepairer:

@@ -95,7 +95,7 @@ class Schedule:
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
@@ -156,7 +156,7 @@ class DiffusionHead(Pretrained, nn.Module):
 
     def net(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, d] noisy tokens, t [N] training timesteps, z [N, cond_dim] -> (predicted noise, v in [0, 1])."""
-        c = self.time(timestep_embedding(t, self.config.width)) + self.cond(z)
+        c = self.time(timestep_embedding(t.to(x.device), self.config.width)) + self.cond(z)
         eps, raw = self._trunk(x, [b.modulation(c) for b in self.blocks])
         return eps, (raw + 1) / 2
 
@@ -200,11 +200,12 @@ class DiffusionHead(Pretrained, nn.Module):
         if not temperature > 0:
             raise MulosdError(f"diffusion sampling needs temperature > 0, got {temperature}")
         if noise is None:
-            noise = torch.randn(S + 1, n, d)
+            noise = torch.randn(S + 1, n, d, device=z.device)
         if noise.shape != (S + 1, n, d):
             raise MulosdError(f"noise must have shape {(S + 1, n, d)}, got {tuple(noise.shape)}")
         # the condition does not depend on x: modulate every step of every block in one batched call each
-        c = self.time(timestep_embedding(s.timesteps, self.config.width))[:, None] + self.cond(z)[None]  # [S, rows, w]
+        t = s.timesteps.to(z.device)
+        c = self.time(timestep_embedding(t, self.config.width))[:, None] + self.cond(z)[None]  # [S, rows, w]
         mods = [b.modulation(c) for b in self.blocks]
         clip = self.config.clip_x0
         fixed = {"fixed_small": -1.0, "fixed_large": 1.0}.get(self.config.variance)  # the raw output a fixed variance means
@@ -239,7 +240,7 @@ class DiffusionHead(Pretrained, nn.Module):
     def loss(self, x0: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """DDPM loss at a random training timestep per row: MSE on the noise + vlb_weight * KL (variance only)."""
         T = self.config.train_steps
-        t = torch.randint(1, T + 1, (len(x0),))
+        t = torch.randint(1, T + 1, (len(x0),)).to(x0.device)  # the global CPU generator's draws on every device
         ab_all = self.alpha_bar.to(torch.float64)
         ab, ab_prev = ab_all[t].float()[:, None], ab_all[t - 1].float()[:, None]
         noise = torch.randn_like(x0)

@@ -89,7 +89,7 @@ class KLAutoencoder(Pretrained, nn.Module):
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None):
         """Training forward: (reconstruction from a posterior sample, KL per latent element, posterior mean)."""
         mean, logvar = self.posterior(images)
-        eps = torch.randn(mean.shape, generator=generator)
+        eps = torch.randn(mean.shape, generator=generator).to(mean.device)  # drawn on the generator's CPU
         z = mean + (0.5 * logvar).exp() * eps
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
         return self.decode_latent(z), kl, mean
