@@ -5,6 +5,19 @@ import torch
 
 torch.set_num_threads(2)
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device; skipped without one (scripts/gpu_check.sh runs them)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (scripts/gpu_check.sh runs these on the GPU machine)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 needs_fmnist = pytest.mark.skipif(
     not os.path.exists(os.path.join(FMNIST_DIR, "t10k-images-idx3-ubyte.gz")),

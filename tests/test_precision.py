@@ -11,7 +11,7 @@ from mulosd.errors import MulosdError
 from mulosd.pipeline import Pipeline
 from mulosd.resources import resolve_device, resolve_dtype
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh)")
+needs_cuda = pytest.mark.cuda  # skipped without a CUDA device (conftest.py); scripts/gpu_check.sh runs them
 # Keep the expensive methods short: cspd's residual sampler at most a few proposals per token.
 FAST = {"cspd": {"max_tries": 3}}
 

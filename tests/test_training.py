@@ -165,7 +165,7 @@ def test_cli_train_on_cuda_without_cuda_is_one_message_and_no_run_directory(tmp_
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_a_cuda_bfloat16_run_resumes_on_the_cpu(tmp_path):
     cfg = TrainConfig(**CFG)
     with pytest.raises(KeyboardInterrupt):
