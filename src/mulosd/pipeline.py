@@ -383,9 +383,10 @@ class Pipeline:
 
     @torch.inference_mode()
     def classify(self, images: torch.Tensor) -> torch.Tensor:
-        """Predicted class ids for images in [0, 1] (smaller images are bilinearly resized to the classifier's size)."""
+        """Predicted class ids for images in [0, 1] (smaller images are bilinearly resized to the classifier's size),
+        computed on the classifier's device whatever the images' device."""
         size = self.classifier.config.image_size
-        x = images * 2 - 1
+        x = images.to(next(self.classifier.parameters()).device) * 2 - 1
         if x.shape[-1] != size:
             x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         return self.classifier.predict(x)

@@ -441,9 +441,12 @@ def _speed_references(settings: list[Setting], methods: dict[str, Method], recor
 
 # ---- quality ----------------------------------------------------------------------------------------------
 def _features(pipe, images: torch.Tensor) -> torch.Tensor:
+    """The classifier's features of images in [0, 1], computed on the classifier's device, returned on the CPU."""
+    device = next(pipe.classifier.parameters()).device
     with torch.inference_mode():
         x = images * 2 - 1
-        return torch.cat([pipe.classifier.features(x[i : i + 500]) for i in range(0, len(x), 500)]).float()
+        return torch.cat([pipe.classifier.features(x[i : i + 500].to(device)).float().cpu()
+                          for i in range(0, len(x), 500)])
 
 
 def reference_stats(pipe, cache_dir: Path, data_dir: str | None = None):
@@ -526,7 +529,7 @@ def _extractors(pipe, cfg: BenchConfig) -> dict:
     if cfg.inception:
         from mulosd.evaluation.inception import InceptionFeatures
 
-        extractors["inception"] = InceptionFeatures()
+        extractors["inception"] = InceptionFeatures(device=next(pipe.classifier.parameters()).device)
     return extractors
 
 

@@ -72,12 +72,13 @@ class InceptionFeatures:
 
     num_features = 2048
 
-    def __init__(self, path: str | Path | None = None, batch_size: int = 50):
+    def __init__(self, path: str | Path | None = None, batch_size: int = 50, device: torch.device | str = "cpu"):
         path = Path(path) if path else inception_path()
+        self.device = torch.device(device)
         try:
             with warnings.catch_warnings():  # the weights ship as TorchScript; its deprecation notice is not ours
                 warnings.simplefilter("ignore", DeprecationWarning)
-                self.model = torch.jit.load(str(path), map_location="cpu").eval()
+                self.model = torch.jit.load(str(path), map_location=self.device).eval()
         except Exception as e:  # a truncated or foreign file: say which and why
             raise MulosdError(f"cannot load the TorchScript Inception-v3 from {path}: {e}") from e
         self.batch_size = batch_size
@@ -86,8 +87,8 @@ class InceptionFeatures:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         out = []
         for i in range(0, len(images), self.batch_size):
-            f = self.model(preprocess(images[i : i + self.batch_size]))
-            out.append(f.flatten(2).mean(-1) if f.dim() > 2 else f)
+            f = self.model(preprocess(images[i : i + self.batch_size].to(self.device)))
+            out.append((f.flatten(2).mean(-1) if f.dim() > 2 else f).cpu())
         if not out:
             return torch.zeros(0, self.num_features)
         feats = torch.cat(out).float()
