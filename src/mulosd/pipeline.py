@@ -33,7 +33,7 @@ from mulosd.models.gpt import GPT
 from mulosd.models.kl import KLAutoencoder, check_tokenizer
 from mulosd.models.vq import VQModel
 from mulosd.models.upsample import LatentResampler, PixelResampler
-from mulosd.resources import check_batch_memory
+from mulosd.resources import check_batch_memory, synchronize
 from mulosd.zoo import manifest, resolve, write_manifest
 
 
@@ -427,6 +427,7 @@ class Pipeline:
         check_batch_memory(decoder.models(), batch_size, 2 if sampling.uses_cfg else 1, decoder.device)
         traces = [] if trace else None
         all_tokens, totals = [], {}
+        synchronize(decoder.device)  # a CUDA clock is read only with the device's queue empty, here and below
         t0 = time.perf_counter()
         for start in tqdm(range(0, len(labels), batch_size), desc=f"generate {decoder.name}", disable=not progress):
             stop = min(start + batch_size, len(labels))
@@ -434,6 +435,7 @@ class Pipeline:
             tokens, stats = _decode_batch(decoder, labels[start:stop].to(decoder.device), sampling, streams, traces)
             all_tokens.append(tokens)
             _add_stats(totals, stats)
+        synchronize(decoder.device)
         wall = time.perf_counter() - t0
         g = decoder.output_grid
         tokens = torch.cat(all_tokens)
