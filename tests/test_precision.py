@@ -124,3 +124,30 @@ def test_cuda_device_errors():
     n = torch.cuda.device_count()
     with pytest.raises(MulosdError, match=f"this machine has {n} CUDA device"):
         resolve_device(f"cuda:{n}")
+
+
+def test_profile_command_writes_table_and_plot(tmp_path):
+    import json
+
+    out = tmp_path / "prof"
+    r = CliRunner().invoke(main, ["profile", "--model", "fmnist-32", "--batch-sizes", "1,2", "--new-tokens", "1,4",
+                                  "--repeats", "1", "--warmup", "0", "--dtype", "bfloat16", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    data = json.loads((out / "profile.json").read_text())
+    assert data["config"]["dtype"] == "bfloat16" and len(data["rows"]) == 4
+    assert {(row["batch"], row["new_tokens"]) for row in data["rows"]} == {(1, 1), (1, 4), (2, 1), (2, 4)}
+    assert (out / "profile.png").stat().st_size > 0 and "| new tokens k |" in (out / "profile.md").read_text()
+
+
+@pytest.mark.parametrize("args, msg", [
+    ([], "give exactly one of --model"),
+    (["--model", "fmnist-32", "--size", "GPT-B"], "give exactly one of --model"),
+    (["--size", "GPT-Q"], "GPT-Q"),
+    (["--size", "GPT-B", "--image-size", "250"], "250"),
+    (["--model", "fmnist-32", "--new-tokens", "0"], "--new-tokens '0' must be comma-separated integers >= 1"),
+    (["--model", "fmnist-32", "--device", "tpu"], "device 'tpu' unknown"),
+])
+def test_profile_bad_input(tmp_path, args, msg):
+    r = CliRunner().invoke(main, ["profile", *args, "--out", str(tmp_path / "p")])
+    assert r.exit_code == 1 and msg in r.output, r.output
+    assert not (tmp_path / "p").exists()
