@@ -55,12 +55,12 @@ step() {  # step NAME LIMIT_S COMMAND...: run it with a time limit, log it, and 
   echo "   exit $rc after $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
 }
 
-step env 30 bash -c "nvidia-smi 2>&1 | head -20; $PY -c 'import torch, sys; print(sys.version); print(torch.__version__, torch.version.cuda, torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"no CUDA\")'"
-step pytest_cuda 60 "$PY" -m pytest -m cuda -p no:cacheprovider -rs tests
+step env 30 bash -c "nvidia-smi 2>&1 | head -20; $PY -c 'import torch, sys; print(sys.version); print(torch.__version__, torch.version.cuda, torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"no CUDA\")'; $PY -c 'import click, safetensors, tqdm, PIL, matplotlib, numpy, scipy, pytest; print(\"packages: ok\")'"
+step pytest_cuda 60 "$PY" -m pytest -m cuda -p no:cacheprovider -rs tests/test_precision.py tests/test_training.py
 for dtype in float32 bfloat16; do
-  step "bench_b1_$dtype" 60 "${M[@]}" bench --num-images "$B1" --batch-size 1 --device "$DEVICE" --dtype "$dtype" \
+  step "bench_b1_$dtype" 55 "${M[@]}" bench --num-images "$B1" --batch-size 1 --device "$DEVICE" --dtype "$dtype" \
     --out "$OUT/bench_b1_$dtype" --force --no-progress
-  step "bench_b16_$dtype" 45 "${M[@]}" bench --num-images "$B16" --batch-size 16 --device "$DEVICE" --dtype "$dtype" \
+  step "bench_b16_$dtype" 40 "${M[@]}" bench --num-images "$B16" --batch-size 16 --device "$DEVICE" --dtype "$dtype" \
     --out "$OUT/bench_b16_$dtype" --force --no-progress
 done
 for size in $SIZES; do
@@ -69,5 +69,5 @@ for size in $SIZES; do
 done
 step profile_GPT-B_float32 30 "${M[@]}" profile --size GPT-B --image-size 256 --batch-sizes "$BS" --new-tokens "$KS" \
   --repeats 10 --device "$DEVICE" --dtype float32 --out "$OUT/profile_GPT-B_float32"
-step precision 45 "$PY" scripts/precision_check.py --num-images 10 --device "$DEVICE" --out "$OUT/precision.json"
+step precision 40 "$PY" scripts/precision_check.py --num-images 10 --batch-size 10 --device "$DEVICE" --out "$OUT/precision.json"
 echo "total $SECONDS s" | tee -a "$OUT/summary.txt"

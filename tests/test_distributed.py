@@ -45,8 +45,16 @@ def test_shares_cover_every_image_once_in_rank_order():
         for world in range(1, n + 1):
             shares = [Context(rank=r, world_size=world).share(n) for r in range(world)]
             assert [i for s in shares for i in s] == list(range(n)) and min(map(len, shares)) >= 1
+    for n in range(1, 20):  # in whole batches: every share but the last starts and ends at a batch boundary
+        for unit in (1, 2, 3, 8):
+            for world in range(1, -(-n // unit) + 1):
+                shares = [Context(rank=r, world_size=world).share(n, unit) for r in range(world)]
+                assert [i for s in shares for i in s] == list(range(n)) and min(map(len, shares)) >= 1
+                assert all(s.start % unit == 0 for s in shares)
     assert Context(rank=1, world_size=3).mine(list(range(8))) == [1, 4, 7]
     assert Context().device("cuda") == "cuda" and Context(rank=1, world_size=2, local_rank=1).device("cuda") == "cuda:1"
+    with pytest.raises(MulosdError, match="would put every process of this node on one GPU"):
+        Context(rank=1, world_size=2, local_rank=1).device("cuda:0")
 
 
 # ---- bench ---------------------------------------------------------------------------------------------------
@@ -136,10 +144,10 @@ def test_torchrun_generate_equals_one_process(tmp_path):
 
 
 def test_more_processes_than_images_is_one_clear_refusal(tmp_path):
-    r = _mulosd("generate", "--method", "ar", "--classes", "0,1", "--num-per-class", "1", "--out",
+    r = _mulosd("generate", "--method", "ar", "--classes", "0,1", "--num-per-class", "1", "--batch-size", "1", "--out",
                 tmp_path / "g" / "grid.png", "--no-progress", nproc=3)
     assert r.returncode != 0
-    msg = "torchrun started 3 processes (WORLD_SIZE=3) for 2 images; allowed: at most 2 processes"
+    msg = "torchrun started 3 processes (WORLD_SIZE=3) for 2 batches of 1 image; allowed: at most 2 processes"
     assert r.stderr.count(msg) == 1, r.stderr  # rank 0 says it; the other ranks refuse quietly
     assert not (tmp_path / "g").exists()
 
@@ -147,7 +155,8 @@ def test_more_processes_than_images_is_one_clear_refusal(tmp_path):
 @pytest.mark.parametrize("command,msg", [
     (["bench", "--methods", "ar", "--num-images", "4", "--batch-size", "2"], "for 2 batches (4 images at batch size 2)"),
     (["sample", "--num-images", "3", "--shard-size", "1"], "for 3 shards (3 images at --shard-size 1)"),
-    (["generate", "--classes", "1,2", "--num-per-class", "1"], "for 2 images"),
+    (["generate", "--classes", "1,2", "--num-per-class", "1"], "for 1 batch of 2 images"),
+    (["generate", "--classes", "1,2,3", "--num-per-class", "2", "--batch-size", "4"], "for 2 batches of 4 images"),
 ])
 def test_world_size_is_checked_before_anything_is_written(tmp_path, monkeypatch, command, msg):
     """What a rank sees in a 4-process job (only the environment: the check comes before any process group)."""

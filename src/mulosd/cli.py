@@ -274,10 +274,10 @@ def _generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale
     # Validate everything cheap before loading models or doing work.
     device, dtype = _device_dtype(device, dtype)
     SamplingConfig(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
-    from mulosd import distributed  # under torchrun: more processes than images is refused before anything is written
+    from mulosd import distributed  # under torchrun: more processes than batches is refused before anything is written
 
-    distributed.context().check_world(len([c for c in str(classes).split(",") if c.strip()]) * num_per_class, "images",
-                                      "; ask for more images or start fewer processes")
+    requested = len([c for c in str(classes).split(",") if c.strip()]) * num_per_class
+    distributed.check_batches(distributed.context(), requested, batch_size)
     method_cls = get_method(method)
     foreign = sorted(set(options) - set(method_cls.param_names()))
     if foreign:

@@ -71,6 +71,9 @@ class Context:
         text = str(requested).strip().lower()
         if text == "cuda" or (text == "auto" and torch.cuda.is_available()):
             return f"cuda:{self.local_rank}"
+        if text.startswith("cuda:"):
+            raise MulosdError(f"--device {requested} under torchrun would put every process of this node on one GPU "
+                              "(NCCL refuses that); allowed: cuda or auto (process r takes cuda:LOCAL_RANK), or cpu")
         return requested
 
     def check_world(self, units: int, what: str, allowed_hint: str = "") -> None:
@@ -81,10 +84,13 @@ class Context:
                        f"{what}; allowed: at most {units} process{'es' if units != 1 else ''}{allowed_hint}")
             raise MulosdError(message) if self.main else echoed(message)  # every rank refuses alike
 
-    def share(self, n: int) -> range:
-        """This rank's contiguous share of n items: rank r gets [r n / W, (r + 1) n / W), so the shares in rank
-        order are 0 .. n - 1 and their sizes differ by at most one."""
-        return range(self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size)
+    def share(self, n: int, unit: int = 1) -> range:
+        """This rank's contiguous share of n items in whole units of ``unit`` (a batch): the k = ceil(n / unit)
+        units are split as [r k / W, (r + 1) k / W), so the shares in rank order are 0 .. n - 1, their unit counts
+        differ by at most one, and every batch is one a single process would decode too."""
+        k = -(-n // unit)
+        lo, hi = self.rank * k // self.world_size, (self.rank + 1) * k // self.world_size
+        return range(min(n, lo * unit), min(n, hi * unit))
 
     def mine(self, items: list) -> list:
         """Round-robin: the items at positions rank, rank + W, rank + 2W, ..."""
@@ -197,6 +203,14 @@ def init(device: str | torch.device | None = None) -> Context:
     return ctx
 
 
+def check_batches(ctx: "Context", images: int, batch_size: int) -> None:
+    """generate splits whole batches over the ranks: refuse more processes than batches."""
+    batch = max(1, min(batch_size, images))
+    n = -(-images // batch)
+    ctx.check_world(n, f"batch{'es' if n != 1 else ''} of {batch} image{'s' if batch != 1 else ''}",
+                    "; ask for more images, a smaller --batch-size, or start fewer processes")
+
+
 def destroy() -> None:
     """Tear the process group down (idempotent; a no-op when none exists)."""
     try:
@@ -243,13 +257,13 @@ def generate(ctx: Context, pipe, decoder, labels: torch.Tensor, sampling, seed: 
     rank's (the job's elapsed decoding time), so ``latency_s_per_image`` is elapsed time per image of the whole
     job; ``world_size`` and ``rank_wall_time_s`` say how it was split. One process: ``pipe.generate`` itself."""
     labels = torch.as_tensor(labels, dtype=torch.long).flatten()
-    ctx.check_world(len(labels), "images", "; ask for more images or start fewer processes")
+    check_batches(ctx, len(labels), batch_size)
     if not ctx.distributed:
         return pipe.generate(decoder, labels, sampling, seed=seed, batch_size=batch_size, progress=progress,
                              trace=trace)
-    share = ctx.share(len(labels))
+    share = ctx.share(len(labels), min(batch_size, len(labels)))  # whole batches: the shapes one process decodes
     out = pipe.generate(decoder, labels[share.start : share.stop], sampling, seed=seed, batch_size=batch_size,
-                        first_index=share.start, progress=progress and ctx.main, trace=trace)
+                        first_index=share.start, progress=progress and ctx.main, trace=trace, classify=False)
     parts = ctx.gather(out)
     if not ctx.main:
         return None
@@ -272,7 +286,7 @@ def call(pipe, classes, num_per_class: int = 1, method: str = "ar", seed: int = 
         raise MulosdError(f"num_per_class must be >= 1, got {num_per_class}")
     sampling = SamplingConfig(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
     labels = torch.tensor([c for c in pipe.class_ids(classes) for _ in range(num_per_class)])
-    context().check_world(len(labels), "images", "; ask for more images or start fewer processes")
+    check_batches(context(), len(labels), batch_size)
     decoder = get_method(method)(pipe, **method_params)
     ctx = init(pipe_device(pipe))
     return generate(ctx, pipe, decoder, labels, sampling, seed=seed, batch_size=batch_size, progress=progress,
@@ -299,15 +313,19 @@ def merge_outputs(parts: list, decoder, sampling, seed: int):
                                               max(s["batch_size"] for s in stats), totals, max(walls))}
     merged.update(world_size=len(parts), rank_wall_time_s=walls)
     labels = torch.cat([p.labels for p in parts])
-    predictions = None
-    if all(p.predictions is not None for p in parts):
-        predictions = torch.cat([p.predictions for p in parts])
+    tokens = torch.cat([p.tokens for p in parts])
+    # Decode and classify every image in one call, as one process does: a convolution over a batch of another size
+    # may round differently, and the images must be those of one process, not just their tokens.
+    pipe = decoder.pipe
+    images = decoder.decode_images(tokens.to(decoder.device))
+    predictions = pipe.classify(images).cpu() if pipe.classifier is not None else None
+    if predictions is not None:
         merged["class_accuracy"] = round((predictions == labels).float().mean().item(), 4)
     else:
         merged.pop("class_accuracy", None)
     traces = [t for p in parts for t in p.traces] if all(p.traces is not None for p in parts) else None
-    return GenerationOutput(images=torch.cat([p.images for p in parts]), tokens=torch.cat([p.tokens for p in parts]),
-                            labels=labels, stats=merged, traces=traces, predictions=predictions)
+    return GenerationOutput(images=images.cpu(), tokens=tokens, labels=labels, stats=merged, traces=traces,
+                            predictions=predictions)
 
 
 def threads_per_process(cores: int) -> int | None:

@@ -83,7 +83,7 @@ def _decode_batch(decoder, labels: torch.Tensor, sampling: SamplingConfig, strea
         return decoder.generate(labels, sampling, streams)
     cycles: list[dict] = []
     tokens, stats = decoder.generate(labels, sampling, streams, trace=cycles)
-    traces.extend([{"block": c["block"], "accept": c["accept"][b], "region": c["region"][b]} for c in cycles]
+    traces.extend([{"block": c["block"], "accept": c["accept"][b].cpu(), "region": c["region"][b].cpu()} for c in cycles]
                   for b in range(len(labels)))
     return tokens, stats
 
@@ -264,9 +264,12 @@ class Pipeline:
         for m in self.modules():
             m.to(device)
         for m in self.transformers():
-            m.to(dtype)
-            if isinstance(m, ContinuousGPT):
-                m.head.float()  # the diffusion head samples in float32: its last steps' sigma is ~0.005
+            m.float()  # from float32 weights, never from a rounded earlier cast
+            for name, child in m.named_children():
+                # the diffusion head samples in float32 (its last steps' sigma is ~0.005); the rotary table is a
+                # buffer of the root module and stays float32 too, as in LlamaGen
+                if name != "head":
+                    child.to(dtype)
         return self
 
     @property
@@ -418,7 +421,7 @@ class Pipeline:
         _check_batch_size(batch_size)
         if trace and not getattr(decoder, "traces_cycles", False):
             raise MulosdError(f"acceptance maps need a method that records its cycles (mulo); {decoder.name!r} does not")
-        labels = torch.as_tensor(labels, dtype=torch.long).flatten()
+        labels = torch.as_tensor(labels, dtype=torch.long).flatten().cpu()
         if not len(labels):
             raise MulosdError("no labels given; pass at least one class id")
         check_seed(seed)

@@ -42,8 +42,8 @@ def available_memory(device: torch.device | str = "cpu") -> int | None:
     (Linux) otherwise; None when the platform does not say."""
     device = torch.device(device)
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        free, _ = torch.cuda.mem_get_info(device)  # the driver's free memory, plus what PyTorch holds cached but unused
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     try:
         with open("/proc/meminfo") as f:
             for line in f:

@@ -234,7 +234,7 @@ class DiffusionHead(Pretrained, nn.Module):
             raise MulosdError(f"the diffusion head produced NaN or inf while sampling ({S} steps, "
                               f"t from {int(s.timesteps[-1])} to {int(s.timesteps[0])}); check the model weights and inputs")
         return {"x": x, "noise": noise, "last_mean": mean, "last_std": std,
-                "log_std_prefix": torch.as_tensor(log_std_prefix).expand(n).clone() if S == 1 else log_std_prefix}
+                "log_std_prefix": torch.zeros(n, device=x.device) if S == 1 else log_std_prefix}
 
     # -- training ------------------------------------------------------------------------------------------------
     def loss(self, x0: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, dict]:

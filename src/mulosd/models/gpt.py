@@ -114,10 +114,12 @@ class RMSNorm(nn.Module):
 class KVCache(nn.Module):
     """Per-layer key/value buffers [B, S, H_kv, D] written at absolute positions (one row of positions per sample)."""
 
-    def __init__(self, batch: int, seq_len: int, n_kv_head: int, head_dim: int, dtype: torch.dtype):
+    def __init__(self, batch: int, seq_len: int, n_kv_head: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str | None = None):
         super().__init__()
-        self.register_buffer("k", torch.zeros(batch, seq_len, n_kv_head, head_dim, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(batch, seq_len, n_kv_head, head_dim, dtype=dtype), persistent=False)
+        shape = (batch, seq_len, n_kv_head, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int):
         """Write k, v [B, T, H, D] at positions input_pos [B, T]; return the first ``length`` slots."""
@@ -237,7 +239,8 @@ class GPT(Pretrained, nn.Module):
         dtype = dtype or self.norm.weight.dtype
         c = self.config
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(batch, c.max_seq_len + slack, c.kv_heads, c.head_dim, dtype).to(self.norm.weight.device)
+            layer.attention.kv_cache = KVCache(batch, c.max_seq_len + slack, c.kv_heads, c.head_dim, dtype,
+                                               self.norm.weight.device)  # allocated where it is used
         self.cache_batch = batch
         self._rope_cache = torch.cat([self.rope, self.rope.new_zeros(slack, *self.rope.shape[1:])]) if slack else self.rope
 

@@ -35,9 +35,9 @@ def resize_up(images: torch.Tensor, factor: int, mode: str) -> torch.Tensor:
         out = np.stack([
             np.stack([np.asarray(Image.fromarray(ch.numpy().astype(np.float32), mode="F").resize(size[::-1], Image.LANCZOS))
                       for ch in img])
-            for img in images.float()
+            for img in images.float().cpu()  # Pillow's Lanczos runs on the host
         ])
-        return torch.from_numpy(out).clamp(-1, 1).to(images.dtype)
+        return torch.from_numpy(out).clamp(-1, 1).to(images.device, images.dtype)
     return F.interpolate(images, size=size, mode=mode, align_corners=False).clamp(-1, 1)
 
 
