@@ -31,6 +31,14 @@ def test_transformers_take_the_dtype_and_the_rest_stays_float32(bf16):
         assert {p.dtype for p in m.parameters()} == {torch.float32}, type(m).__name__
 
 
+def test_half_precision_keeps_float32_values_where_it_keeps_float32(bf16):
+    """The rotary table and the diffusion heads keep their float32 values, not float32 types over rounded values."""
+    fp32 = Pipeline.from_pretrained("fmnist-32")
+    assert bf16.target.rope.dtype == torch.float32 and torch.equal(bf16.target.rope, fp32.target.rope)
+    for a, b in zip(bf16.continuous.target.head.parameters(), fp32.continuous.target.head.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_logits_and_probabilities_are_float32(bf16):
     from mulosd.decoding.sampling import SamplingConfig, process_logits
 
