@@ -95,3 +95,28 @@ def test_named_sizes():
     with pytest.raises(MulosdError, match="unknown LlamaGen size"):
         llamagen_config("GPT-Q", grid_size=16)
     assert "GPT-3B" in LLAMAGEN_SIZES
+
+
+def test_checkpoint_as_llamagen_training_writes_it(tmp_path):
+    """LlamaGen's train_c2i.py saves {"model", "optimizer", "steps", "args"} with args an argparse.Namespace: read
+    safely (the Namespace is the one allowed class), anything else pickled is still refused by name."""
+    import argparse
+
+    gpt = GPT(CFG)
+    opt = torch.optim.AdamW(gpt.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    gpt(torch.tensor([1]), torch.zeros(1, CFG.grid_size**2, dtype=torch.long)).sum().backward()
+    opt.step()
+    args = argparse.Namespace(gpt_model="GPT-B", image_size=256, downsample_size=16, cls_token_num=1, lr=1e-4,
+                              results_dir="results", mixed_precision="bf16", no_compile=False, ema=None,
+                              betas=[0.9, 0.95])
+    torch.save({"model": llamagen_state(gpt), "optimizer": opt.state_dict(), "steps": 7, "args": args},
+               tmp_path / "0000007.pt")
+    loaded = load_llamagen_gpt(tmp_path / "0000007.pt", CFG)
+    for a, b in zip(loaded.state_dict().values(), gpt.state_dict().values()):
+        assert torch.equal(a, b)
+
+    import fractions  # a class LlamaGen does not store: refused, and the message lists what is allowed
+
+    torch.save({"model": llamagen_state(gpt), "args": fractions.Fraction(1, 3)}, tmp_path / "other.pt")
+    with pytest.raises(MulosdError, match="allowed in a checkpoint: .*argparse.Namespace"):
+        load_llamagen_gpt(tmp_path / "other.pt", CFG)

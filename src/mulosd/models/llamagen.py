@@ -10,6 +10,7 @@ is checked against it, and missing, unknown or mis-shaped keys are errors. Files
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 from pathlib import Path
@@ -44,6 +45,11 @@ def llamagen_config(name: str, grid_size: int, vocab_size: int = 16384, num_clas
                      multiple_of=256, num_classes=num_classes, cls_token_num=1)
 
 
+# Classes a LlamaGen checkpoint may hold beyond plain data (torch.load weights_only allow-list): its training
+# scripts store their argparse arguments under "args". Nothing else is unpickled.
+LLAMAGEN_SAFE_GLOBALS = [argparse.Namespace]
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a checkpoint's state dict: safetensors, or a torch file (bare dict or under model/module/state_dict)."""
     path = Path(path)
@@ -52,9 +58,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return read_safetensors(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # LlamaGen's training script saves {"model", "optimizer", "steps", "args"} with args an argparse.Namespace:
+        # the one class allowed beyond what weights_only reads anyway (tensors, numbers, strings, containers).
+        with torch.serialization.safe_globals(LLAMAGEN_SAFE_GLOBALS):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle.UnpicklingError and friends: refuse anything but tensors and containers
-        raise MulosdError(f"{path} cannot be read safely (weights_only=True): {str(exc).splitlines()[0]}") from None
+        raise MulosdError(f"{path} cannot be read safely (weights_only=True): {str(exc).splitlines()[0]}; allowed in "
+                          f"a checkpoint: tensors, numbers, strings, lists, tuples, dicts and "
+                          f"{', '.join(f'{c.__module__}.{c.__name__}' for c in LLAMAGEN_SAFE_GLOBALS)}") from None
     if isinstance(obj, dict):
         for key in ("model", "module", "state_dict"):
             if key in obj and isinstance(obj[key], dict):
