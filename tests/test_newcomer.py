@@ -98,9 +98,8 @@ def test_save_images_and_npz_hold_the_grid_pixels(tmp_path):
     assert data["images"].shape == (4, 32, 32, 1) and data["images"].dtype == np.uint8
     assert data["tokens"].shape == (4, 16, 16) and data["labels"].tolist() == [8, 8, 2, 2]
     assert data["indices"].tolist() == [0, 1, 2, 3]
-    # every format shows the same pixels: the PNG files, the .npz and the grid's tiles (3x nearest, row per class)
-    from mulosd.evaluation.grids import image_grid
-
+    # every format shows the same pixels: the PNG files, the .npz and the grid's tiles (image_grid's layout: pad 2,
+    # label column 84, 3x nearest, one row per class)
     sheet = np.asarray(Image.open(grid).convert("L"))
     pad, label_width, scale = 2, 84, 3
     for i, name in enumerate(names):
@@ -110,7 +109,6 @@ def test_save_images_and_npz_hold_the_grid_pixels(tmp_path):
         y, x = pad + row * (32 * scale + pad), label_width + pad + col * (32 * scale + pad)
         tile = sheet[y:y + 32 * scale:scale, x:x + 32 * scale:scale]
         assert np.array_equal(tile, png), name
-    assert image_grid  # the layout above is image_grid's (pad 2, label column 84, scale 3)
     # the same tokens decode to the same images
     from mulosd.pipeline import Pipeline
 

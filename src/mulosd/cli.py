@@ -77,7 +77,7 @@ def device_options(fn):
 def threads_option(fn):
     """``--threads N`` (or $MULOSD_THREADS) on a command: PyTorch's CPU threads, default every usable core."""
     return click.option("--threads", type=click.IntRange(min=1), default=None, envvar="MULOSD_THREADS",
-                        show_envvar=True, show_default=f"every core this process may use, {_cores()} here",
+                        show_envvar=True, show_default="every core this process may use",
                         help="CPU threads for PyTorch. On a machine busy with other work, fewer threads than cores "
                              "can be several times faster.")(fn)
 

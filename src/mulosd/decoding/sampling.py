@@ -58,6 +58,21 @@ class SamplingConfig:
         return self.temperature == 0.0
 
 
+@dataclass
+class SamplingSettings:
+    """The four sampling settings as a run's configuration carries them (bench, sample: flat fields, as their
+    JSON records them); ``sampling()`` is the checked SamplingConfig."""
+
+    cfg_scale: float = 3.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(cfg_scale=self.cfg_scale, temperature=self.temperature, top_k=self.top_k,
+                              top_p=self.top_p)
+
+
 def cfg_mix(logits: torch.Tensor, scale: float) -> torch.Tensor:
     """[2B, ..., V] laid out [cond ; uncond] -> [B, ..., V] guided logits."""
     cond, uncond = logits.chunk(2, dim=0)

@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from mulosd.data import FashionMNIST
 from mulosd.decoding.methods import Method, get_method
-from mulosd.decoding.sampling import SamplingConfig
+from mulosd.decoding.sampling import SamplingSettings
 from mulosd.decoding.state import PHASES, add_counts
 from mulosd.distributed import Context, dtype_name, init, pipe_device, pipe_dtype
 from mulosd.distributed import context as dist_context
@@ -169,21 +169,13 @@ def parse_settings(methods: str, sweeps: tuple[str, ...] = (), params: tuple[str
 
 
 @dataclass
-class BenchConfig:
+class BenchConfig(SamplingSettings):
     num_images: int = 100
     batch_size: int = 1
     seed: int = 0
-    cfg_scale: float = 3.0
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
     warmup: bool = True
     inception: bool = False  # also FID with the standard Inception-v3 (about 0.13 s per image on 2 cores)
     reference_images: int = 10000  # test-split images behind the Inception reference statistics
-
-    def sampling(self) -> SamplingConfig:
-        return SamplingConfig(cfg_scale=self.cfg_scale, temperature=self.temperature, top_k=self.top_k,
-                              top_p=self.top_p)
 
     def validate(self) -> None:
         if isinstance(self.num_images, bool) or not isinstance(self.num_images, int) or self.num_images < 1:

@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from mulosd.decoding.methods import get_method
-from mulosd.decoding.sampling import SamplingConfig, check_seed
+from mulosd.decoding.sampling import SamplingSettings, check_seed
 from mulosd.distributed import context as dist_context
 from mulosd.distributed import dtype_name, init, pipe_device, pipe_dtype
 from mulosd.errors import MulosdError
@@ -51,20 +51,12 @@ def shard_name(k: int) -> str:
 
 
 @dataclass
-class SampleConfig:
+class SampleConfig(SamplingSettings):
     num_images: int = 10000
     shard_size: int = 1000
     batch_size: int = 8
     seed: int = 0
     classes: tuple[int, ...] | None = None  # None: image i asks for class i mod the number of classes
-    cfg_scale: float = 3.0
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    def sampling(self) -> SamplingConfig:
-        return SamplingConfig(cfg_scale=self.cfg_scale, temperature=self.temperature, top_k=self.top_k,
-                              top_p=self.top_p)
 
     def validate(self) -> None:
         for name, flag in (("num_images", "--num-images"), ("shard_size", "--shard-size"),
