@@ -241,14 +241,6 @@ def _device_dtype(device, dtype):
     return device, resolve_dtype(dtype, device)
 
 
-def _check_top_k(pipe, top_k: int) -> None:
-    """Top-k above the vocabulary would silently keep every code: refuse it before any decoding."""
-    V = pipe.target.config.vocab_size
-    if top_k > V:
-        raise MulosdError(f"--top-k {top_k} exceeds the vocabulary of model set {pipe.name} ({V} codes); "
-                          f"allowed: 0 (off) to {V}")
-
-
 def _parse_params(items) -> dict:
     out = {}
     for item in items:
@@ -308,7 +300,7 @@ def _generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale
         check_writable(path)
     trace = bool(acceptance_map or acceptance_gif)
     pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype)
-    _check_top_k(pipe, top_k)
+    pipe.check_top_k(top_k, "--top-k")  # before any decoding
     # pipe(...) over the ranks of a torchrun job (one process: pipe(...) itself); rank 0 alone writes the outputs
     result = distributed.call(pipe, classes, num_per_class=num_per_class, method=method, seed=seed,
                               batch_size=batch_size, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
@@ -414,7 +406,7 @@ def _bench(model, methods_, sweeps, params, extra, num_images, batch_size, seed,
     device, dtype = _device_dtype(device, dtype)
     # run_bench checks every setting's values, then --out, before decoding
     pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype)
-    _check_top_k(pipe, top_k)
+    pipe.check_top_k(top_k, "--top-k")  # before any decoding
     result = run_bench(pipe, settings, cfg, out, resume=resume, force=force, progress=progress, data_dir=data_dir)
     if result is None:  # a torchrun rank > 0: rank 0 wrote the results
         return
@@ -674,7 +666,7 @@ def _sample(model, method, params, num_images, classes, shard_size, batch_size, 
     get_method(method).Params.parse(method_params)  # every value checked before any model is loaded
     device, dtype = _device_dtype(device, dtype)
     pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype)
-    _check_top_k(pipe, top_k)
+    pipe.check_top_k(top_k, "--top-k")  # before any decoding
     if classes is not None:
         cfg.classes = tuple(pipe.class_ids(classes))
     summary = run_sample(pipe, method, method_params, cfg, out, progress=progress)

@@ -358,6 +358,14 @@ class Pipeline:
         return model
 
     # ---- inputs -------------------------------------------------------------------------------------------
+    def check_top_k(self, top_k: int, name: str = "top-k") -> None:
+        """A top-k above the vocabulary would silently keep every code: refuse it (``name``: how the caller calls
+        the setting, e.g. the ``--top-k`` flag)."""
+        V = self.target.config.vocab_size
+        if top_k > V:
+            raise MulosdError(f"{name} {top_k} exceeds the vocabulary of model set {self.name} ({V} codes); "
+                              f"allowed: 0 (off) to {V}")
+
     def class_ids(self, classes) -> list[int]:
         """Class names or ids (ints or strings like "3", "sneaker") -> ids, with a clear error for bad ones."""
         if isinstance(classes, (str, int)):

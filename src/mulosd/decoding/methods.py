@@ -94,10 +94,7 @@ class Method:
     def check_sampling(self, sampling: SamplingConfig) -> None:
         """Refuse sampling settings this method's models cannot honour: a top-k above the vocabulary (a filter
         that would silently keep everything), or top-k / top-p for continuous tokens (no vocabulary to filter)."""
-        V = self.pipe.target.config.vocab_size
-        if sampling.top_k > V:
-            raise MulosdError(f"top-k {sampling.top_k} exceeds the vocabulary of model set {self.pipe.name} ({V} codes); "
-                              f"allowed: 0 (off) to {V}")
+        self.pipe.check_top_k(sampling.top_k)
 
     def parts(self) -> Parts:
         """Fresh parts (scorer, proposer, verifier, repairer) for one decode call: the method's composition."""
