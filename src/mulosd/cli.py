@@ -785,24 +785,68 @@ def train_classifier(out, steps, batch_size, lr, warmup, seed, checkpoint_every,
 
 @train.command("upsampler")
 @_train_options
-@click.option("--tokenizer", required=True, type=click.Path(dir_okay=False),
-              help="Tokenizer stem (path without .json/.safetensors) whose codes the up-sampler maps.")
-@click.option("--r", "r", type=click.Choice(["2", "4"]), default="2",
-              help="Resolution factor: 2 maps 8x8 codes (16 px) to 16x16 (32 px), 4 maps 4x4 (8 px) to 16x16.")
+@click.option("--tokenizer", default=None, type=click.Path(dir_okay=False),
+              help="Tokenizer stem (path without .json/.safetensors) whose codes the up-sampler maps, on 32 px "
+                   "Fashion-MNIST. Give this or --model.")
+@click.option("--model", "model_set", default=None, metavar="SET",
+              help="Model set (directory or shipped name) whose tokenizer the up-sampler serves: high-res images are "
+                   "its target's grid x the tokenizer's factor pixels, low-res ones that / r. Give this or "
+                   "--tokenizer.")
+@click.option("--data", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Folder of training images (.png/.jpg/.jpeg in any case, searched recursively, class sub-folders "
+                   "allowed), centre-cropped as LlamaGen crops ImageNet; needs --model. Default: Fashion-MNIST.")
+@click.option("--eval-data", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Folder of held-out images for the final evaluation (default: the first training images).")
+@click.option("--eval-images", type=click.IntRange(min=1), default=None,
+              help="Images in the final evaluation (default: 2000 Fashion-MNIST test images, 200 of a folder).")
+@click.option("--add-to-set/--no-add-to-set", default=None,
+              help="Also write the trained up-sampler into the --model set's directory (component upsampler_r<R>, "
+                   "manifest.json updated atomically, an earlier r=R entry replaced). Default: on for a set "
+                   "directory; a shipped set is never written (use `mulosd pack --from`).")
+@click.option("--r", "r", type=int, default=2,
+              help="Resolution factor, an integer >= 2 dividing the code grid: on Fashion-MNIST's 16x16 grid 2 maps "
+                   "8x8 codes (16 px) to 16x16 (32 px), 4 maps 4x4 (8 px) to 16x16.")
 @click.option("--dim", type=click.IntRange(min=8), default=64, help="Trunk width (a multiple of 8).")
 @click.option("--blocks", type=click.IntRange(min=1), default=4, help="Row-causal residual blocks in the up trunk.")
 @click.option("--ce-steps", type=click.IntRange(min=0), default=2000,
               help="Steps of stage 1 (cross-entropy on codes only); the remaining steps add the pixel loss.")
 @click.option("--pixel-weight", type=click.FloatRange(min=0), default=10.0, help="Weight of the stage-2 pixel MSE.")
 @click.option("--ce-weight", type=click.FloatRange(min=0), default=0.5, help="Weight of the up-sampler cross-entropy in stage 2.")
-def train_upsampler(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype, data_dir, limit, tokenizer, r, dim,
-                    blocks, ce_steps, pixel_weight, ce_weight):
-    """Learned latent up-/down-sampler for MuLo-SD (row-causal masked conv + pixel-shuffle), one per factor r."""
+def train_upsampler(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype, data_dir, limit,
+                    tokenizer, model_set, data, eval_data, eval_images, add_to_set, r, dim, blocks, ce_steps,
+                    pixel_weight, ce_weight):
+    """Learned latent up-/down-sampler for MuLo-SD (row-causal masked conv + pixel-shuffle), one per factor r: for
+    the tokenizer of a model set (--model) on a folder of images (--data), or for a tokenizer on Fashion-MNIST."""
     from mulosd.training.recipes import UpsamplerRecipe
 
-    _run(_train, lambda: UpsamplerRecipe(tokenizer=tokenizer, r=int(r), dim=dim, n_blocks=blocks, ce_steps=ce_steps,
-                                         pixel_weight=pixel_weight, ce_weight=ce_weight, data_dir=data_dir, limit=limit),
-         out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype)
+    def recipe():
+        return UpsamplerRecipe(tokenizer=tokenizer, r=r, dim=dim, n_blocks=blocks, ce_steps=ce_steps,
+                               pixel_weight=pixel_weight, ce_weight=ce_weight, data_dir=data_dir, limit=limit,
+                               model=model_set, data=data, eval_data=eval_data, eval_images=eval_images)
+
+    _run(_train_upsampler, recipe, model_set, add_to_set, out, steps, batch_size, lr, warmup, seed, checkpoint_every,
+         resume, device, dtype)
+
+
+def _train_upsampler(recipe, model_set, add_to_set, out, *train_args):
+    """Train, then add the up-sampler to the --model set when it is the user's (decided before training, so a
+    refused --add-to-set costs no run)."""
+    from mulosd.training.recipes import add_upsampler_to_set, user_set_directory
+
+    if add_to_set and model_set is None:
+        raise MulosdError("--add-to-set needs --model SET: the model set to add the up-sampler to")
+    target = user_set_directory(model_set) if model_set is not None and add_to_set is not False else None
+    if add_to_set and target is None:
+        raise MulosdError(f"model set {model_set} is shipped with mulosd and is not written; after training add the "
+                          f"up-sampler to a copy: mulosd pack --from {model_set} --out DIR "
+                          f"--upsampler {Path(out) / 'model'}")
+    _train(recipe, out, *train_args)
+    if target is not None:
+        stem = add_upsampler_to_set(target, Path(out) / "model")
+        click.echo(f"added {stem.name} to model set {target} (manifest.json updated)")
+    elif model_set is not None and add_to_set is None:
+        click.echo(f"model set {model_set} is shipped with mulosd and was not written; to use the up-sampler: "
+                   f"mulosd pack --from {model_set} --out DIR --upsampler {Path(out) / 'model'}")
 
 
 @train.command("kl-tokenizer")

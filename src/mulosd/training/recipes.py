@@ -8,6 +8,7 @@ the same draws on every device.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mulosd.data import FashionMNIST
+from mulosd.data import FashionMNIST, resize_images
 from mulosd.models.classifier import Classifier, ClassifierConfig
 from mulosd.models.gpt import GPTConfig
 from mulosd.models.vq import VQConfig, VQModel
@@ -225,18 +226,108 @@ class ARRecipe:
         return {"test_nll_per_token": round(nll / tokens.numel(), 4), "test_images": n}
 
 
+# Training images kept in memory (uint8) for the pixel loss of stage 2; past this budget a batch's images are read
+# from their files again at every step: bounded memory for a large folder, no repeated decoding for a small one.
+PIXEL_CACHE_BYTES = 1 << 30
+
+
+def images_per_chunk(px: int, cells: int, vocab: int) -> int:
+    """How many images to encode or evaluate at once: at most 500, ~2 M pixel values and ~64 M logits (``cells``
+    high-resolution cells x ``vocab`` codes each) per chunk, so a 256 px image with a 16384-code tokenizer goes 16 at
+    a time and a 32 px Fashion-MNIST image 500 at a time."""
+    return max(1, min(500, (1 << 21) // (px * px), (1 << 26) // (cells * vocab)))
+
+
+def load_tokenizer(stem: str | Path) -> torch.nn.Module:
+    """The VQ tokenizer component at ``stem`` by the kind its JSON names: mulosd's ``VQModel`` (kind ``vq``) or
+    LlamaGen's VQ-16 (``LlamaGenVQ``, which ``mulosd import llamagen`` writes). Bad files are MulosdErrors."""
+    from mulosd.errors import MulosdError
+    from mulosd.io import read_json
+
+    path = Path(stem).with_suffix(".json")
+    meta = read_json(path) if path.is_file() else None  # a missing file: VQModel's own "not found" error
+    kind = meta.get("kind") if isinstance(meta, dict) else None
+    if kind in (None, VQModel.kind):
+        return VQModel.from_pretrained(stem)
+    from mulosd.models.llamagen_vq import LlamaGenVQ
+
+    if kind != LlamaGenVQ.kind:
+        raise MulosdError(f"{path} describes a {kind!r} model; a tokenizer is {VQModel.kind!r} or {LlamaGenVQ.kind!r}")
+    return LlamaGenVQ.from_pretrained(stem)
+
+
+def model_set_tokenizer(model_set: str) -> tuple[Path, Path, int]:
+    """(directory, tokenizer stem, target grid size) of a model set (shipped name or directory). The manifest is
+    checked whole; the target's grid comes from its config alone, so a multi-gigabyte target is never loaded."""
+    from mulosd.io import read_config
+    from mulosd.models.gpt import GPT
+    from mulosd.pipeline import _manifest_spec
+    from mulosd.zoo import resolve
+
+    directory = resolve(model_set)
+    spec = _manifest_spec(directory)
+    return directory, spec["tokenizer"], read_config(spec["target"], GPT.kind, GPTConfig).grid_size
+
+
+def user_set_directory(model_set: str) -> Path | None:
+    """The directory of ``model_set`` when it is the user's, None for a set shipped inside mulosd (never written)."""
+    from mulosd.zoo import ZOO_DIR, resolve
+
+    directory = resolve(model_set).resolve()
+    return None if directory.is_relative_to(ZOO_DIR) else directory
+
+
+def add_upsampler_to_set(model_set: str | Path, upsampler: str | Path) -> Path:
+    """Add the trained learned up-sampler at stem ``upsampler`` to the user model set ``model_set`` (a directory)
+    for its factor r, replacing the set's entry for that r. It is checked against the set's tokenizer first; its
+    files are written under a stem the set does not use yet (``upsampler_r<r>``, else ``upsampler_r<r>_2``, ...),
+    then ``manifest.json`` is rewritten atomically to name it, so a reader sees either the old set or the new one.
+    The files of a replaced up-sampler stay where they are. Returns the new component's stem."""
+    from mulosd.errors import MulosdError
+    from mulosd.models.upsample import LatentResampler
+    from mulosd.zoo import manifest, write_manifest
+
+    directory = user_set_directory(str(model_set))
+    if directory is None:
+        raise MulosdError(f"model set {model_set} is shipped with mulosd and is not written; add the up-sampler to a "
+                          f"copy: mulosd pack --from {model_set} --out DIR --upsampler {upsampler}")
+    _, tokenizer, _ = model_set_tokenizer(str(directory))
+    m = LatentResampler.from_pretrained(upsampler)
+    r = m.config.r
+    m.check(load_tokenizer(tokenizer), r)
+    spec = manifest(directory)
+    names = itertools.chain([f"upsampler_r{r}"], (f"upsampler_r{r}_{k}" for k in itertools.count(2)))
+    stem = next(s for s in names if not any((directory / s).with_suffix(x).exists() for x in (".json", ".safetensors")))
+    m.save_pretrained(directory / stem)
+    ups = dict(spec.get("upsamplers") or {}, **{str(r): stem})
+    spec["upsamplers"] = {k: ups[k] for k in sorted(ups, key=int)}
+    write_manifest(directory, spec)
+    return directory / stem
+
+
 @dataclass
 class UpsamplerRecipe:
-    """The learned latent up-/down-sampler for one factor r (MuLo-SD's U_r and D_r), on pairs of Fashion-MNIST
-    codes at 32 px and 32/r px from one tokenizer.
+    """The learned latent up-/down-sampler for one factor r (MuLo-SD's U_r and D_r), on pairs of codes of one
+    image at P px and P/r px from one tokenizer.
+
+    Tokenizer and data: ``tokenizer`` (a stem) trains on Fashion-MNIST at P = 32. ``model`` (a model set: directory
+    or shipped name) uses the set's tokenizer and P = its target's grid x the tokenizer's factor, on Fashion-MNIST
+    (a grayscale tokenizer and P = 32) or on ``data``, a folder of images (``mulosd.data.image_folder``: LlamaGen's
+    centre crop to P px). The P/r px image is the P px one area-averaged (what the pixel down-sampler does). Codes
+    are computed at the first step on the model's device in float32, a chunk of images at a time, and only the codes
+    are kept; stage 2 reads its batch's folder images again, keeping up to ``PIXEL_CACHE_BYTES`` of them (uint8).
 
     Stage 1 (steps < ``ce_steps``): cross-entropy of the up-sampler's logits against the high-res codes, plus
     cross-entropy of the down-sampler against the low-res codes. Stage 2: the up-sampler's most likely codes are
-    decoded by the frozen VQ decoder and compared with the 32 px image (MSE, weight ``pixel_weight``), gradients
+    decoded by the frozen VQ decoder and compared with the P px image (MSE, weight ``pixel_weight``), gradients
     reaching the logits through a straight-through softmax; the cross-entropy terms stay on (up-sampler weight
-    ``ce_weight``) so the output remains a calibrated distribution over codes."""
+    ``ce_weight``) so the output remains a calibrated distribution over codes. Stage 2 needs the tokenizer's
+    ``decode_latent`` (code vectors [B, D, h, w] -> images, differentiable) beside the ``codebook``.
 
-    tokenizer: str
+    Evaluation: the first ``eval_images`` (default 2000) Fashion-MNIST test images, or for a folder the first
+    ``eval_images`` (default 200) of ``eval_data``, else of the training folder (then not held out)."""
+
+    tokenizer: str | None = None
     r: int = 2
     dim: int = 64
     n_blocks: int = 4
@@ -245,28 +336,73 @@ class UpsamplerRecipe:
     ce_weight: float = 0.5
     data_dir: str | None = None
     limit: int | None = None
+    model: str | None = None
+    data: str | None = None
+    eval_data: str | None = None
+    eval_images: int | None = None
     name: str = "upsampler"
 
     def __post_init__(self):
+        from mulosd.data.image_folder import ImageFolder
         from mulosd.errors import MulosdError
         from mulosd.models.upsample import tokenizer_fingerprint
 
-        if self.r not in (2, 4):
-            raise MulosdError(f"r must be 2 or 4 for 32 px Fashion-MNIST (16x16 target grid), got {self.r}")
-        self.vq = VQModel.from_pretrained(self.tokenizer).eval()
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 2:
+            raise MulosdError(f"r must be an integer >= 2 (a learned up-sampler maps an h x w code grid to rh x rw), "
+                              f"got {self.r!r}")
+        if (self.tokenizer is None) == (self.model is None):
+            raise MulosdError("give the tokenizer (--tokenizer STEM) or a model set (--model SET) whose tokenizer to "
+                              "use, exactly one")
+        if self.data is not None and self.data_dir is not None:
+            raise MulosdError("give an image folder (--data) or the Fashion-MNIST directory (--data-dir), not both")
+        if self.eval_data is not None and self.data is None:
+            raise MulosdError("--eval-data needs --data: Fashion-MNIST runs evaluate on its test split")
+        if self.eval_images is not None and self.eval_images < 1:
+            raise MulosdError(f"--eval-images must be >= 1, got {self.eval_images}")
+        if self.model is not None:
+            directory, stem, grid = model_set_tokenizer(self.model)
+            self.model = str(directory.resolve())
+            self.vq = load_tokenizer(stem).eval()
+            px = grid * self.vq.config.downsample
+        else:
+            stem = self.tokenizer
+            self.vq = VQModel.from_pretrained(stem).eval()
+            px = None
+        self.tokenizer = str(Path(stem).resolve())
         for p in self.vq.parameters():
             p.requires_grad_(False)
         self.fingerprint = tokenizer_fingerprint(self.vq)
-        data = FashionMNIST.load("train", self.data_dir).head(self.limit)
-        self.images = data.at(32)
-        with torch.no_grad():
-            self.hi = encode_dataset(self.vq, self.images)
-            self.lo = encode_dataset(self.vq, data.at(32 // self.r))
+        channels, f = self.vq.config.in_channels, self.vq.config.downsample
+        if self.data is None:
+            if channels != 1:
+                raise MulosdError(f"Fashion-MNIST is grayscale and the tokenizer takes {channels} channels: give a "
+                                  "folder of images with --data")
+            if px not in (None, 32):
+                raise MulosdError(f"Fashion-MNIST images are 32 px; the model set's target needs {px} px (its grid x "
+                                  f"the tokenizer's factor {f}): give a folder of images with --data")
+            px = 32
+        elif px is None:
+            raise MulosdError("--data needs --model SET: the image size is the set's target grid x the tokenizer's "
+                              "factor")
+        if px % f:
+            raise MulosdError(f"{px} px images do not divide into the tokenizer's {f} x {f} px cells")
+        self.px, self.grid = px, px // f
+        if self.grid % self.r:
+            raise MulosdError(f"r={self.r} does not divide the {self.grid} x {self.grid} code grid; allowed r: "
+                              f"{', '.join(str(k) for k in range(2, self.grid + 1) if self.grid % k == 0)}")
+        if self.data is None:
+            self.folder, self.images = None, FashionMNIST.load("train", self.data_dir).head(self.limit).images
+        else:
+            self.folder, self.images = ImageFolder(self.data, px, channels, self.limit), None
+        self.hi: torch.Tensor | None = None  # codes [N, grid, grid] and [N, grid/r, grid/r], from the first step on
+        self.lo: torch.Tensor | None = None
+        self._pixels: dict[int, torch.Tensor] = {}
 
     def describe(self) -> dict:
-        return {"tokenizer": str(Path(self.tokenizer).resolve()), "r": self.r, "dim": self.dim, "n_blocks": self.n_blocks,
+        return {"tokenizer": self.tokenizer, "r": self.r, "dim": self.dim, "n_blocks": self.n_blocks,
                 "ce_steps": self.ce_steps, "pixel_weight": self.pixel_weight, "ce_weight": self.ce_weight,
-                "limit": self.limit}
+                "limit": self.limit, "model": self.model, "data": self.data and str(Path(self.data).resolve()),
+                "eval_data": self.eval_data and str(Path(self.eval_data).resolve()), "eval_images": self.eval_images}
 
     def build_model(self):
         from mulosd.models.upsample import LatentResampler, LatentResamplerConfig
@@ -275,13 +411,56 @@ class UpsamplerRecipe:
                                                      n_blocks=self.n_blocks, tokenizer_id=self.fingerprint))
 
     def num_examples(self) -> int:
-        return len(self.images)
+        return len(self.folder) if self.folder is not None else len(self.images)
+
+    def _chunk(self) -> int:
+        return images_per_chunk(self.px, self.grid * self.grid, self.vq.config.codebook_size)
+
+    def _chunks(self, folder, images: torch.Tensor | None):
+        """Float image chunks in [-1, 1] on the CPU: of an image folder, or slices of an in-memory tensor."""
+        if folder is not None:
+            return folder.chunks(self._chunk())
+        return (images[i : i + self._chunk()] for i in range(0, len(images), self._chunk()))
+
+    def _encode_pair(self, vq, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """P px images -> (their codes, the codes of their area-averaged P/r px copies), on the tokenizer's device."""
+        x = x.to(model_device(vq))
+        return vq.encode(x), vq.encode(resize_images(x, self.px // self.r))
+
+    def _codes(self, device: torch.device) -> None:
+        """Encode the training images once, on ``device`` in float32 (outside the trainer's autocast, so the codes
+        do not depend on --dtype), kept on the CPU in the smallest integer type that holds the codebook."""
+        vq = self._frozen_tokenizer(device)
+        small = self.vq.config.codebook_size <= torch.iinfo(torch.int16).max + 1
+        his, los = [], []
+        with torch.autocast(device.type, enabled=False), torch.no_grad():
+            for x in self._chunks(self.folder, self.images):
+                hi, lo = self._encode_pair(vq, x)
+                his.append(hi.cpu().to(torch.int16 if small else torch.int32))
+                los.append(lo.cpu().to(torch.int16 if small else torch.int32))
+        self.hi, self.lo = torch.cat(his), torch.cat(los)
 
     def _grids(self, index, device):
-        g = 32 // self.vq.config.downsample
-        hi = self.hi[index].long().view(-1, g, g).to(device)
-        lo = self.lo[index].long().view(-1, g // self.r, g // self.r).to(device)
-        return hi, lo
+        if self.hi is None:
+            self._codes(device)
+        return self.hi[index].long().to(device), self.lo[index].long().to(device)
+
+    def _target_images(self, index: torch.Tensor) -> torch.Tensor:
+        """The P px images of a batch (stage 2): from memory (Fashion-MNIST), or read from the folder and kept
+        while the cache's budget lasts."""
+        if self.folder is None:
+            return self.images[index]
+        from mulosd.data.image_folder import to_signed
+
+        out = []
+        for i in index.tolist():
+            pixels = self._pixels.get(i)
+            if pixels is None:
+                pixels = self.folder.read(i)
+                if (len(self._pixels) + 1) * pixels.numel() <= PIXEL_CACHE_BYTES:
+                    self._pixels[i] = pixels
+            out.append(pixels)
+        return to_signed(torch.stack(out))
 
     def _frozen_tokenizer(self, device: torch.device) -> VQModel:
         """The frozen tokenizer, moved to ``device`` (the model's) on first use there."""
@@ -303,7 +482,7 @@ class UpsamplerRecipe:
         weights = hard + soft - soft.detach()  # forward: the argmax code; backward: through the softmax
         vq = self._frozen_tokenizer(device)
         codes = torch.einsum("bvhw,vd->bdhw", weights, vq.codebook)
-        mse = F.mse_loss(vq.decode_latent(codes), self.images[index].to(device))
+        mse = F.mse_loss(vq.decode_latent(codes), self._target_images(index).to(device))
         metrics["mse"] = mse.item()
         return self.pixel_weight * mse + self.ce_weight * ce_up + ce_down, metrics
 
@@ -311,43 +490,59 @@ class UpsamplerRecipe:
         pass
 
     def evaluate(self, model) -> dict:
-        """On the first 2000 test images: exact-code accuracy of U_r and D_r, how often the true code is among the
-        up-sampler's 5 most likely, PSNR of the decoded up-sampled codes, and the same for the pixel resampler."""
+        """On the evaluation images (see the class docstring), a chunk at a time: exact-code accuracy of U_r and
+        D_r, how often the true code is among the up-sampler's 5 most likely, PSNR of the decoded up-sampled codes,
+        and the same for the pixel resampler."""
+        from mulosd.data.image_folder import ImageFolder
         from mulosd.models.upsample import PixelResampler
 
-        test = FashionMNIST.load("test", self.data_dir).head(min(2000, self.limit or 2000))
-        g = 32 // self.vq.config.downsample
-        images = test.at(32)
+        n = self.eval_images or (2000 if self.folder is None else 200)
+        if self.limit and self.eval_data is None:
+            n = min(n, self.limit)
+        if self.folder is None:
+            folder, images = None, FashionMNIST.load("test", self.data_dir).head(n).images
+        else:
+            folder, images = ImageFolder(self.eval_data or self.data, self.px, self.folder.channels, n), None
         device = model_device(model)
         vq = self._frozen_tokenizer(device)
+        pix = PixelResampler(vq, self.r)
+        counts = dict.fromkeys(("images", "pixels", "up", "top5", "down", "pix_up", "pix_down"), 0)
+        sse = dict.fromkeys(("learned", "pixel", "tokenizer"), 0.0)
         with torch.no_grad():
-            hi = encode_dataset(vq, images).long().view(-1, g, g)
-            lo = encode_dataset(vq, test.at(32 // self.r)).long().view(-1, g // self.r, g // self.r)
+            for x in self._chunks(folder, images):
+                x = x.to(device)
+                hi, lo = self._encode_pair(vq, x)
+                logits = model.up_logits(lo)
+                up, pix_up = logits.argmax(1), pix.up(lo)
+                counts["images"] += len(x)
+                counts["pixels"] += x.numel()
+                counts["up"] += (up == hi).sum().item()
+                counts["top5"] += (logits.topk(5, dim=1).indices == hi[:, None]).any(1).sum().item()
+                counts["down"] += (model.down_logits(hi).argmax(1) == lo).sum().item()
+                counts["pix_up"] += (pix_up == hi).sum().item()
+                counts["pix_down"] += (pix.down(hi) == lo).sum().item()
+                for key, tokens in (("learned", up), ("pixel", pix_up), ("tokenizer", hi)):
+                    sse[key] += (vq.decode(tokens) - x).pow(2).sum().item()
+        hi_cells = counts["images"] * self.grid * self.grid
+        lo_cells = hi_cells // (self.r * self.r)
 
-            def chunks(fn, tokens):  # fn over 250 tokens at a time on the device, the result on the CPU
-                return torch.cat([fn(tokens[i : i + 250].to(device)).cpu() for i in range(0, len(tokens), 250)])
+        def psnr(key):  # images in [-1, 1]: peak-to-peak 2
+            return round(10 * math.log10(4.0 / (sse[key] / counts["pixels"])), 2)
 
-            logits = chunks(model.up_logits, lo)
-            up = logits.argmax(1)
-            top5 = (logits.topk(5, dim=1).indices == hi[:, None]).any(1)
-            down = chunks(lambda t: model.down_logits(t).argmax(1), hi)
-            pix = PixelResampler(vq, self.r)
-            pix_up = chunks(pix.up, lo)
-            pix_down = chunks(pix.down, hi)
+        def share(key, cells):
+            return round(counts[key] / cells, 4)
 
-            def psnr(tokens):
-                rec = chunks(vq.decode, tokens)
-                return round(10 * math.log10(4.0 / F.mse_loss(rec, images).item()), 2)
-
-        return {
-            "test_images": len(images),
-            "learned": {"up_token_acc": round((up == hi).float().mean().item(), 4),
-                        "up_top5_acc": round(top5.float().mean().item(), 4),
-                        "up_psnr_db": psnr(up), "down_token_acc": round((down == lo).float().mean().item(), 4)},
-            "pixel": {"up_token_acc": round((pix_up == hi).float().mean().item(), 4), "up_psnr_db": psnr(pix_up),
-                      "down_token_acc": round((pix_down == lo).float().mean().item(), 4)},
-            "tokenizer_psnr_db": psnr(hi),
+        out = {
+            "test_images": counts["images"],
+            "learned": {"up_token_acc": share("up", hi_cells), "up_top5_acc": share("top5", hi_cells),
+                        "up_psnr_db": psnr("learned"), "down_token_acc": share("down", lo_cells)},
+            "pixel": {"up_token_acc": share("pix_up", hi_cells), "up_psnr_db": psnr("pixel"),
+                      "down_token_acc": share("pix_down", lo_cells)},
+            "tokenizer_psnr_db": psnr("tokenizer"),
         }
+        if folder is not None:
+            out["eval_data"] = {"folder": str(folder.root.resolve()), "held_out": self.eval_data is not None}
+        return out
 
 
 @dataclass
