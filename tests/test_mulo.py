@@ -48,7 +48,8 @@ def make(grid=4, r=2, vocab=8, k=3, learned=True, seed=0, **settings):
     settings.setdefault("rows", 1)  # several cycles, so re-synchronisation is exercised
     settings.setdefault("drafting", "serial")
     down = resampler.down_from if not learned else resampler
-    return target, ToyMulo(target, drafter, Resamplers(resampler, down, r), neighbours, MuloSettings(r=r, **settings))
+    resamplers = Resamplers(resampler, down, lo=grid // r, hi=grid)
+    return target, ToyMulo(target, drafter, resamplers, neighbours, MuloSettings(**settings))
 
 
 class ToyMulo:
@@ -301,6 +302,12 @@ def test_mulo_always_reject_is_ar_on_fmnist(pipe):
     ({"drafter": "small"}, "drafter 'small' works on a 16x16 grid; this method needs 8x8"),
     ({"r": 4, "drafter": "r2"}, "drafter 'r2' works on a 8x8 grid; this method needs 4x4"),
     ({"r": 3}, "r=3 does not divide the target's 16x16 grid"),
+    ({"r": 1.5, "upsampler": "pixel"}, "r=1.5 does not divide the target's 16x16 grid into a whole low-res grid"),
+    ({"r": 1.6, "upsampler": "pixel"}, "model set fmnist-32 has no low-resolution drafter for r=1.6 (no role 'r1.6'); "
+                                       "allowed r: 2, 4"),
+    ({"r": 1.6}, "upsampler=learned needs an integer r (the learned model turns each low-res cell into an r x r "
+                 "block), got r=1.6; allowed at r=1.6: upsampler=pixel"),
+    ({"r": 1.6, "upsampler": "pixel", "downsampler": "learned"}, "downsampler=learned needs an integer r"),
     ({"rejection": "global"}, "rejection must be one of raster, naive_local, local; got 'global'"),
     ({"resampling": "random"}, "resampling must be one of serial, parallel"),
     ({"acceptance": "lossless"}, "acceptance must be one of threshold, exact"),

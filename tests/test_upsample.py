@@ -19,12 +19,17 @@ def test_shapes_and_validation(vq):
     assert PixelResampler(vq, 2).up(low).shape == (3, 8, 8)
     assert PixelResampler(vq, 4, "lanczos").up(low).shape == (3, 16, 16)
     assert PixelResampler(vq, 4).down(torch.randint(0, 512, (2, 16, 16))).shape == (2, 4, 4)
-    with pytest.raises(MulosdError, match="r must be an integer >= 2"):
-        PixelResampler(vq, 1)
+    assert PixelResampler(vq, 1.5).up(low).shape == (3, 6, 6)
+    assert PixelResampler(vq, 1.5).down(torch.randint(0, 512, (2, 6, 6))).shape == (2, 4, 4)
+    for bad in (1, 0.5, True, float("inf")):
+        with pytest.raises(MulosdError, match="r must be a number > 1"):
+            PixelResampler(vq, bad)
     with pytest.raises(MulosdError, match="resize mode 'nearest-ish' unknown"):
         PixelResampler(vq, 2, "nearest-ish")
     with pytest.raises(MulosdError, match="cannot be down-sampled by r=4"):
         PixelResampler(vq, 4).down(torch.randint(0, 512, (1, 6, 6)))
+    with pytest.raises(MulosdError, match="r=1.5 maps a 5-token-wide grid to 7.5 tokens"):
+        PixelResampler(vq, 1.5).up(torch.randint(0, 512, (1, 5, 5)))
 
 
 @needs_fmnist

@@ -228,7 +228,8 @@ class Mulo(Method):
     """MuLo-SD: the same-size low-resolution drafter drafts whole rows, an up-sampler turns them into high-res
     candidates, one target forward verifies them (pooled threshold, or exact speculative sampling), rejected
     cells and their neighbourhoods are regenerated locally (serial, or islands in parallel). Lossy unless
-    acceptance=exact."""
+    acceptance=exact. The ratio r = H / h between the grids may be any r > 1 that leaves h whole (1.5: a 16x16
+    drafter under a 24x24 target) with the pixel resamplers; the learned ones need an integer r."""
 
     name = "mulo"
     Params = MuloParams
@@ -238,34 +239,48 @@ class Mulo(Method):
 
     def __init__(self, pipe, **params):
         from mulosd.decoding.mulo import MuloSettings, Resamplers
+        from mulosd.models.upsample import whole_size
 
         super().__init__(pipe, **params)
         p = self.p
         self.exact = p.exact
         r, H, V = p.r, pipe.target.config.grid_size, pipe.target.config.vocab_size
-        if H % r:
-            raise MulosdError(f"r={r} does not divide the target's {H}x{H} grid")
+        h = whole_size(H, 1 / r)  # the drafter's grid
+        if not h:
+            raise MulosdError(f"r={r:g} does not divide the target's {H}x{H} grid into a whole low-res grid ({H} / "
+                              f"{r:g} = {H / r:.4g}); allowed: r = {H} / h for a whole h from 1 to {H - 1}")
         if p.k > V:
             raise MulosdError(f"k must be at most {V} (the codebook has {V} entries), got {p.k}")
-        self.drafter_role = p.drafter or f"r{r}"
+        self.drafter_role = p.drafter or f"r{r:g}"
         if p.drafter is None and self.drafter_role not in pipe.drafters:
-            have = sorted(int(role[1:]) for role, m in pipe.drafters.items()
-                          if role[:1] == "r" and role[1:].isdigit() and m.config.grid_size * int(role[1:]) == H)
-            raise MulosdError(f"r={r}: model set {pipe.name} has no low-resolution drafter for r={r} (no role "
-                              f"'r{r}'); allowed r: {', '.join(map(str, have)) or 'none'} (or name one with drafter=ROLE)")
-        drafter = check_drafter(pipe, self.drafter_role, H // r)
+            have = sorted(ratio for role, m in pipe.drafters.items()
+                          if (ratio := self.role_ratio(role)) and whole_size(m.config.grid_size, ratio) == H)
+            raise MulosdError(f"r={r:g}: model set {pipe.name} has no low-resolution drafter for r={r:g} (no role "
+                              f"'r{r:g}'); allowed r: {', '.join(f'{x:g}' for x in have) or 'none'} (or name one "
+                              f"with drafter=ROLE)")
+        drafter = check_drafter(pipe, self.drafter_role, h)
         rows = drafter.config.grid_size if p.rows is None else p.rows
-        # auto: the learned down-sampler when the model set ships one for this r, else pixel
-        self.downsampler = ("learned" if r in pipe.upsamplers else "pixel") if p.downsampler == "auto" else p.downsampler
+        # auto: the learned down-sampler when the model set ships one for this (integer) r, else pixel
+        learned_down = isinstance(r, int) and r in pipe.upsamplers
+        self.downsampler = ("learned" if learned_down else "pixel") if p.downsampler == "auto" else p.downsampler
         up = pipe.resampler(p.upsampler, r, p.resize)
         down = up if self.downsampler == p.upsampler else pipe.resampler(self.downsampler, r, p.resize)
-        resamplers = Resamplers(up=up, down=down, r=r)
-        settings = MuloSettings(r=r, rows=rows, drafting=p.drafting, draft_window=p.draft_window,
+        resamplers = Resamplers(up=up, down=down, lo=h, hi=H)
+        settings = MuloSettings(rows=rows, drafting=p.drafting, draft_window=p.draft_window,
                                 acceptance=p.acceptance, tau=p.tau, radius=p.resample_radius,
                                 resampling=p.resampling, island_window=p.island_window, candidates=p.candidates)
         neighbours = codebook_neighbours(pipe.tokenizer.codebook.detach(), p.k, include_self=True)
         self._parts = (pipe.target, drafter, resamplers, neighbours, settings)
         self.drafter = drafter
+
+    @staticmethod
+    def role_ratio(role: str) -> float | None:
+        """The ratio a low-res drafter role names ("r2" -> 2, "r1.5" -> 1.5), None for other roles ("small")."""
+        try:
+            ratio = float(role[1:]) if role[:1] == "r" else None
+        except ValueError:
+            return None
+        return ratio if ratio is not None and 1 < ratio < float("inf") else None
 
     def params(self) -> dict:
         """The parameters, with the drafter role and the down-sampler kind resolved."""

@@ -1,12 +1,13 @@
 """MuLo-SD: multi-scale local speculative decoding (Peruzzo et al., 2026), plus a lossless variant, as parts of
 the one loop (:mod:`mulosd.decoding.engine`). One block = the high-resolution rows covered by ``rows``
-low-resolution rows.
+low-resolution rows (:func:`~mulosd.models.upsample.covered_rows`, which also holds for a non-integer ratio: at
+r = 1.5 one low-res row releases one or two high-res rows).
 
 1. :class:`MultiScaleProposer` - :meth:`~mulosd.decoding.schedule.ScheduledSampler.sample_rows`: the
-   low-resolution drafter (the same model family on a grid r times smaller) samples the next ``rows`` low-res rows,
-   serially or on ZipAR's schedule (``drafting="parallel"``); :meth:`Resamplers.candidates`: the up-sampler
-   (``pixel``: VQ decode, resize, re-encode; ``learned``: row-causal latent network) turns them into high-res
-   candidates for every cell of the block;
+   low-resolution drafter (the same model family on a grid r times smaller; r > 1 need not be whole) samples the
+   next ``rows`` low-res rows, serially or on ZipAR's schedule (``drafting="parallel"``);
+   :meth:`Resamplers.candidates`: the up-sampler (``pixel``: VQ decode, resize, re-encode; ``learned``: row-causal
+   latent network) turns them into high-res candidates for every cell of the block;
 2. :class:`CellScorer` - one target forward scores every uncommitted candidate of the block and refreshes the stale
    cache slots of committed cells in the same forward;
 3. verify - ``threshold``: :func:`~mulosd.decoding.rules.pooled_threshold_accept` (target mass pooled over the
@@ -44,12 +45,11 @@ from mulosd.decoding.sampling import process_logits, sample
 from mulosd.decoding.schedule import ScheduledSampler, island_ready
 from mulosd.decoding.state import DRAFTER_STREAM, PHASES, DecodeState, cfg_labels, double, model_rows
 from mulosd.models.gpt import GPT
-from mulosd.models.upsample import LatentResampler, PixelResampler
+from mulosd.models.upsample import LatentResampler, PixelResampler, covered_rows
 
 
 @dataclass(frozen=True)
 class MuloSettings:
-    r: int = 2
     rows: int = 8  # low-resolution rows drafted per cycle (the drafter's grid size = the whole image at once)
     drafting: str = "parallel"  # serial | parallel (ZipAR next-set decoding inside the drafted rows)
     draft_window: int = 2  # ZipAR window for parallel drafting
@@ -69,28 +69,36 @@ Resampler = LatentResampler | PixelResampler
 @dataclass(frozen=True)
 class Resamplers:
     """MuLo-SD's up-sampler (low-res drafts -> high-res candidates) and down-sampler (committed high-res rows ->
-    the drafter's low-res prefix), each ``LatentResampler`` (learned) or ``PixelResampler``, possibly of different
-    kinds."""
+    the drafter's low-res prefix), each ``LatentResampler`` (learned, integer ratio) or ``PixelResampler`` (any
+    ratio), possibly of different kinds, between the drafter's grid (``lo`` tokens per side) and the target's
+    (``hi``). Rows map between the two with :func:`~mulosd.models.upsample.covered_rows`."""
 
     up: Resampler
     down: Resampler
-    r: int
+    lo: int
+    hi: int
 
     @property
     def learned_up(self) -> bool:
         return isinstance(self.up, LatentResampler)
 
+    def hi_rows(self, lo_rows: slice) -> slice:
+        """The high-res rows a block of low-res rows releases: those covered by low-res rows 0 .. lo_rows.stop-1
+        and not already by the rows above the block."""
+        return slice(covered_rows(lo_rows.start, self.lo, self.hi), covered_rows(lo_rows.stop, self.lo, self.hi))
+
     def candidates(self, y_rows: torch.Tensor, lo_rows: slice) -> torch.Tensor:
         """Low-res rows 0 .. lo_rows.stop-1 [B, rows, h] (every row above the block gives context) -> the block's
-        high-res candidates' logits [B, M, V] (learned) or tokens [B, M] (pixel)."""
-        hi = slice(lo_rows.start * self.r, lo_rows.stop * self.r)
+        high-res candidates' logits [B, M, V] (learned) or tokens [B, M] (pixel), M = W * len(hi_rows(lo_rows))."""
+        hi = self.hi_rows(lo_rows)
         if self.learned_up:
-            logits = self.up.up_logits(y_rows)[:, :, hi]  # [B, V, rows*r, W]
+            logits = self.up.up_logits(y_rows)[:, :, hi]  # [B, V, rows, W]
             return logits.flatten(2).transpose(1, 2).float()
         return self.up.up(y_rows)[:, hi].flatten(1)
 
     def downsample(self, x_rows: torch.Tensor, lo_rows: slice) -> torch.Tensor:
-        """Committed high-res rows [B, rows*r, W] (from the top) -> the block's low-res tokens [B, nrows * h].
+        """Committed high-res rows [B, K, W] (from the top) -> the tokens of low-res rows ``lo_rows`` [B, nrows * h],
+        which must lie within the ``covered_rows(K, hi, lo)`` rows the committed ones determine.
 
         The learned down-sampler is row-causal, so the top rows of an image map exactly as in the full image. The
         pixel path decodes, pools and re-encodes, and the VQ convolutions see past the bottom edge of a partial
@@ -119,14 +127,15 @@ MULO_PHASES = PHASES[:5]  # the phases MuLo-SD reports (no prefill)
 class MultiScaleProposer:
     """Drafts one block per cycle with the low-res drafter and turns it into high-res candidates. While a block is
     not committed by every sample (exact acceptance truncates), its remaining candidates are proposed again; the
-    drafter and up-sampler draw from the forked drafter streams."""
+    drafter and up-sampler draw from the forked drafter streams. Low-res rows map to high-res rows with
+    :func:`~mulosd.models.upsample.covered_rows` in both directions: a block is the high-res rows its low-res rows
+    release, and re-synchronisation replaces the low-res rows the committed high-res rows determine."""
 
     observe_phase = "downsampling"
 
     def __init__(self, drafter: GPT, resamplers: Resamplers, settings: MuloSettings, vocab_size: int):
         self.drafter, self.res, self.s, self.V = drafter, resamplers, settings, vocab_size
-        self.h = drafter.config.grid_size
-        self.H = self.h * settings.r
+        self.h, self.H = resamplers.lo, resamplers.hi
 
     def start(self, state: DecodeState) -> None:
         for name in MULO_PHASES:  # every phase is reported, measured or not (a block may need no resampling)
@@ -138,6 +147,7 @@ class MultiScaleProposer:
         self.dstreams = state.streams.fork(DRAFTER_STREAM)
         self.y = torch.zeros(state.batch, self.h * self.h, dtype=torch.long, device=state.device)
         self.synced_from, self.next_row, self.block = 0, 0, None
+        self.resynced = 0  # low-res rows 0 .. resynced-1 hold the down-sampled committed image
 
     def finish(self) -> None:
         self.drafter.clear_cache()
@@ -147,9 +157,10 @@ class MultiScaleProposer:
             start, end = self.block.extra["block"]
             if bool((state.frontier < end).any()):  # the block is not finished: its remaining candidates again
                 return dataclasses.replace(self.block, active=state.frontier < end, forwards=0)
-        s, h, r, H = self.s, self.h, self.s.r, self.H
+        s, h, H = self.s, self.h, self.H
         lo = slice(self.next_row, min(h, self.next_row + s.rows))
-        start, end = lo.start * r * H, lo.stop * r * H
+        hi = self.res.hi_rows(lo)
+        start, end = hi.start * H, hi.stop * H
         B = state.batch
         with state.phase("drafting"):
             forwards = self.sampler.sample_rows(self.y, lo.start, lo.stop - lo.start, self.dstreams, self.synced_from)
@@ -172,15 +183,23 @@ class MultiScaleProposer:
         return up, (F.one_hot(up, self.V).float() if s.acceptance == "exact" else None)
 
     def observe(self, state: DecodeState, proposal: Proposal, scores, verdict) -> None:
-        """Once the block is committed everywhere, re-synchronise the drafter's prefix with it (down-sampling)."""
+        """Once the block is committed everywhere, re-synchronise the drafter's prefix with it (down-sampling): the
+        low-res rows the committed high-res rows now determine replace the drafted ones. At an integer r those are
+        the block's own low-res rows; at r = 1.5 a low-res row straddling the block's last high-res row waits for
+        the next block (its drafted tokens stay until then)."""
         (_, end), lo = proposal.extra["block"], proposal.extra["lo"]
         if bool((state.frontier < end).any()) or lo.stop >= self.h:
             return
-        B, h = state.batch, self.h
-        new = self.res.downsample(state.tokens[:, :end].view(B, -1, self.H), lo)
-        changed = (new != self.y[:, lo.start * h : lo.stop * h]).any(0).nonzero()
-        self.y[:, lo.start * h : lo.stop * h] = new
-        self.synced_from = lo.start * h + int(changed[0]) if len(changed) else lo.stop * h
+        B, h, H = state.batch, self.h, self.H
+        rows = slice(self.resynced, covered_rows(end // H, H, h))
+        self.synced_from = lo.stop * h  # nothing changed (yet)
+        if rows.stop > rows.start:
+            new = self.res.downsample(state.tokens[:, :end].view(B, -1, H), rows)
+            changed = (new != self.y[:, rows.start * h : rows.stop * h]).any(0).nonzero()
+            self.y[:, rows.start * h : rows.stop * h] = new
+            if len(changed):
+                self.synced_from = rows.start * h + int(changed[0])
+            self.resynced = rows.stop
         self.sampler.mark_stale(self.synced_from, lo.stop * h)
 
 

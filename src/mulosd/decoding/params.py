@@ -343,21 +343,24 @@ class MuloParams(Params):
     one cycle, learned up-sampler, pooled threshold 0.1 over 32 codes, windows of radius 1, parallel islands."""
 
     method = "mulo"
-    r: int = param(2, "resolution ratio between the target's and the drafter's grids (2 or 4 for fmnist-32; must "
-                      "divide the target's grid)", low=2)
-    drafter: str | None = param(None, "low-resolution drafter role", none="the drafter matching r: r2 for r=2, r4 for r=4")
+    r: float = param(2, "resolution ratio H / h between the target's grid and the low-res drafter's (2 or 4 for "
+                        "fmnist-32; 1.5 for a 16x16 drafter under a 24x24 target): the target's grid over r must be "
+                        "whole, and a ratio that is not an integer needs upsampler=pixel", low=1, low_open=True)
+    drafter: str | None = param(None, "low-resolution drafter role",
+                                none="the drafter matching r: r2 for r=2, r4 for r=4, r1.5 for r=1.5")
     rows: int | None = param(None, "low-resolution rows drafted per cycle", low=1,
                              none="the whole low-res grid in one cycle")
     drafting: str = param("parallel", "serial (token by token) or parallel (ZipAR inside the drafted rows)",
                           choices=("serial", "parallel"))
     draft_window: int = param(2, "ZipAR window of parallel drafting", low=1)
-    upsampler: str = param("learned", "learned (the shipped latent up-sampler) or pixel (decode, resize, re-encode)",
-                           choices=("learned", "pixel"))
+    upsampler: str = param("learned", "learned (the shipped latent up-sampler; integer r only) or pixel (decode, "
+                                      "resize, re-encode; any r)", choices=("learned", "pixel"))
     # re-synchronisation down-samples the committed top rows of an unfinished image; only the row-causal learned
     # down-sampler maps them as it would the full image (docs/MULOSD.md), so it is the default
     downsampler: str = param("auto", "down-sampler re-synchronising the drafter with committed rows (used when rows "
                                      "is below the low-res grid); auto: learned when the model set ships one for r, "
-                                     "else pixel", choices=("auto", "learned", "pixel"))
+                                     "else pixel (always pixel for a non-integer r); learned needs an integer r",
+                           choices=("auto", "learned", "pixel"))
     candidates: str = param("argmax", "learned up-sampler with threshold acceptance: its most likely code per cell "
                                       "(argmax) or a draw from its distribution (sample)", choices=("argmax", "sample"))
     resize: str = param("bicubic", "pixel up-sampler's resize filter", choices=("bicubic", "bilinear", "lanczos"))
@@ -376,6 +379,22 @@ class MuloParams(Params):
     resampling: str = param("parallel", "serial (raster, one cell per forward) or parallel (rejection islands at "
                                         "once)", choices=("serial", "parallel"))
     island_window: int = param(2, "parallel resampling: ZipAR window inside an island", low=1)
+
+    def __post_init__(self):
+        """Validate, then keep a whole ratio an integer: drafter role r2 (not r2.0), "r": 2 in recorded params."""
+        super().__post_init__()
+        if float(self.r).is_integer():
+            object.__setattr__(self, "r", int(self.r))
+
+    def check(self) -> None:
+        """The learned resamplers map each low-res cell to an r x r block: an integer r only."""
+        if float(self.r).is_integer():
+            return
+        for name in ("upsampler", "downsampler"):
+            if getattr(self, name) == "learned":
+                other = "pixel" if name == "upsampler" else "pixel or auto"
+                raise MulosdError(f"{name}=learned needs an integer r (the learned model turns each low-res cell into "
+                                  f"an r x r block), got r={self.r:g}; allowed at r={self.r:g}: {name}={other}")
 
     @property
     def exact(self) -> bool:
