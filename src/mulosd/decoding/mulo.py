@@ -241,7 +241,7 @@ class CellForwards:
         st.stats.target_forwards += 1
         st.stats.active_forwards += (count > 0).sum()
         self.fresh &= ~feed
-        return torch.where(valid, cells, -1), process_logits(logits, st.cfg)
+        return torch.where(valid, cells, -1), process_logits(logits, st.cfg, predicts=cells + 1)
 
     def confirm(self, fed: torch.Tensor, final_upto: torch.Tensor) -> None:
         """Slots fed (``fed`` [B, N]) in a forward that hid nothing are fresh below ``final_upto`` [B]: every cell
@@ -269,7 +269,7 @@ class CellScorer:
         t.setup_cache(model_rows(B, cfg), slack=N + 1)
         state = DecodeState.new(labels, cfg, streams, N, slack=N + 1)
         with state.phase("verification"):
-            state.first = process_logits(t.prefill(cfg_labels(t, labels, cfg)), cfg)
+            state.first = process_logits(t.prefill(cfg_labels(t, labels, cfg)), cfg, predicts=0)
         state.stats.target_forwards += 1
         state.stats.active_forwards += B
         state.cells = CellForwards(t, state)

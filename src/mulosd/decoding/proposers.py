@@ -45,7 +45,7 @@ class DrafterProposer:
         logits = self.drafter.decode(double(tokens.gather(1, cells), cfg), double(cells, cfg))[:, -1]
         drafts, qs = [], []
         for i in range(gamma):
-            q = process_logits(logits, cfg)
+            q = process_logits(logits, cfg, predicts=frontier + i)
             d = sample(q, streams.uniform())
             drafts.append(d)
             qs.append(q)

@@ -57,6 +57,9 @@ def verify_exact(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, u_accept
 # ---- relaxed (lossy) rules --------------------------------------------------------------------------------------
 
 
+NEIGHBOUR_CHUNK = 1024  # codebook rows per distance block in codebook_neighbours
+
+
 def codebook_neighbours(codebook: torch.Tensor, k: int, include_self: bool = False) -> torch.Tensor:
     """[V, D] code vectors -> [V, k] indices of each code's k nearest codes by L2 distance, nearest first.
     ``include_self`` puts the code itself first (MuLo-SD's pooling set); LANTERN's list excludes it."""
@@ -64,12 +67,15 @@ def codebook_neighbours(codebook: torch.Tensor, k: int, include_self: bool = Fal
     limit = V if include_self else V - 1
     if not 0 <= k <= limit:
         raise ValueError(f"k={k} neighbours requested; allowed: 0..{limit} for a codebook of {V} entries")
-    dist = torch.cdist(codebook.double(), codebook.double())
-    if not include_self:
-        dist.fill_diagonal_(float("inf"))
-    else:
-        dist.fill_diagonal_(-1.0)
-    return dist.argsort(dim=-1, stable=True)[:, :k]
+    codes = codebook.double()
+    out = []
+    # rows in chunks: a 16384-code codebook (LlamaGen's VQ-16) would need a 2 GiB distance matrix at once
+    for start in range(0, V, NEIGHBOUR_CHUNK):
+        dist = torch.cdist(codes[start : start + NEIGHBOUR_CHUNK], codes)
+        own = torch.arange(start, start + dist.shape[0], device=dist.device)
+        dist[own - start, own] = -1.0 if include_self else float("inf")
+        out.append(dist.argsort(dim=-1, stable=True)[:, :k])
+    return torch.cat(out)
 
 
 def _truncate_and_resample(p, q, draft, accept, u_resample, q_zero_mask=None) -> Verdict:

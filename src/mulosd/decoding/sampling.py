@@ -3,7 +3,12 @@
 Order of operations (fixed, documented, shared by all methods):
 
 1. **CFG mixing** on logits: ``uncond + s * (cond - uncond)``. The batch is laid out ``[cond ; uncond]``
-   (first half conditional, second half the null class). Skipped when ``cfg_scale == 1``.
+   (first half conditional, second half the null condition). When guidance is on depends on the convention:
+   ``mulosd`` (default) guides whenever ``cfg_scale != 1`` (a scale below 1 moves away from the condition);
+   ``llamagen`` guides only when ``cfg_scale > 1``, as LlamaGen's ``generate`` does (a scale <= 1 samples the
+   conditional model alone). ``cfg_interval`` >= 0 is LlamaGen's option of the same name: guidance for image
+   tokens 0 .. cfg_interval + 1 only (its decoding loop counts from the second token), the conditional logits
+   alone after that; -1 (default) guides every token. The unconditional half is still computed throughout.
 2. **Temperature**: logits / T. ``T == 0`` means greedy: the distribution is one-hot at the argmax of the
    CFG-mixed logits (top-k / top-p do not change the argmax, so they are skipped).
 3. **Top-k**: keep logits >= the k-th largest (ties at the boundary are kept). ``k == 0`` disables it.
@@ -31,12 +36,17 @@ import torch
 from mulosd.errors import MulosdError
 
 
+CFG_CONVENTIONS = ("mulosd", "llamagen")
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     cfg_scale: float = 1.0
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    cfg_convention: str = "mulosd"
+    cfg_interval: int = -1
 
     def __post_init__(self):
         if not (0.0 <= self.cfg_scale <= 50.0):
@@ -47,11 +57,21 @@ class SamplingConfig:
             raise MulosdError(f"top-k {self.top_k} out of range; allowed: an integer >= 0 (0 = off)")
         if not (0.0 < self.top_p <= 1.0):
             raise MulosdError(f"top-p {self.top_p} out of range; allowed: 0 < top-p <= 1 (1 = off)")
+        if self.cfg_convention not in CFG_CONVENTIONS:
+            raise MulosdError(f"cfg convention {self.cfg_convention!r} unknown; allowed: {', '.join(CFG_CONVENTIONS)}")
+        if isinstance(self.cfg_interval, bool) or int(self.cfg_interval) != self.cfg_interval or self.cfg_interval < -1:
+            raise MulosdError(f"cfg interval {self.cfg_interval} out of range; allowed: -1 (guide every token) or an "
+                              "integer >= 0 (guide image tokens 0 .. interval + 1, as LlamaGen's --cfg-interval)")
 
     @property
     def uses_cfg(self) -> bool:
-        """Whether decoders must run the doubled [cond ; uncond] batch."""
-        return self.cfg_scale != 1.0
+        """Whether decoders must run the doubled [cond ; uncond] batch (see the convention in the module doc)."""
+        return self.cfg_scale > 1.0 if self.cfg_convention == "llamagen" else self.cfg_scale != 1.0
+
+    @property
+    def last_guided(self) -> int | None:
+        """The last image-token index that gets guidance, or None when every token does."""
+        return self.cfg_interval + 1 if self.uses_cfg and self.cfg_interval >= 0 else None
 
     @property
     def greedy(self) -> bool:
@@ -60,21 +80,24 @@ class SamplingConfig:
 
 @dataclass
 class SamplingSettings:
-    """The four sampling settings as a run's configuration carries them (bench, sample: flat fields, as their
-    JSON records them); ``sampling()`` is the checked SamplingConfig."""
+    """The sampling settings as a run's configuration carries them (bench, sample: flat fields, as their JSON
+    records them); ``sampling()`` is the checked SamplingConfig."""
 
     cfg_scale: float = 3.0
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    cfg_convention: str = "mulosd"
+    cfg_interval: int = -1
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(cfg_scale=self.cfg_scale, temperature=self.temperature, top_k=self.top_k,
-                              top_p=self.top_p)
+                              top_p=self.top_p, cfg_convention=self.cfg_convention, cfg_interval=self.cfg_interval)
 
 
-def cfg_mix(logits: torch.Tensor, scale: float) -> torch.Tensor:
-    """[2B, ..., V] laid out [cond ; uncond] -> [B, ..., V] guided logits."""
+def cfg_mix(logits: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """[2B, ..., V] laid out [cond ; uncond] -> [B, ..., V] guided logits (``scale`` a number, or a tensor
+    broadcastable to [B, ..., 1]: one scale per row, 1 giving the conditional logits)."""
     cond, uncond = logits.chunk(2, dim=0)
     return uncond + scale * (cond - uncond)
 
@@ -99,12 +122,29 @@ def warp(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     return probs
 
 
-def process_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
-    """Raw model logits (the doubled batch when ``cfg.uses_cfg``) -> final sampling probabilities, computed in
-    float32 whatever the model's dtype (guidance amplifies rounding: s * (cond - uncond))."""
+def guidance_scale(cfg: SamplingConfig, predicts: torch.Tensor | int | None) -> float | torch.Tensor:
+    """The CFG scale for logits that predict image tokens ``predicts`` (indices in raster order, any shape): the
+    configured scale, or, with a ``cfg_interval``, that scale up to token interval + 1 and 1 (the conditional
+    logits) after it. ``predicts`` may be None only when no interval is set."""
+    last = cfg.last_guided
+    if last is None:
+        return cfg.cfg_scale
+    if predicts is None:
+        raise ValueError("a cfg_interval needs the token indices the logits predict (process_logits(predicts=...))")
+    predicts = torch.as_tensor(predicts)
+    scale = torch.where(predicts <= last, cfg.cfg_scale, 1.0).float()
+    return scale.unsqueeze(-1)
+
+
+def process_logits(logits: torch.Tensor, cfg: SamplingConfig, predicts: torch.Tensor | int | None = None) -> torch.Tensor:
+    """Raw model logits [rows, ..., V] (the doubled batch when ``cfg.uses_cfg``) -> final sampling probabilities
+    [B, ..., V], computed in float32 whatever the model's dtype (guidance amplifies rounding: s * (cond - uncond)).
+    ``predicts`` (shape [B, ...], or an int for every row): the image-token index each row's logits predict, which
+    ``cfg_interval`` needs (the row fed at cell c predicts token c + 1; a prefill predicts token 0)."""
     logits = logits.float()
     if cfg.uses_cfg:
-        logits = cfg_mix(logits, cfg.cfg_scale)
+        scale = guidance_scale(cfg, predicts)
+        logits = cfg_mix(logits, scale.to(logits.device) if isinstance(scale, torch.Tensor) else scale)
     return warp(logits, cfg)
 
 
@@ -174,6 +214,9 @@ def check_continuous(cfg: SamplingConfig) -> None:
     predicted noise, temperature on every reverse step's std); a filter over a vocabulary has no meaning there."""
     if cfg.top_k or cfg.top_p < 1.0:
         raise MulosdError("top-k / top-p filter a vocabulary and do not apply to continuous tokens; use top-k 0 and top-p 1")
+    if cfg.cfg_interval != -1:
+        raise MulosdError(f"cfg interval {cfg.cfg_interval} is LlamaGen's option for discrete tokens; continuous "
+                          "tokens guide every token: use cfg interval -1")
     if cfg.greedy:
         raise MulosdError("continuous tokens need temperature > 0 (the diffusion head has no greedy mode)")
 

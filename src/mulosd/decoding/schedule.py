@@ -69,7 +69,7 @@ class ScheduledSampler:
         m = self.model
         self.cfg = cfg
         m.setup_cache(model_rows(len(labels), cfg))
-        self.first = process_logits(m.prefill(cfg_labels(m, labels, cfg)), cfg)
+        self.first = process_logits(m.prefill(cfg_labels(m, labels, cfg)), cfg, predicts=0)
         self.written = torch.zeros(m.config.max_seq_len, dtype=torch.bool, device=labels.device)
         self.written[: m.config.cls_token_num] = True
 
@@ -121,7 +121,8 @@ class ScheduledSampler:
         predict = [(t, plan[c]) for t, c in enumerate(sorted(plan)) if plan[c] is not None]
         if predict:
             idx = torch.tensor([t for t, _ in predict], device=device)
-            new = sample(process_logits(logits[:, idx], cfg), streams.uniform(len(predict)))
+            targets = torch.tensor([nxt for _, nxt in predict], device=device)
+            new = sample(process_logits(logits[:, idx], cfg, predicts=targets), streams.uniform(len(predict)))
             tokens[:, torch.tensor([nxt for _, nxt in predict], device=device)] = new
         return [nxt for _, nxt in predict]
 

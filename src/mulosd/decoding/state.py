@@ -108,11 +108,10 @@ def _sync(device: torch.device | None) -> None:
         torch.cuda.synchronize(device)
 
 
-def cfg_labels(model, labels: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
-    """The model batch for ``labels``: [cond ; null] when guidance is on, else the labels themselves."""
-    if cfg.uses_cfg:
-        return torch.cat([labels, torch.full_like(labels, model.null_class)])
-    return labels
+def cfg_labels(model, labels, cfg: SamplingConfig):
+    """The model batch for a condition (class ids or Captions): [cond ; null] when guidance is on, else the
+    condition itself."""
+    return model.with_null(labels) if cfg.uses_cfg else labels
 
 
 def double(x: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:

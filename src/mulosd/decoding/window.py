@@ -31,7 +31,7 @@ class WindowScorer:
         t, N, slack = self.target, self.target.config.num_tokens, self.width + 1
         t.setup_cache(model_rows(len(labels), cfg), slack=slack)
         state = DecodeState.new(labels, cfg, streams, N, slack)
-        state.first = process_logits(t.prefill(cfg_labels(t, labels, cfg)), cfg)
+        state.first = process_logits(t.prefill(cfg_labels(t, labels, cfg)), cfg, predicts=0)
         state.tokens[:, 0] = sample(state.first, streams.uniform())
         state.frontier.fill_(1)
         B = len(labels)
@@ -45,7 +45,7 @@ class WindowScorer:
         feed = state.tokens.gather(1, last)
         if proposal.width:
             feed = torch.cat([feed, proposal.tokens], dim=1)
-        p = process_logits(self.target.decode(double(feed, cfg), double(cells, cfg)), cfg)
+        p = process_logits(self.target.decode(double(feed, cfg), double(cells, cfg)), cfg, predicts=cells + 1)
         state.stats.target_forwards += 1
         state.stats.active_forwards += state.n_active
         return p

@@ -33,6 +33,7 @@ import torch.nn as nn
 import mulosd
 from mulosd.errors import MulosdError
 from mulosd.io import atomic_write_json, atomic_write_text
+from mulosd.models.condition import Captions
 from mulosd.models.gpt import GPT, GPTConfig
 from mulosd.models.llamagen import LLAMAGEN_SIZES, llamagen_config
 from mulosd.resources import MEMORY_SHARE, available_memory, bytes_per_image, device_description, synchronize
@@ -73,6 +74,15 @@ def param_count(config: GPTConfig) -> int:
     qkv = (c.n_head + 2 * c.kv_heads) * c.head_dim * c.dim
     layer = qkv + c.dim * c.dim + 3 * c.dim * c.ffn_hidden + 2 * c.dim
     return c.vocab_size * c.dim + (c.num_classes + 1) * c.dim + c.n_layer * layer + c.dim + c.dim * c.vocab_size
+
+
+def _condition(model: GPT, batch: int, gen: torch.Generator):
+    """Random class ids, or random full-length captions for a text-to-image model, on the model's device."""
+    c, device = model.config, next(model.parameters()).device
+    if c.condition == "caption":
+        features = torch.randn(batch, c.cls_token_num, c.caption_dim, generator=gen)
+        return Captions(features, torch.ones(batch, c.cls_token_num, dtype=torch.bool)).to(device)
+    return torch.randint(0, c.num_classes, (batch,), generator=gen).to(device)
 
 
 # ---- validation --------------------------------------------------------------------------------------------------
@@ -163,10 +173,8 @@ def _measure_batch(model: GPT, batch: int, ks: list[int], cache_len: int, repeat
     device = next(model.parameters()).device
     rows = 2 * batch if cfg else batch
     model.setup_cache(rows)
-    labels = torch.randint(0, c.num_classes, (batch,), generator=gen).to(device)
-    if cfg:
-        labels = torch.cat([labels, torch.full_like(labels, c.num_classes)])
-    model.prefill(labels)
+    cond = _condition(model, batch, gen)
+    model.prefill(model.with_null(cond) if cfg else cond)
     for start in range(0, cache_len, FILL_CHUNK):
         n = min(FILL_CHUNK, cache_len - start)
         model.decode(_random_tokens(model, rows, n, gen), _cells(rows, start, n, device))

@@ -1,10 +1,12 @@
-"""A class-conditional GPT over a token grid, in LlamaGen's design and state-dict layout.
+"""A GPT over a token grid, in LlamaGen's design and state-dict layout, class- (c2i) or caption-conditional (t2i).
 
-RMSNorm, SwiGLU, 2-D rotary embeddings over the grid, a class-condition token with a null class (id
-``num_classes``) for classifier-free guidance, no biases. Positions are *absolute*: positions
-``[0, cls_token_num)`` hold the condition, and image token k (raster order) is fed at position
-``cls_token_num + k``; the logits produced there predict token k + 1 (the last condition position predicts
-token 0). As in LlamaGen, the condition positions get a zero rotary table, which zeroes their q and k.
+RMSNorm, SwiGLU, 2-D rotary embeddings over the grid, no biases. The condition is either a class token with a null
+class (id ``num_classes``) for classifier-free guidance, or (``condition="caption"``) LlamaGen's caption path:
+T5 features [B, cls_token_num, caption_dim] projected by a two-layer GELU MLP, a learned unconditional embedding
+for guidance, and padding positions of the caption hidden from attention (:mod:`mulosd.models.condition`).
+Positions are *absolute*: positions ``[0, cls_token_num)`` hold the condition, and image token k (raster order) is
+fed at position ``cls_token_num + k``; the logits produced there predict token k + 1 (the last condition position
+predicts token 0). As in LlamaGen, the condition positions get a zero rotary table, which zeroes their q and k.
 
 The KV cache is indexed by absolute position with one position row per sample, so each sample in a batch can
 sit at its own frontier, "rollback" is simply not advancing, and any grid cell can be (re)written. Attention is
@@ -22,6 +24,9 @@ import torch.nn.functional as F
 
 from mulosd.errors import MulosdError
 from mulosd.io import Pretrained
+from mulosd.models.condition import Captions
+
+CONDITIONS = ("class", "caption")
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -44,8 +49,14 @@ class GPTConfig:
     cls_token_num: int = 1
     class_dropout_prob: float = 0.1
     dropout: float = 0.0
+    condition: str = "class"  # "class" (c2i) or "caption" (t2i: cls_token_num caption positions)
+    caption_dim: int = 2048  # the text encoder's hidden size (caption models only; flan-t5-xl: 2048)
 
     def __post_init__(self):
+        if self.condition not in CONDITIONS:
+            raise MulosdError(f"condition {self.condition!r} unknown; allowed: {', '.join(CONDITIONS)}")
+        if self.condition == "caption" and self.caption_dim < 1:
+            raise MulosdError(f"caption_dim must be >= 1, got {self.caption_dim}")
         if self.dim % self.n_head:
             raise MulosdError(f"dim {self.dim} must be divisible by n_head {self.n_head}")
         if self.head_dim % 4:
@@ -189,6 +200,36 @@ class ClassEmbedder(nn.Module):
         super().__init__()
         self.embedding_table = nn.Embedding(num_classes + 1, dim)
 
+    def forward(self, labels: torch.Tensor, length: int) -> torch.Tensor:
+        """[B] class ids -> [B, length, dim]: the class embedding at every condition position."""
+        return self.embedding_table(labels)[:, None].expand(-1, length, -1)
+
+
+class CaptionMLP(nn.Module):
+    """LlamaGen's caption projection: Linear -> GELU (tanh approximation) -> Linear, no biases."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, dim, bias=False)
+        self.fc2 = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class CaptionEmbedder(nn.Module):
+    """Caption features [B, T, caption_dim] -> [B, T, dim]; ``uncond_embedding`` [T, caption_dim] is the learned
+    "no caption" input that classifier-free guidance uses as its unconditional half (a buffer, as in LlamaGen,
+    so that it sits in the state dict under ``cls_embedding.uncond_embedding``)."""
+
+    def __init__(self, caption_dim: int, dim: int, length: int):
+        super().__init__()
+        self.cap_proj = CaptionMLP(caption_dim, dim)
+        self.register_buffer("uncond_embedding", torch.randn(length, caption_dim) / caption_dim**0.5)
+
+    def forward(self, captions: Captions, length: int) -> torch.Tensor:
+        return self.cap_proj(captions.features.to(self.cap_proj.fc1.weight.dtype))
+
 
 class GPT(Pretrained, nn.Module):
     config_class = GPTConfig
@@ -198,7 +239,8 @@ class GPT(Pretrained, nn.Module):
         super().__init__()
         self.config = config
         self.tok_embeddings = self._input_layer(config)
-        self.cls_embedding = ClassEmbedder(config.num_classes, config.dim)
+        self.cls_embedding = (CaptionEmbedder(config.caption_dim, config.dim, config.cls_token_num)
+                              if config.condition == "caption" else ClassEmbedder(config.num_classes, config.dim))
         self.tok_dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.dim, config.norm_eps)
@@ -209,6 +251,7 @@ class GPT(Pretrained, nn.Module):
         )
         self.apply(self._init_weights)
         self.cache_batch = 0
+        self._cond_valid: torch.Tensor | None = None  # [rows, cls_token_num] caption positions others may see
 
     @staticmethod
     def _input_layer(config) -> nn.Module:
@@ -229,6 +272,49 @@ class GPT(Pretrained, nn.Module):
     def null_class(self) -> int:
         return self.config.num_classes
 
+    # ---- conditions -----------------------------------------------------------------------------------------
+    def check_condition(self, cond) -> None:
+        """A condition of the kind this model takes (class ids for c2i, Captions of the right shape for t2i)."""
+        c = self.config
+        if c.condition == "class":
+            if isinstance(cond, Captions):
+                raise MulosdError("this model is class-conditional (c2i): it takes class ids, not a caption or prompt")
+            return
+        if not isinstance(cond, Captions):
+            raise MulosdError("this model is text-conditional (t2i): it takes a caption (--prompt with --t5-path, or "
+                              "--caption-features), not class ids")
+        T, C = cond.features.shape[1:]
+        if (T, C) != (c.cls_token_num, c.caption_dim):
+            raise MulosdError(f"caption features are [{T}, {C}] per caption; this model takes [{c.cls_token_num}, "
+                              f"{c.caption_dim}] ({c.cls_token_num} condition tokens of the text encoder's "
+                              f"{c.caption_dim} channels)")
+
+    def with_null(self, cond):
+        """[cond ; null]: the model batch for classifier-free guidance (the null class, or the learned unconditional
+        caption embedding with each caption's own mask, as LlamaGen pairs them)."""
+        if isinstance(cond, Captions):
+            null = self.cls_embedding.uncond_embedding.float().to(cond.device).expand_as(cond.features)
+            return Captions.cat([cond, Captions(null, cond.mask)])
+        return torch.cat([cond, torch.full_like(cond, self.null_class)])
+
+    def embed_condition(self, cond) -> torch.Tensor:
+        """Condition -> [B, cls_token_num, dim] hidden states of the condition positions; remembers which caption
+        positions are padding (hidden from attention until the cache is cleared)."""
+        self.check_condition(cond)
+        if isinstance(cond, Captions):
+            self._cond_valid = None if bool(cond.mask.all()) else cond.mask.to(self.rope.device)
+        return self.cls_embedding(cond, self.config.cls_token_num)
+
+    def _hide_padding(self, mask: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """``mask`` [B, T, S] (True = attend) with the caption's padding positions hidden from every query but
+        their own (LlamaGen: the caption mask on the condition columns, then the diagonal set)."""
+        valid = self._cond_valid
+        S, T0 = mask.shape[-1], valid.shape[1]
+        slots = torch.arange(S, device=mask.device)
+        seen = torch.ones(valid.shape[0], S, dtype=torch.bool, device=mask.device)
+        seen[:, : min(T0, S)] = valid[:, :S]
+        return mask & (seen[:, None, :] | (slots[None, None, :] == input_pos[:, :, None]))
+
     # ---- caches -------------------------------------------------------------------------------------------
     def setup_cache(self, batch: int, dtype: torch.dtype | None = None, slack: int = 0) -> None:
         """Allocate empty position-indexed caches for ``batch`` rows (2x the images when CFG is on).
@@ -242,43 +328,52 @@ class GPT(Pretrained, nn.Module):
             layer.attention.kv_cache = KVCache(batch, c.max_seq_len + slack, c.kv_heads, c.head_dim, dtype,
                                                self.norm.weight.device)  # allocated where it is used
         self.cache_batch = batch
+        self._cond_valid = None
         self._rope_cache = torch.cat([self.rope, self.rope.new_zeros(slack, *self.rope.shape[1:])]) if slack else self.rope
 
     def clear_cache(self) -> None:
         for layer in self.layers:
             layer.attention.kv_cache = None
         self.cache_batch = 0
+        self._cond_valid = None
         self._rope_cache = self.rope
 
     # ---- forward passes -------------------------------------------------------------------------------------
     def _run(self, h: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         rope = (self._rope_cache if self.cache_batch else self.rope)[input_pos]
-        if mask is None and self.cache_batch:
+        if mask is None and (self.cache_batch or self._cond_valid is not None):
             length = int(input_pos.max()) + 1
             mask = torch.arange(length, device=h.device)[None, None, :] <= input_pos[:, :, None]
         else:
             length = mask.shape[-1] if mask is not None else h.shape[1]
+        if self._cond_valid is not None:
+            mask = self._hide_padding(mask.expand(h.shape[0], -1, -1), input_pos)
         for layer in self.layers:
             h = layer(h, rope, input_pos, mask, length)
         return self.output(self.norm(h)).float()
 
-    def forward(self, class_labels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced training forward without cache. class_labels [B]; tokens [B, N] (all grid tokens).
-        Returns logits [B, N, V] where row k predicts token k."""
+    def forward(self, cond, tokens: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced training forward without cache. cond: class ids [B] or Captions; tokens [B, N] (all grid
+        tokens). Returns logits [B, N, V] where row k predicts token k."""
         c = self.config
         if self.cache_batch:
             raise RuntimeError("forward() is the cache-free training pass; call clear_cache() first")
-        cond = self.cls_embedding.embedding_table(class_labels)[:, None].expand(-1, c.cls_token_num, -1)
-        h = torch.cat([cond, self.tok_embeddings(tokens[:, :-1])], dim=1)
-        h = self.tok_dropout(h)
-        pos = torch.arange(h.shape[1], device=h.device)[None].expand(h.shape[0], -1)
-        return self._run(h, pos, None)[:, c.cls_token_num - 1 :]
+        try:
+            h = torch.cat([self.embed_condition(cond), self.tok_embeddings(tokens[:, :-1])], dim=1)
+            h = self.tok_dropout(h)
+            pos = torch.arange(h.shape[1], device=h.device)[None].expand(h.shape[0], -1)
+            return self._run(h, pos, None)[:, c.cls_token_num - 1 :]
+        finally:
+            self._cond_valid = None
 
-    def prefill(self, class_labels: torch.Tensor) -> torch.Tensor:
-        """Write the condition positions to the cache; return the logits [B, V] for image token 0."""
-        c = self.config
-        h = self.cls_embedding.embedding_table(class_labels)[:, None].expand(-1, c.cls_token_num, -1)
-        pos = torch.arange(c.cls_token_num, device=h.device)[None].expand(h.shape[0], -1)
+    def prefill(self, cond) -> torch.Tensor:
+        """Write the condition positions (class ids [B] or Captions) to the cache; return the logits [B, V] for
+        image token 0."""
+        self.check_condition(cond)
+        if not self.cache_batch:
+            raise RuntimeError("prefill() needs setup_cache() first")
+        h = self.embed_condition(cond)
+        pos = torch.arange(self.config.cls_token_num, device=h.device)[None].expand(h.shape[0], -1)
         return self._run(h, pos, None)[:, -1]
 
     def decode(self, tokens: torch.Tensor, cells: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
