@@ -25,7 +25,8 @@ def test_generate_writes_grid_and_stats(tmp_path):
     assert img.size[0] > 2 * 96 and img.size[1] > 2 * 96  # two rows of two 96-px tiles plus labels
     s = json.loads(stats.read_text())
     assert s["num_images"] == 4 and s["method"] == "ar" and s["batch_size"] == 3
-    assert s["sampling"] == {"cfg_scale": 3.0, "temperature": 1.0, "top_k": 100, "top_p": 0.9}
+    assert s["sampling"] == {"cfg_scale": 3.0, "temperature": 1.0, "top_k": 100, "top_p": 0.9,
+                             "cfg_convention": "mulosd", "cfg_interval": -1}
 
 
 def _generate_options():

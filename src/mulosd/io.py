@@ -153,6 +153,17 @@ def save_pretrained(model: torch.nn.Module, stem: str | os.PathLike, kind: str, 
     return stem
 
 
+def save_linked(model: torch.nn.Module, stem: str | os.PathLike, kind: str, weights: str | os.PathLike,
+                fmt: str) -> Path:
+    """Write ``stem.json`` for ``model`` linking its weights in place (a file in one of LINKED_FORMATS) instead of
+    copying them into ``stem.safetensors``; loading checks that the file is still there with the same size."""
+    stem, weights = Path(stem), Path(weights).resolve()
+    link = {"path": str(weights), "format": fmt, "bytes": weights.stat().st_size}
+    atomic_write_json(stem.with_suffix(".json"), {"kind": kind, "config": dataclasses.asdict(model.config),
+                                                  "weights": link})
+    return stem
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """The JSON value in ``path``; a file that cannot be read or is not JSON is one MulosdError naming it (and
     the line and column of a syntax error)."""
@@ -243,20 +254,55 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], so
     return model
 
 
+# Formats of weights a component may link to in place of a .safetensors beside its .json (``mulosd import
+# llamagen --link``): the component's JSON then holds "weights": {"path", "format", "bytes"}.
+LINKED_FORMATS = ("llamagen-gpt", "llamagen-vq")
+
+
+def linked_weights(stem: str | os.PathLike) -> dict | None:
+    """The checked ``"weights"`` link in ``stem.json`` ({"path": absolute path, "format": one of LINKED_FORMATS,
+    "bytes": the file's size when linked}), or None for a component whose weights sit beside it."""
+    cfg_path = Path(stem).with_suffix(".json")
+    meta = read_json(cfg_path)
+    ref = meta.get("weights") if isinstance(meta, dict) else None
+    if ref is None:
+        return None
+    if (not isinstance(ref, dict) or set(ref) != {"path", "format", "bytes"} or not isinstance(ref["path"], str)
+            or ref["format"] not in LINKED_FORMATS or not isinstance(ref["bytes"], int)):
+        raise MulosdError(f"{cfg_path}: \"weights\" must be an object {{\"path\": a file, \"format\": one of "
+                          f"{', '.join(LINKED_FORMATS)}, \"bytes\": its size}}, got {ref!r}")
+    path = Path(ref["path"])
+    if not path.is_file():
+        raise MulosdError(f"{cfg_path} links its weights to {path}, which does not exist (moved or deleted? import "
+                          "the set again)")
+    if path.stat().st_size != ref["bytes"]:
+        raise MulosdError(f"{cfg_path} links its weights to {path}, which has changed since the set was imported "
+                          f"({path.stat().st_size} bytes, {ref['bytes']} then); import the set again")
+    return {**ref, "path": path}
+
+
 def load_pretrained(model_cls, stem: str | os.PathLike, kind: str):
-    """Build ``model_cls`` from ``stem.json`` and load ``stem.safetensors`` strictly. Any bad file (config,
-    weights, or the two disagreeing) is a MulosdError naming it."""
+    """Build ``model_cls`` from ``stem.json`` and load ``stem.safetensors`` (or the file the JSON links, see
+    :func:`linked_weights`) strictly. Any bad file (config, weights, or the two disagreeing) is a MulosdError
+    naming it."""
     stem = Path(stem)
     cfg_path = stem.with_suffix(".json")
     config = read_config(stem, kind, model_cls.config_class)
-    weights = stem.with_suffix(".safetensors")
+    link = linked_weights(stem)
+    weights = link["path"] if link else stem.with_suffix(".safetensors")
     if not weights.is_file():
         raise MulosdError(f"weights {weights} not found beside {cfg_path}")
     try:
         model = model_cls(config)
     except (ValueError, TypeError, RuntimeError, AssertionError, ZeroDivisionError) as exc:
         raise MulosdError(f"{cfg_path}: cannot build a {model_cls.__name__} from this config: {exc}") from None
-    load_state_strict(model, read_safetensors(weights), str(weights))
+    if link:
+        from mulosd.models.llamagen import read_linked_weights
+
+        state = read_linked_weights(link["format"], weights)
+    else:
+        state = read_safetensors(weights)
+    load_state_strict(model, state, str(weights))
     return model.eval()
 
 

@@ -31,6 +31,9 @@ from mulosd.models.cgpt import ContinuousGPT
 from mulosd.models.classifier import Classifier
 from mulosd.models.gpt import GPT
 from mulosd.models.kl import KLAutoencoder, check_tokenizer
+from mulosd.io import linked_weights, read_json
+from mulosd.models.condition import Captions, read_caption_features
+from mulosd.models.llamagen_vq import LlamaGenVQ
 from mulosd.models.vq import VQModel
 from mulosd.models.upsample import LatentResampler, PixelResampler
 from mulosd.resources import check_batch_memory, synchronize
@@ -173,10 +176,27 @@ def _component(where: Path, key: str, value) -> Path:
         raise MulosdError(f"{where}: {key} must be a component stem (a file name without .json/.safetensors), "
                           f"got {value!r}")
     stem = where.parent / value
-    for path in (stem.with_suffix(".json"), stem.with_suffix(".safetensors")):
-        if not path.is_file():
-            raise MulosdError(f"{where}: {key} names {value!r}, but {path} does not exist")
+    if not stem.with_suffix(".json").is_file():
+        raise MulosdError(f"{where}: {key} names {value!r}, but {stem.with_suffix('.json')} does not exist")
+    if linked_weights(stem) is None and not stem.with_suffix(".safetensors").is_file():
+        raise MulosdError(f"{where}: {key} names {value!r}, but {stem.with_suffix('.safetensors')} does not exist")
     return stem
+
+
+# Tokenizer classes by the "kind" their JSON records: mulosd's own VQ, LlamaGen's VQ-16.
+TOKENIZERS = {"vq": VQModel, "llamagen-vq": LlamaGenVQ}
+
+
+def load_tokenizer(stem: Path):
+    """The VQ tokenizer at ``stem``, of the class its JSON's kind names (see TOKENIZERS)."""
+    if not stem.with_suffix(".json").is_file():
+        raise MulosdError(f"model config {stem.with_suffix('.json')} not found")
+    meta = read_json(stem.with_suffix(".json"))
+    kind = meta.get("kind") if isinstance(meta, dict) else None
+    if kind not in TOKENIZERS:
+        raise MulosdError(f"{stem.with_suffix('.json')} describes a {kind!r} model; a tokenizer must be one of "
+                          f"{', '.join(TOKENIZERS)}")
+    return TOKENIZERS[kind].from_pretrained(stem)
 
 
 def _components(where: Path, key: str, value, what: str) -> dict[str, Path]:
@@ -231,7 +251,8 @@ class Pipeline:
         self.continuous = continuous
         self.drafters = dict(drafters or {})
         self.upsamplers = {int(r): m for r, m in (upsamplers or {}).items()}
-        self.class_names = tuple(class_names)
+        # a text-to-image set has no classes: its condition is a caption
+        self.class_names = () if target.config.condition == "caption" else tuple(class_names)
         self.name = name
         self._check()
 
@@ -288,7 +309,14 @@ class Pipeline:
                 raise MulosdError(
                     f"{role} model vocab_size {model.config.vocab_size} does not match the tokenizer's codebook size {vocab}"
                 )
-            if model.config.num_classes != len(self.class_names):
+            if model.config.condition != self.target.config.condition:
+                raise MulosdError(f"{role} model is conditioned on a {model.config.condition}; the target on a "
+                                  f"{self.target.config.condition} (they must take the same condition)")
+            if model.config.condition == "caption":
+                if (model.config.cls_token_num, model.config.caption_dim) != self.caption_shape:
+                    raise MulosdError(f"{role} model takes captions of [{model.config.cls_token_num}, "
+                                      f"{model.config.caption_dim}]; the target {list(self.caption_shape)}")
+            elif model.config.num_classes != len(self.class_names):
                 raise MulosdError(f"{role} model has {model.config.num_classes} classes; the model set names {len(self.class_names)}")
 
     @classmethod
@@ -306,7 +334,7 @@ class Pipeline:
         directory = resolve(name_or_path)
         where = directory / "manifest.json"
         spec = _manifest_spec(directory)
-        tokenizer, target = VQModel.from_pretrained(spec["tokenizer"]), GPT.from_pretrained(spec["target"])
+        tokenizer, target = load_tokenizer(spec["tokenizer"]), GPT.from_pretrained(spec["target"])
         drafters = {role: GPT.from_pretrained(stem) for role, stem in spec["drafters"].items()}
         classifier = Classifier.from_pretrained(spec["classifier"]) if spec["classifier"] else None
         upsamplers = {}
@@ -342,22 +370,85 @@ class Pipeline:
                               "continuous target; train them with `mulosd train kl-tokenizer` and `mulosd train car`)")
         return self.continuous
 
-    def resampler(self, kind: str, r: int, mode: str = "bicubic"):
-        """MuLo-SD's up/down-sampler for factor r: ``pixel`` (training-free, any tokenizer) or ``learned`` (the
-        shipped latent resampler for this r, checked against this pipeline's tokenizer)."""
+    def resampler(self, kind: str, r: float, mode: str = "bicubic"):
+        """MuLo-SD's up/down-sampler for factor r: ``pixel`` (training-free, any tokenizer, any r > 1) or
+        ``learned`` (the shipped latent resampler for this r, an integer, checked against this pipeline's
+        tokenizer)."""
         if kind == "pixel":
             return PixelResampler(self.tokenizer, r, mode)
         if kind != "learned":
             raise MulosdError(f"up-sampler {kind!r} unknown; allowed: pixel, learned")
         if r not in self.upsamplers:
             have = ", ".join(f"r={k}" for k in sorted(self.upsamplers)) or "none"
-            raise MulosdError(f"model set {self.name} has no learned up-sampler for r={r} (it has: {have}); "
-                              f"train one with `mulosd train upsampler --r {r}` or use upsampler=pixel")
+            fix = (f"train one with `mulosd train upsampler --r {r:g}`" if float(r).is_integer() else
+                   "learned resamplers exist for integer r only")
+            raise MulosdError(f"model set {self.name} has no learned up-sampler for r={r:g} (it has: {have}); "
+                              f"{fix} or use upsampler=pixel")
         model = self.upsamplers[r]
         model.check(self.tokenizer, r)
         return model
 
+    def supported_methods(self) -> dict[str, str | None]:
+        """Every method -> None when it can be built on this set with its default parameters (mulo: with any
+        low-resolution drafter the set has), else the reason it cannot (the error building it gives)."""
+        from mulosd.decoding.methods import REGISTRY, get_method
+
+        out = {}
+        for name in sorted(REGISTRY):
+            cls = get_method(name)
+            tries = [{}]
+            if hasattr(cls, "role_ratio"):  # mulo: one try per low-resolution drafter the set has
+                tries = [{"r": ratio} for role in sorted(self.drafters) if (ratio := cls.role_ratio(role))] or tries
+            reason = None
+            for params in tries:
+                try:
+                    cls(self, **params)
+                    reason = None
+                    break
+                except MulosdError as exc:
+                    reason = str(exc)
+            out[name] = reason
+        return out
+
     # ---- inputs -------------------------------------------------------------------------------------------
+    @property
+    def condition(self) -> str:
+        """What the set's models are conditioned on: ``"class"`` (c2i) or ``"caption"`` (t2i)."""
+        return self.target.config.condition
+
+    @property
+    def caption_shape(self) -> tuple[int, int]:
+        """(condition tokens, channels) of one caption: LlamaGen's t2i models take (120, 2048)."""
+        return self.target.config.cls_token_num, self.target.config.caption_dim
+
+    def check_condition_kind(self, kind: str, given=None) -> None:
+        """Refuse a condition of the other kind: classes for a t2i set, prompts or captions for a c2i set."""
+        if kind == self.condition:
+            return
+        if self.condition == "class":
+            raise MulosdError(f"model set {self.name} is class-conditional (c2i): it takes classes, not prompts or "
+                              f"caption features; allowed classes: 0..{len(self.class_names) - 1} or their names")
+        raise MulosdError(f"model set {self.name} is text-to-image (t2i): it takes a caption (--prompt with "
+                          f"--t5-path, or --caption-features), not classes{f' (got {given!r})' if given else ''}")
+
+    def captions(self, prompts: list[str] | None = None, features: list | None = None,
+                 t5_path: str | Path | None = None) -> Captions:
+        """One caption per prompt (encoded with the T5 encoder at ``t5_path``) or per feature file (see
+        :func:`mulosd.models.condition.read_caption_features`), for a text-to-image set."""
+        self.check_condition_kind("caption")
+        if bool(prompts) == bool(features):
+            raise MulosdError(f"model set {self.name} is text-to-image (t2i): give prompts (with a T5 encoder path) "
+                              "or caption feature files, one of the two")
+        length, dim = self.caption_shape
+        if features:
+            return Captions.cat([read_caption_features(f, length, dim) for f in features])
+        if t5_path is None:
+            raise MulosdError("prompts need a T5 encoder on disk: pass --t5-path DIR (LlamaGen uses flan-t5-xl; "
+                              "nothing is downloaded), or precomputed --caption-features")
+        from mulosd.models.t5 import T5Captioner
+
+        return T5Captioner(t5_path, self.device).encode(list(prompts), length, dim)
+
     def check_top_k(self, top_k: int, name: str = "top-k") -> None:
         """A top-k above the vocabulary would silently keep every code: refuse it (``name``: how the caller calls
         the setting, e.g. the ``--top-k`` flag)."""
@@ -370,6 +461,7 @@ class Pipeline:
         """Class names or ids (ints or strings like "3", "sneaker") -> ids, with a clear error for bad ones."""
         if isinstance(classes, (str, int)):
             classes = [c for c in str(classes).split(",") if c.strip()] if isinstance(classes, str) else [classes]
+        self.check_condition_kind("class", classes)
         ids = []
         for c in classes:
             key = str(c).strip().lower()
@@ -403,19 +495,32 @@ class Pipeline:
         return self.classifier.predict(x)
 
     @torch.inference_mode()
-    def __call__(self, classes, num_per_class: int = 1, method: str = "ar", seed: int = 0, batch_size: int = 8,
+    def __call__(self, classes=None, num_per_class: int = 1, method: str = "ar", seed: int = 0, batch_size: int = 8,
                  cfg_scale: float = 3.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 progress: bool = False, trace: bool = False, first_index: int = 0, **method_params) -> GenerationOutput:
-        """Decode ``num_per_class`` images of every class in ``classes`` (class-major) with ``method`` built from
-        ``method_params``; ``generate`` does the decoding (and says which random stream each image uses)."""
+                 progress: bool = False, trace: bool = False, first_index: int = 0, captions: Captions | None = None,
+                 cfg_convention: str = "mulosd", cfg_interval: int = -1, **method_params) -> GenerationOutput:
+        """Decode ``num_per_class`` images of every class in ``classes`` (class-major), or of every caption in
+        ``captions`` (a t2i set: see :meth:`captions`), with ``method`` built from ``method_params``;
+        ``generate`` does the decoding (and says which random stream each image uses)."""
         if num_per_class < 1:
             raise MulosdError(f"num_per_class must be >= 1, got {num_per_class}")
         _check_batch_size(batch_size)
-        sampling = SamplingConfig(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+        sampling = SamplingConfig(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  cfg_convention=cfg_convention, cfg_interval=cfg_interval)
         decoder = get_method(method)(self, **method_params)
-        labels = torch.tensor([c for c in self.class_ids(classes) for _ in range(num_per_class)])
-        return self.generate(decoder, labels, sampling, seed=seed, batch_size=batch_size, first_index=first_index,
-                             progress=progress, trace=trace)
+        if self.condition == "caption":
+            if classes is not None or captions is None:
+                self.check_condition_kind("class", classes)
+            conditions = captions.repeat(num_per_class)
+        else:
+            if captions is not None:
+                self.check_condition_kind("caption")
+            conditions = torch.tensor([c for c in self.class_ids(classes) for _ in range(num_per_class)])
+        out = self.generate(decoder, conditions, sampling, seed=seed, batch_size=batch_size, first_index=first_index,
+                            progress=progress, trace=trace)
+        if isinstance(conditions, Captions):  # images are labelled with their caption's index
+            out.labels = torch.arange(len(captions)).repeat_interleave(num_per_class)
+        return out
 
     @torch.inference_mode()
     def generate(self, decoder, labels: torch.Tensor, sampling: SamplingConfig, seed: int = 0, batch_size: int = 8,
@@ -429,9 +534,11 @@ class Pipeline:
         _check_batch_size(batch_size)
         if trace and not getattr(decoder, "traces_cycles", False):
             raise MulosdError(f"acceptance maps need a method that records its cycles (mulo); {decoder.name!r} does not")
-        labels = torch.as_tensor(labels, dtype=torch.long).flatten().cpu()
+        captions = isinstance(labels, Captions)
+        labels = labels.cpu() if captions else torch.as_tensor(labels, dtype=torch.long).flatten().cpu()
         if not len(labels):
-            raise MulosdError("no labels given; pass at least one class id")
+            raise MulosdError("no labels given; pass at least one class id or caption")
+        self.target.check_condition(labels)
         check_seed(seed)
         decoder.check_sampling(sampling)
         batch_size = min(batch_size, len(labels))  # what is used (and recorded): never more than the images
@@ -453,8 +560,11 @@ class Pipeline:
         tokens = tokens.view(-1, g, g, *tokens.shape[2:])  # continuous tokens keep their channel axis
         images = decoder.decode_images(tokens)
         stats = _generation_stats(decoder, len(labels), g, sampling, seed, batch_size, totals, wall)
-        predictions = self.classify(images).cpu() if classify and self.classifier is not None else None
+        classify = classify and self.classifier is not None and not captions
+        predictions = self.classify(images).cpu() if classify else None
         tokens, images = tokens.cpu(), images.cpu()  # outputs on the CPU whatever device decoded them
+        if captions:  # a caption batch has no class ids: images are labelled -1 (__call__ numbers the captions)
+            labels = torch.full((len(labels),), -1, dtype=torch.long)
         if predictions is not None:
             stats["class_accuracy"] = round((predictions == labels).float().mean().item(), 4)
         return GenerationOutput(images=images, tokens=tokens, labels=labels, stats=stats, traces=traces,
@@ -497,6 +607,7 @@ class Pipeline:
                 m.save_pretrained(out / f"continuous_drafter_{role}", dtype)
             spec["continuous"] = {"tokenizer": "continuous_tokenizer", "target": "continuous_target",
                                   "drafters": {role: f"continuous_drafter_{role}" for role in cont.drafters}}
-        spec["class_names"] = list(self.class_names)
+        if self.condition == "class":  # a t2i set has no classes
+            spec["class_names"] = list(self.class_names)
         write_manifest(out, spec)
         return out

@@ -239,21 +239,10 @@ def images_per_chunk(px: int, cells: int, vocab: int) -> int:
 
 
 def load_tokenizer(stem: str | Path) -> torch.nn.Module:
-    """The VQ tokenizer component at ``stem`` by the kind its JSON names: mulosd's ``VQModel`` (kind ``vq``) or
-    LlamaGen's VQ-16 (``LlamaGenVQ``, which ``mulosd import llamagen`` writes). Bad files are MulosdErrors."""
-    from mulosd.errors import MulosdError
-    from mulosd.io import read_json
+    """The VQ tokenizer component at ``stem``, of the class its JSON's kind names (see pipeline.TOKENIZERS)."""
+    from mulosd.pipeline import load_tokenizer as load
 
-    path = Path(stem).with_suffix(".json")
-    meta = read_json(path) if path.is_file() else None  # a missing file: VQModel's own "not found" error
-    kind = meta.get("kind") if isinstance(meta, dict) else None
-    if kind in (None, VQModel.kind):
-        return VQModel.from_pretrained(stem)
-    from mulosd.models.llamagen_vq import LlamaGenVQ
-
-    if kind != LlamaGenVQ.kind:
-        raise MulosdError(f"{path} describes a {kind!r} model; a tokenizer is {VQModel.kind!r} or {LlamaGenVQ.kind!r}")
-    return LlamaGenVQ.from_pretrained(stem)
+    return load(Path(stem))
 
 
 def model_set_tokenizer(model_set: str) -> tuple[Path, Path, int]:

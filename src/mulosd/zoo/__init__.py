@@ -83,13 +83,12 @@ def assemble(base: str | None = None, *, name: str | None = None, tokenizer: str
     from mulosd.models.gpt import GPT
     from mulosd.models.kl import KLAutoencoder
     from mulosd.models.upsample import LatentResampler
-    from mulosd.models.vq import VQModel
-    from mulosd.pipeline import ContinuousModels, Pipeline
+    from mulosd.pipeline import ContinuousModels, Pipeline, load_tokenizer
 
     start = Pipeline.from_pretrained(base) if base else None
     if start is None and not (tokenizer and target):
         raise MulosdError("a tokenizer and a target are required unless a model set to start from is given")
-    tok = VQModel.from_pretrained(tokenizer) if tokenizer else start.tokenizer
+    tok = load_tokenizer(Path(tokenizer)) if tokenizer else start.tokenizer
     tgt = GPT.from_pretrained(target) if target else start.target
     clf = Classifier.from_pretrained(classifier) if classifier else (start.classifier if start else None)
     roles = dict(start.drafters) if start else {}
