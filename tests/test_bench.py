@@ -324,8 +324,10 @@ def _fake_pipe_and_methods(monkeypatch, fail: str | None = None):
         log["classified"] += 1
         return torch.zeros(len(images), dtype=torch.long)
 
-    pipe = SimpleNamespace(name="fake", class_names=tuple("abcdefghij"), classifier=object(), continuous=None)
+    pipe = SimpleNamespace(name="fake", class_names=tuple("abcdefghij"), classifier=object(), continuous=None,
+                           condition="class", target=SimpleNamespace(check_condition=lambda condition: None))
     pipe.generate = Pipeline.generate.__get__(pipe)
+    pipe.check_condition_kind = Pipeline.check_condition_kind.__get__(pipe)
     pipe.classify = classify.__get__(pipe)
     monkeypatch.setitem(registry.REGISTRY, "fake_ar", Counting)
     monkeypatch.setitem(registry.REGISTRY, "fake_sd", Drafting)

@@ -1,7 +1,8 @@
 """``mulosd bench``: speed and quality of decoding methods side by side, in one process.
 
 Every setting (a method plus parameters; sweeps expand into one setting per point) decodes the same images:
-image i has class i mod 10 and random stream (seed, i). Batches are interleaved: round b decodes batch b with
+image i has random stream (seed, i) and class i mod C (a class-conditional set of C classes) or caption i mod P
+(a text-to-image set, given P captions: ``bench_captions``). Batches are interleaved: round b decodes batch b with
 every setting, in an order rotated each round, so slow drift of the machine hits all settings alike. After
 every round the raw per-batch records (with the classifier features and the first images of every setting) are
 written atomically to ``state.json`` / ``state.safetensors`` in the output directory, together with the
@@ -21,8 +22,16 @@ broadcast from it.
 Each setting's method is built once, before any work, and ``--out`` is checked (with a resumed run's state) before
 it is created, so bad values leave no folder behind. That one object decodes its warm-up batch and every measured
 batch (``Pipeline.generate``); the images of a batch are classified once, by the pipeline. The module reads top to
-bottom: settings, scheduling and resume, measurement, quality, writing, and ``run_bench`` with the state of one
-run (``_BenchRun``).
+bottom: settings, conditions, scheduling and resume, measurement, quality, writing, and ``run_bench`` with the
+state of one run (``_BenchRun``).
+
+Quality is measured where it means something. A Fashion-MNIST-like set (one with a classifier: fmnist-32 and sets
+trained like it) gets class accuracy, FID/KID in the classifier's feature space (and with --inception in
+Inception's) against the Fashion-MNIST test split, and the two-sample tests against its family's reference. A set
+without a classifier (one imported from LlamaGen checkpoints: RGB, 256-512 px, ImageNet classes or captions) gets
+the speed columns and, with --inception, the two-sample test of each setting against its reference in Inception
+space only: its classifier columns are None ("n/a" in results.md, with the reason), and no Fashion-MNIST reference
+is computed for it, as its images are not drawn from that distribution.
 """
 
 from __future__ import annotations
@@ -56,12 +65,14 @@ from mulosd.errors import MulosdError
 from mulosd.evaluation.fid import (cached_reference, fid_from_features, kernel_distance, kid_permutation_test,
                                    stratified_kid_ok)
 from mulosd.io import atomic_write, cache_dir, atomic_write_json, atomic_write_text, check_writable
+from mulosd.models.condition import Captions
 
 SPACES = ("classifier", "inception")
 # KID (against the test set, and between a setting and its reference) weighs each setting's images as the
-# class-balanced sample they are: image i asks for class i mod 10 (fid._pair_weights). Recorded in results.json's
-# config; runs written before it carry an i.i.d.-weighted KID, biased low, that the doc tables do not show.
-KID_STRATA = "requested class"
+# balanced sample they are: image i asks for class i mod C, or caption i mod P (fid._pair_weights). Recorded in
+# results.json's config as "kid_strata"; runs written before it carry an i.i.d.-weighted KID, biased low, that the
+# doc tables do not show.
+KID_STRATA = {"class": "requested class", "caption": "requested caption"}
 PERMUTATIONS = 1000
 SAMPLE_IMAGES = 20  # the first images of every setting go into samples/<setting>.png
 WARMUP_SEED_OFFSET = 7919  # the uncounted warm-up batch draws other images than the measured ones
@@ -192,6 +203,78 @@ class BenchConfig(SamplingSettings):
             inception_path()  # missing weights: say how to install them before any work starts
 
 
+# ---- conditions -------------------------------------------------------------------------------------------
+GRID_NAME_CHARS = 12  # a caption's name in its sample-grid row: the row label has room for about this many
+
+
+@dataclass
+class BenchCaptions:
+    """The P captions of a text-to-image bench (image i gets caption i mod P), with what they were given as:
+    ``source`` is recorded in results.json and compared by --resume, so another caption list is another run."""
+
+    captions: Captions
+    names: list[str]  # one short name per caption, for the sample grids' rows
+    source: dict  # {"prompts": [...], "t5": encoder folder name} or {"caption_features": [...], "features_sha256"}
+
+
+def _short(text: str) -> str:
+    """``text`` cut to GRID_NAME_CHARS characters (an ellipsis marks a cut)."""
+    return text if len(text) <= GRID_NAME_CHARS else text[: GRID_NAME_CHARS - 1] + "…"
+
+
+def _captions_digest(captions: Captions) -> str:
+    """A short fingerprint of caption features and masks: equal digests, equal conditions. Feature files keep
+    their names when re-extracted (LlamaGen's extract_t5_feature.py numbers them), so names alone do not say."""
+    h = hashlib.sha256()
+    for t in (captions.features.float(), captions.mask):
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def bench_captions(pipe, prompts: tuple[str, ...] | list[str] = (), features: tuple[str, ...] | list[str] = (),
+                   t5_path: str | Path | None = None) -> BenchCaptions | None:
+    """The captions of a text-to-image bench: ``prompts`` encoded by the T5 encoder in ``t5_path``, or the caption
+    feature files ``features`` (``Pipeline.captions``). None when none of the three is given (a class-conditional
+    bench). Captions for a class-conditional set, prompts with feature files, prompts without ``t5_path``, or a
+    bad feature file are refused by ``Pipeline.captions`` naming what is allowed."""
+    if not prompts and not features and t5_path is None:
+        return None
+    captions = pipe.captions(prompts=list(prompts), features=list(features), t5_path=t5_path)
+    if prompts:  # the encoder enters (another T5 gives other features); its digest would vary across devices
+        return BenchCaptions(captions, [_short(p) for p in prompts],
+                             {"prompts": list(prompts), "t5": Path(t5_path).name})
+    return BenchCaptions(captions, [_short(Path(f).stem) for f in features],
+                         {"caption_features": [Path(f).name for f in features],
+                          "features_sha256": _captions_digest(captions)})
+
+
+def _check_conditions(pipe, captions: BenchCaptions | None) -> None:
+    """A class-conditional set takes no captions; a text-to-image set needs them (its message names the options
+    that give them)."""
+    pipe.check_condition_kind("caption" if captions is not None else "class")
+
+
+def _condition_ids(pipe, captions: BenchCaptions | None, n: int) -> torch.Tensor:
+    """What image i asks for, for i < n: class i mod C, or (a text-to-image bench) the index i mod P of its caption.
+    KID's strata and the sample grids' rows."""
+    return torch.arange(n) % (len(captions.captions) if captions is not None else len(pipe.class_names))
+
+
+def _conditions_record(pipe, captions: BenchCaptions | None, n: int) -> dict:
+    """results.json's account of the conditions: the class ids asked for, or the captions' source."""
+    if captions is not None:
+        return {"kind": "caption", "image_i": f"caption i mod {len(captions.captions)}", **captions.source}
+    classes = len(pipe.class_names)
+    return {"kind": "class", "image_i": f"class i mod {classes}", "class_ids": list(range(min(n, classes)))}
+
+
+def _fmnist_like(pipe) -> bool:
+    """Whether a set's images are Fashion-MNIST-like, so that FID/KID against the Fashion-MNIST test split means
+    something: it has a classifier, trained on Fashion-MNIST (fmnist-32 and sets trained like it). A set imported
+    from LlamaGen checkpoints has none."""
+    return pipe.classifier is not None
+
+
 # ---- scheduling and resume --------------------------------------------------------------------------------
 def _batches(cfg: BenchConfig) -> list[tuple[int, int]]:
     """Round b decodes images [lo, hi) of every setting."""
@@ -203,15 +286,18 @@ def _round_order(settings: list[Setting], b: int) -> list[Setting]:
     return settings[b % len(settings):] + settings[: b % len(settings)]
 
 
-def _run_config(pipe, settings: list[Setting], cfg: BenchConfig) -> dict:
+def _run_config(pipe, settings: list[Setting], cfg: BenchConfig, captions: BenchCaptions | None = None) -> dict:
     """What a run measures; a resumed run must have the same (compared as JSON). The transformers' dtype changes
     the images, so a run in another dtype than float32 names it (runs in float32, older ones included, do not);
-    the device and the number of processes do not enter: a resumed run may use others."""
+    the device and the number of processes do not enter: a resumed run may use others. A text-to-image run names
+    its conditions (the captions' source, ``BenchCaptions.source``); a class-conditional run's classes follow from
+    the model set and the number of images (results.json's config lists them all the same, as ``conditions``)."""
     dtype = dtype_name(pipe_dtype(pipe))
     return {"model": pipe.name, "num_images": cfg.num_images, "batch_size": cfg.batch_size, "seed": cfg.seed,
             "sampling": vars(cfg.sampling()), "settings": [[s.label, s.method, s.params] for s in settings],
             "inception": cfg.inception, **({"reference_images": cfg.reference_images} if cfg.inception else {}),
-            **({"dtype": dtype} if dtype != "float32" else {})}
+            **({"dtype": dtype} if dtype != "float32" else {}),
+            **({"conditions": _conditions_record(pipe, captions, cfg.num_images)} if captions is not None else {})}
 
 
 _ABSENT = object()
@@ -337,9 +423,11 @@ def _build_methods(pipe, settings: list[Setting]) -> dict[str, Method]:
     return {s.label: get_method(s.method)(pipe, **s.params) for s in settings}
 
 
-def _decode(pipe, method: Method, labels: torch.Tensor, lo: int, seed: int, cfg: BenchConfig, classify: bool = True):
-    """Images [lo, lo + len(labels)) of one setting, decoded by its built method (one GenerationOutput)."""
-    return pipe.generate(method, labels, cfg.sampling(), seed=seed, batch_size=cfg.batch_size, first_index=lo,
+def _decode(pipe, method: Method, conditions: torch.Tensor | Captions, lo: int, seed: int, cfg: BenchConfig,
+            classify: bool = True):
+    """Images [lo, lo + len(conditions)) of one setting (class ids or captions), decoded by its built method (one
+    GenerationOutput)."""
+    return pipe.generate(method, conditions, cfg.sampling(), seed=seed, batch_size=cfg.batch_size, first_index=lo,
                          classify=classify)
 
 
@@ -351,13 +439,15 @@ def token_digest(tokens: torch.Tensor) -> str:
 
 def _record(b: int, output, rank: int = 0, peak_memory_mb: float | None = None) -> dict:
     """The raw numbers of one decoded batch that the rows are aggregated from (kept in state.json): with the
-    rank that decoded it, its peak device memory (CUDA; None on the CPU) and every image's token digest."""
+    rank that decoded it, its peak device memory (CUDA; None on the CPU) and every image's token digest. ``correct``
+    (images of the class they asked for) is None where nothing classified them (no classifier, or captions)."""
     st, counts = output.stats, output.stats["counts"]
+    correct = None if output.predictions is None else int((output.predictions == output.labels).sum())
     return {
         "batch": b, "images": len(output.labels), "wall_s": st["wall_time_s"],
         "drafter_forwards": st["drafter_forwards"],
         **{k: counts[k] for k in ("active_forwards", "tokens", "accepted", "drafted", "resampled")},
-        "correct": int((output.predictions == output.labels).sum()), "time_s": st["time_breakdown_s"],
+        "correct": correct, "time_s": st["time_breakdown_s"],
         "accept_hist": st["accepted_length_histogram"], "rank": rank, "peak_memory_mb": peak_memory_mb,
         "token_digests": [token_digest(t) for t in output.tokens],
     }
@@ -487,7 +577,8 @@ def real_floor(extract, ref, n: int, data_dir: str | None = None, cache: Path | 
 def _quality(space: str, feats: torch.Tensor | None, ref, labels: torch.Tensor) -> dict:
     """FID and KID of one setting's features in one feature space (None when fewer than 2 images). Image i asked
     for class ``labels[i]``: KID weighs the class-balanced sample as such (``kernel_distance``'s ``strata``), and
-    is None while some class has fewer than 2 images (fewer than 20 in all), where no unbiased estimate exists."""
+    is None while some class has fewer than 2 images (fewer than 20 in all for 10 classes), where no unbiased
+    estimate exists."""
     if feats is None or len(feats) < 2:
         return {f"fid_{space}": None, f"kid_{space}": None}
     strata = labels[: len(feats)]
@@ -509,28 +600,34 @@ def _quality_due(done_rounds: int, total_rounds: int, final: bool, previous: int
 
 
 def _qualities(feats: dict, refs: dict, labels: torch.Tensor) -> dict:
-    """FID/KID columns of one setting from its features per space."""
-    return {**_quality("classifier", feats.get("classifier"), refs["classifier"], labels),
-            **(_quality("inception", feats.get("inception"), refs["inception"], labels) if "inception" in refs
-               else {"fid_inception": None, "kid_inception": None})}
+    """FID/KID columns of one setting from its features per space; None in a space without reference statistics
+    (not measured, or a set that is not Fashion-MNIST-like)."""
+    out = {}
+    for space in SPACES:
+        out.update(_quality(space, feats.get(space), refs[space], labels) if space in refs
+                   else {f"fid_{space}": None, f"kid_{space}": None})
+    return out
 
 
 def _extractors(pipe, cfg: BenchConfig) -> dict:
-    """Feature extractor per space: the model set's classifier, and Inception-v3 with ``cfg.inception``."""
-    extractors = {"classifier": lambda images: _features(pipe, images)}
+    """Feature extractor per space: the model set's classifier (where it has one), and Inception-v3 (on the
+    pipeline's device) with ``cfg.inception``."""
+    extractors = {}
+    if pipe.classifier is not None:
+        extractors["classifier"] = lambda images: _features(pipe, images)
     if cfg.inception:
         from mulosd.evaluation.inception import InceptionFeatures
 
-        extractors["inception"] = InceptionFeatures(device=next(pipe.classifier.parameters()).device)
+        extractors["inception"] = InceptionFeatures(device=pipe_device(pipe))
     return extractors
 
 
 def _tests_vs_reference(own: dict, base: dict, labels: torch.Tensor) -> dict:
     """Two-sample test of one setting against its family's reference setting (ar / car) per feature space:
-    KID between the two sets and the permutation p-value that they come from one distribution (class-stratified:
-    image i of both sets asked for class i mod 10). None when there is no reference in the run, for the reference
-    itself, or while the two sets differ in size; the KID alone is None while some class has fewer than 2 images
-    (the p-value stays exact whatever the statistic)."""
+    KID between the two sets and the permutation p-value that they come from one distribution (stratified by what
+    image i of both sets asked for: its class, or its caption). None when there is no reference in the run, for the
+    reference itself, or while the two sets differ in size; the KID alone is None while some class (caption) has
+    fewer than 2 images (the p-value stays exact whatever the statistic)."""
     out = {}
     for space in SPACES:
         x, y = own.get(space), base.get(space)
@@ -586,7 +683,8 @@ def _speed_columns(records: list[dict], ar_latency: float | None) -> dict:
         "step_compression": round(total("tokens") / max(1, total("active_forwards")), 4),
         "acceptance_rate": round(total("accepted") / total("drafted"), 4) if total("drafted") else None,
         "resampled_per_image": round(total("resampled") / n, 3),
-        "class_accuracy": round(total("correct") / n, 4),
+        # None without a classifier (no batch was classified)
+        "class_accuracy": (None if any(r["correct"] is None for r in records) else round(total("correct") / n, 4)),
         # the most device memory one measured batch allocated (CUDA; warm-up excluded); None on the CPU
         "peak_memory_mb": max((r["peak_memory_mb"] for r in records if r.get("peak_memory_mb") is not None),
                               default=None),
@@ -618,13 +716,27 @@ def step_compression(row: dict) -> float:
     return row["step_compression"] if "step_compression" in row else row["mean_accepted_length"]
 
 
-def _p_cell(row: dict) -> str:
+NA = "n/a"  # a cell whose metric does not exist for the model set (see ``na_reason``)
+
+
+def na_reason(config: dict) -> str | None:
+    """Why a run's classifier and test-set columns are "n/a" in results.md (one line under the table), None where
+    they apply. Runs written before sets without a classifier were benched have no ``classifier`` key: they had one."""
+    if config.get("classifier", True):
+        return None
+    return (f"n/a: model set {config['model']} has no classifier: no class accuracy, no classifier-space FID, KID "
+            f"or p-value, and no FID/KID against the Fashion-MNIST test split (its images are not Fashion-MNIST-like); "
+            f"with --inception, the Inception p-value tests each setting against its family's reference (ar / car).")
+
+
+def _p_cell(row: dict, classifier: bool = True) -> str:
     """The two-sample p-values against the reference setting, '-' where not computed (1000 re-splits: the
-    smallest p is 1/1001, shown as 0.001)."""
+    smallest p is 1/1001, shown as 0.001), "n/a" in the classifier space of a set without a classifier."""
     ps = [row.get(f"p_vs_reference_{space}") for space in SPACES]
-    if all(p is None for p in ps):
+    if classifier and all(p is None for p in ps):
         return "-"
-    return " / ".join("-" if p is None else f"{p:.3f}" for p in ps)
+    cells = ["-" if p is None else f"{p:.3f}" for p in ps]
+    return " / ".join([cells[0] if classifier else NA, *cells[1:]])
 
 
 def measured_phases(rows: list[dict]) -> list[str]:
@@ -632,32 +744,37 @@ def measured_phases(rows: list[dict]) -> list[str]:
     return [k for k in PHASES if any(k in (r.get("time_breakdown_s") or {}) for r in rows)]
 
 
-def _markdown_row(r: dict, phases: list[str], show_kid: bool) -> str:
+def _markdown_row(r: dict, phases: list[str], show_kid: bool, classifier: bool = True) -> str:
+    """One setting's line of the table; without a classifier its class accuracy and classifier / test-set
+    columns are "n/a"."""
     if r.get("error") and "latency_s_per_image" not in r:
         return f"| `{r['label']}` | error: {r['error'].strip().splitlines()[-1]} ||||||||||||"
     f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
+    q = f if classifier else lambda v, fmt: NA  # noqa: E731 - the columns that need a classifier (or its reference)
     tb = r.get("time_breakdown_s") or {}
     times = " / ".join(f(tb.get(k), ".3f") for k in phases) if tb else "-"
     return (f"| `{r['label']}` | {f(r['speedup_vs_ar'], '.2f')}x | {r['latency_s_per_image']:.3f} "
             f"({r['latency_p10_p90_s'][0]:.3f}-{r['latency_p10_p90_s'][1]:.3f}) | {r['target_forwards_per_image']:.1f} | "
             f"{step_compression(r):.2f}x | {f(r['acceptance_rate'], '.3f')} | {f(r['resampled_per_image'], '.1f')} | "
-            f"{r['class_accuracy']:.3f} | {f(r['fid_classifier'], '.2f')} | "
-            f"{f(None if r.get('kid_classifier') is None or not show_kid else 1000 * r['kid_classifier'], '.2f')} | "
-            f"{f(r.get('fid_inception'), '.2f')} | {_p_cell(r)} | {times} |")
+            f"{q(r['class_accuracy'], '.3f')} | {q(r['fid_classifier'], '.2f')} | "
+            f"{q(None if r.get('kid_classifier') is None or not show_kid else 1000 * r['kid_classifier'], '.2f')} | "
+            f"{q(r.get('fid_inception'), '.2f')} | {_p_cell(r, classifier)} | {times} |")
 
 
-def markdown_table(rows: list[dict], show_kid: bool = True) -> str:
+def markdown_table(rows: list[dict], show_kid: bool = True, na: str | None = None) -> str:
     """The Markdown table of results.md; its time column lists the phases that some row measured, in PHASES order.
     ``show_kid=False`` leaves the KID cells empty ("-"), for runs whose results.json predates the class-stratified
-    KID estimator (no ``config.kid_strata``): their stored KID is biased low, by more the smaller the run."""
+    KID estimator (no ``config.kid_strata``): their stored KID is biased low, by more the smaller the run. ``na``
+    (``na_reason``: a set without a classifier) shows the class accuracy, classifier and test-set columns as "n/a"
+    and adds itself as a line under the table."""
     phases = measured_phases(rows)
     lines = ["| setting | speedup vs AR | latency s/img (p10-p90) | target fwd/img | step compression | accept rate | "
              "resampled/img | class acc | FID (classifier) | KID x1000 (classifier) | FID (Inception) | "
              "p same as ref (classifier / Inception) | "
              f"time: {' / '.join(phases) or 'per phase'} (s/img) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [_markdown_row(r, phases, show_kid) for r in rows]
-    return "\n".join(lines) + "\n"
+    lines += [_markdown_row(r, phases, show_kid, classifier=na is None) for r in rows]
+    return "\n".join(lines + ([f"\n{na}"] if na else [])) + "\n"
 
 
 def _csv_text(rows: list[dict]) -> str:
@@ -673,7 +790,7 @@ def _write_results(out: Path, result: dict) -> None:
     """results.json, results.csv and results.md, each written atomically."""
     atomic_write_json(out / "results.json", result)
     atomic_write_text(out / "results.csv", _csv_text(result["methods"]))
-    atomic_write_text(out / "results.md", markdown_table(result["methods"]))
+    atomic_write_text(out / "results.md", markdown_table(result["methods"], na=na_reason(result["config"])))
 
 
 def _save_state(out: Path, config: dict, records: dict, errors: dict, done_rounds: int, feats: dict,
@@ -688,11 +805,15 @@ def _save_state(out: Path, config: dict, records: dict, errors: dict, done_round
     atomic_write(out / "state.safetensors", lambda tmp: save_file(tensors, tmp))
 
 
-def _save_sample_grid(pipe, out: Path, label: str, images: torch.Tensor, classes: torch.Tensor) -> None:
-    """samples/<label>.png: ``images`` in rows by ``classes`` (the class each image asked for)."""
+GRID_TILE = 96  # sample grids scale small images up to about this many pixels (fmnist-32: 3x); large ones stay 1x
+
+
+def _save_sample_grid(out: Path, label: str, images: torch.Tensor, asked: torch.Tensor, names) -> None:
+    """samples/<label>.png: ``images`` in rows by ``asked`` (the class or caption each image asked for, named by
+    ``names``)."""
     from mulosd.evaluation.grids import image_grid
 
-    grid = image_grid(images, classes, pipe.class_names)
+    grid = image_grid(images, asked, names, scale=max(1, GRID_TILE // images.shape[-1]))
     safe = "".join(ch if ch.isalnum() or ch in "-_=.," else "_" for ch in label)
     atomic_write(out / "samples" / f"{safe}.png", lambda tmp: grid.save(tmp, format="PNG"))
 
@@ -705,20 +826,22 @@ class _BenchRun:
     only what decides their work (the finished rounds and the failed settings, broadcast from rank 0)."""
 
     def __init__(self, pipe, settings: list[Setting], cfg: BenchConfig, out: Path, save_samples: bool, plots: bool,
-                 ctx: Context | None = None):
+                 ctx: Context | None = None, captions: BenchCaptions | None = None):
         self.pipe, self.settings, self.cfg, self.out = pipe, settings, cfg, out
         self.save_samples, self.plots = save_samples, plots
         self.ctx = ctx or Context()
         self.device = pipe_device(pipe)
+        self.captions = captions
         self.methods = _build_methods(pipe, settings)
-        self.config = _run_config(pipe, settings, cfg)
+        self.config = _run_config(pipe, settings, cfg, captions)
         self.extractors = _extractors(pipe, cfg)
         self.records: dict[str, list[dict]] = {s.label: [] for s in settings}
         self.feats = {space: {s.label: [] for s in settings} for space in self.extractors}
         self.errors: dict[str, str] = {}
         self.done_rounds = 0
         self.previous_rounds = 0  # the rounds done at the write before: when a tenth of the run was crossed
-        self.labels = torch.arange(cfg.num_images) % len(pipe.class_names)  # image i asks for class i mod 10
+        self.labels = _condition_ids(pipe, captions, cfg.num_images)  # image i: class i mod C, or caption i mod P
+        self.names = captions.names if captions is not None else pipe.class_names  # the sample grids' row names
         self.batches = _batches(cfg)
         # label -> (its first SAMPLE_IMAGES images so far, their image indices): the grid, kept in the state
         self.samples: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -751,8 +874,17 @@ class _BenchRun:
                 self.no_grid = {s.label for s in self.settings} - set(self.samples)
         return self.done_rounds, self.errors
 
+    def conditions(self, lo: int, hi: int) -> torch.Tensor | Captions:
+        """What images [lo, hi) are decoded from: their class ids, or their captions."""
+        if self.captions is None:
+            return self.labels[lo:hi]
+        return self.captions.captions[self.labels[lo:hi]]
+
     def load_references(self, data_dir: str | None, progress: bool) -> None:
-        """Test-set statistics per feature space (cached) and the real-vs-real FID floor at this N."""
+        """Test-set statistics per feature space (cached) and the real-vs-real FID floor at this N; none for a set
+        whose images are not Fashion-MNIST-like (``_fmnist_like``)."""
+        if not _fmnist_like(self.pipe):
+            return
         self.refs = {"classifier": reference_stats(self.pipe, cache_dir(), data_dir)}
         if self.cfg.inception:
             self.refs["inception"] = inception_reference(self.extractors["inception"], cache_dir(),
@@ -768,8 +900,8 @@ class _BenchRun:
             if s.label in self.errors:
                 continue
             try:
-                _decode(self.pipe, self.methods[s.label], self.labels[:hi], 0, self.cfg.seed + WARMUP_SEED_OFFSET,
-                        self.cfg, classify=False)
+                _decode(self.pipe, self.methods[s.label], self.conditions(0, hi), 0,
+                        self.cfg.seed + WARMUP_SEED_OFFSET, self.cfg, classify=False)
             except Exception:  # noqa: BLE001 - reported in the row, the other settings go on
                 self.errors[s.label] = traceback.format_exc(limit=3)
         if self.ctx.distributed:
@@ -789,7 +921,7 @@ class _BenchRun:
         try:
             if cuda:  # this batch's own peak: every setting's models stay loaded, the others' caches are freed
                 torch.cuda.reset_peak_memory_stats(self.device)
-            output = _decode(self.pipe, self.methods[s.label], self.labels[lo:hi], lo, self.cfg.seed, self.cfg)
+            output = _decode(self.pipe, self.methods[s.label], self.conditions(lo, hi), lo, self.cfg.seed, self.cfg)
             peak = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1) if cuda else None
             item["feats"] = {space: extract(output.images) for space, extract in self.extractors.items()}
         except Exception:  # noqa: BLE001 - reported in the row, the other settings go on
@@ -828,7 +960,7 @@ class _BenchRun:
             images = torch.cat([images, new.to(images.dtype)])
             index = torch.cat([index, new_index])
             self.samples[label] = images, index
-            _save_sample_grid(self.pipe, self.out, label, images, self.labels[index])
+            _save_sample_grid(self.out, label, images, self.labels[index], self.names)
 
     def run_rounds(self, progress: bool) -> dict | None:
         """Every round not yet done, each followed by a write; the last write is final. Under torchrun the ranks
@@ -872,12 +1004,16 @@ class _BenchRun:
         return rows
 
     def result(self, rows: list[dict], final: bool, references: dict) -> dict:
-        """results.json: the run's config with its progress, machine, device and FID floors, and the rows."""
+        """results.json: the run's config with its conditions, progress, machine, device and FID floors (None for
+        a set that is not Fashion-MNIST-like), whether the set has a classifier (``na_reason``), and the rows."""
+        kind = "caption" if self.captions is not None else "class"
         return {"config": {**self.config, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": self.machine,
                            **self.hardware,
+                           "conditions": _conditions_record(self.pipe, self.captions, self.cfg.num_images),
+                           "classifier": self.pipe.classifier is not None,
                            "rounds_done": self.done_rounds, "rounds_total": len(self.batches), "complete": final,
-                           "quality_round": self.quality_round, "kid_strata": KID_STRATA,
-                           "fid_classifier_real_floor": self.floors["classifier"],
+                           "quality_round": self.quality_round, "kid_strata": KID_STRATA[kind],
+                           "fid_classifier_real_floor": self.floors.get("classifier"),
                            "fid_inception_real_floor": self.floors.get("inception"),
                            "speedup_reference": references.get("ar"), "speedup_references": references},
                 "methods": rows}
@@ -890,33 +1026,48 @@ class _BenchRun:
         _write_results(self.out, result)
         _save_state(self.out, self.config, self.records, self.errors, self.done_rounds, self.feats, self.samples)
         if self.plots and due:  # plotting every round would cost
-            from mulosd.evaluation.plots import write_plots
-
-            write_plots(result, self.out)
+            _write_plots(result, self.out)
         return result
+
+
+def _write_plots(result: dict, out: Path) -> None:
+    """plots/: the frontier (speed-up against FID) where some setting has an FID, the accepted lengths and the time
+    per phase always. A set without a classifier has no FID (no reference for its images): an empty frontier
+    would only mislead."""
+    from mulosd.evaluation import plots
+
+    if any(r.get(f"fid_{space}") is not None for r in result["methods"] for space in SPACES):
+        plots.write_plots(result, out)
+        return
+    plots.accepted_length_plot(result, out / "plots" / "accepted_length.png")
+    plots.time_breakdown_plot(result, out / "plots" / "time_breakdown.png")
 
 
 def run_bench(pipe, settings: list[Setting], cfg: BenchConfig, out_dir: str | Path, resume: bool = False,
               progress: bool = True, data_dir: str | None = None, save_samples: bool = True, plots: bool = True,
-              force: bool = False) -> dict | None:
+              force: bool = False, captions: BenchCaptions | None = None) -> dict | None:
     """Run (or with ``resume`` continue) a bench of ``settings`` into ``out_dir``; returns results.json's dict.
     An ``out_dir`` that holds files is refused unless ``resume`` (a run of the same config) or ``force`` (bench's
     own files in it are deleted first; other files stay); the two together are refused. Every refusal comes
     before ``out_dir`` is created or anything in it changes.
 
+    A class-conditional set decodes image i from class i mod C; a text-to-image set needs ``captions``
+    (``bench_captions``: image i gets caption i mod P), which a class-conditional set refuses. A set without a
+    classifier is benched for speed, and with ``cfg.inception`` for each setting's two-sample test against its
+    reference in Inception space; its classifier and test-set columns are None.
+
     Under torchrun (WORLD_SIZE > 1) every rank calls this: the rounds are shared out (round b on rank b mod W),
     rank 0 alone reads and writes ``out_dir`` and returns the dict; the other ranks return None. A job with more
     processes than rounds is refused."""
     cfg.validate()
-    if pipe.classifier is None:
-        raise MulosdError(f"model set {pipe.name} has no classifier; bench needs it for class accuracy and FID")
+    _check_conditions(pipe, captions)
     rounds = len(_batches(cfg))
     dist_context().check_world(rounds, f"batch{'es' if rounds > 1 else ''} ({cfg.num_images} images at batch size "
                                f"{cfg.batch_size}); every process decodes whole batches",
                                "; a smaller --batch-size or more --num-images gives more batches")
     ctx = init(pipe_device(pipe))
     ctx.on_main(lambda: _check_out(Path(out_dir), resume, force))  # before the methods are built (a while)
-    run = _BenchRun(pipe, settings, cfg, Path(out_dir), save_samples, plots, ctx)
+    run = _BenchRun(pipe, settings, cfg, Path(out_dir), save_samples, plots, ctx, captions)
     run.open(resume, force)
     if ctx.main:
         run.load_references(data_dir, progress)
