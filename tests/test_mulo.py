@@ -5,6 +5,7 @@ import torch
 
 from mulosd.decoding.engine import decode
 from mulosd.decoding.grid import label_islands
+from mulosd.decoding.methods import get_method
 from mulosd.decoding.mulo import MuloSettings, Resamplers, mulo_parts, pad_partial_grid
 from mulosd.decoding.schedule import island_ready
 from mulosd.decoding.window import generate_ar
@@ -305,8 +306,9 @@ def test_mulo_always_reject_is_ar_on_fmnist(pipe):
     ({"r": 1.5, "upsampler": "pixel"}, "r=1.5 does not divide the target's 16x16 grid into a whole low-res grid"),
     ({"r": 1.6, "upsampler": "pixel"}, "model set fmnist-32 has no low-resolution drafter for r=1.6 (no role 'r1.6'); "
                                        "allowed r: 2, 4"),
-    ({"r": 1.6}, "upsampler=learned needs an integer r (the learned model turns each low-res cell into an r x r "
-                 "block), got r=1.6; allowed at r=1.6: upsampler=pixel"),
+    ({"r": 1.6, "upsampler": "learned"}, "upsampler=learned needs an integer r (the learned model turns each "
+                                         "low-res cell into an r x r block), got r=1.6; allowed at r=1.6: "
+                                         "upsampler=pixel or auto"),
     ({"r": 1.6, "upsampler": "pixel", "downsampler": "learned"}, "downsampler=learned needs an integer r"),
     ({"rejection": "global"}, "rejection must be one of raster, naive_local, local; got 'global'"),
     ({"resampling": "random"}, "resampling must be one of serial, parallel"),
@@ -331,8 +333,12 @@ def test_mulo_refuses_an_upsampler_for_another_r_or_tokenizer(pipe):
         foreign(classes=[0], method="mulo")
     bare = Pipeline(pipe.tokenizer, pipe.target, pipe.classifier, pipe.drafters)
     with pytest.raises(MulosdError, match="no learned up-sampler for r=2"):
-        bare(classes=[0], method="mulo")
+        bare(classes=[0], method="mulo", upsampler="learned")
     bare(classes=[0], method="mulo", upsampler="pixel")  # the training-free path needs nothing extra
+    auto = get_method("mulo")(bare)  # auto: pixel when the set has no learned model for r, learned when it has
+    assert (auto.params()["upsampler"], auto.params()["downsampler"]) == ("pixel", "pixel")
+    assert {k: get_method("mulo")(pipe).params()[k] for k in ("r", "drafter", "upsampler", "downsampler")} == {
+        "r": 2, "drafter": "r2", "upsampler": "learned", "downsampler": "learned"}  # fmnist-32: the old defaults
 
 
 def test_cli_acceptance_map_png_and_gif(tmp_path):

@@ -19,7 +19,9 @@ DEFAULTS = {
     "lantern": {"gamma": 8, "drafter": "small", "k": 20, "delta": 0.1, "lam": None},
     "gsd": {"window": 16, "init": "random", "coupling": "none", "group": 10, "prob_tol": 0.15, "embed_tol": 0.5},
     "zipar": {"window": 8},
-    "mulo": {"r": 2, "drafter": None, "rows": None, "drafting": "parallel", "draft_window": 2, "upsampler": "learned",
+    # r and upsampler resolve per model set (None: its smallest low-res ratio; auto: learned when it has one for r),
+    # which on fmnist-32 is r = 2 with the learned up-sampler, as before (tests/test_mulo.py checks the resolution)
+    "mulo": {"r": None, "drafter": None, "rows": None, "drafting": "parallel", "draft_window": 2, "upsampler": "auto",
              "downsampler": "auto", "candidates": "argmax", "resize": "bicubic", "acceptance": "threshold", "tau": 0.1,
              "k": 32, "rejection": "local", "radius": 1, "resampling": "parallel", "island_window": 2},
     "car": {"model": "target"},

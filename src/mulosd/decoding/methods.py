@@ -244,7 +244,10 @@ class Mulo(Method):
         super().__init__(pipe, **params)
         p = self.p
         self.exact = p.exact
-        r, H, V = p.r, pipe.target.config.grid_size, pipe.target.config.vocab_size
+        H, V = pipe.target.config.grid_size, pipe.target.config.vocab_size
+        r = p.r if p.r is not None else self.default_ratio(pipe)
+        if p.r is None:  # resolved (and checked, as an explicit r would be); params() records it
+            self.p = p = p.replace(r=r)
         h = whole_size(H, 1 / r)  # the drafter's grid
         if not h:
             raise MulosdError(f"r={r:g} does not divide the target's {H}x{H} grid into a whole low-res grid ({H} / "
@@ -260,11 +263,12 @@ class Mulo(Method):
                               f"with drafter=ROLE)")
         drafter = check_drafter(pipe, self.drafter_role, h)
         rows = drafter.config.grid_size if p.rows is None else p.rows
-        # auto: the learned down-sampler when the model set ships one for this (integer) r, else pixel
-        learned_down = isinstance(r, int) and r in pipe.upsamplers
-        self.downsampler = ("learned" if learned_down else "pixel") if p.downsampler == "auto" else p.downsampler
-        up = pipe.resampler(p.upsampler, r, p.resize)
-        down = up if self.downsampler == p.upsampler else pipe.resampler(self.downsampler, r, p.resize)
+        # auto: the learned up-/down-sampler when the model set ships one for this (integer) r, else pixel
+        auto = "learned" if isinstance(r, int) and r in pipe.upsamplers else "pixel"
+        self.upsampler = auto if p.upsampler == "auto" else p.upsampler
+        self.downsampler = auto if p.downsampler == "auto" else p.downsampler
+        up = pipe.resampler(self.upsampler, r, p.resize)
+        down = up if self.downsampler == self.upsampler else pipe.resampler(self.downsampler, r, p.resize)
         resamplers = Resamplers(up=up, down=down, lo=h, hi=H)
         settings = MuloSettings(rows=rows, drafting=p.drafting, draft_window=p.draft_window,
                                 acceptance=p.acceptance, tau=p.tau, radius=p.resample_radius,
@@ -272,6 +276,14 @@ class Mulo(Method):
         neighbours = codebook_neighbours(pipe.tokenizer.codebook.detach(), p.k, include_self=True)
         self._parts = (pipe.target, drafter, resamplers, neighbours, settings)
         self.drafter = drafter
+
+    @classmethod
+    def default_ratio(cls, pipe) -> float:
+        """r when none is given: the smallest ratio among the set's low-resolution drafter roles (2 if it has none,
+        which then fails with the list of what it has)."""
+        ratios = [ratio for role in pipe.drafters if (ratio := cls.role_ratio(role))]
+        r = min(ratios) if ratios else 2
+        return int(r) if float(r).is_integer() else r
 
     @staticmethod
     def role_ratio(role: str) -> float | None:
@@ -283,8 +295,9 @@ class Mulo(Method):
         return ratio if ratio is not None and 1 < ratio < float("inf") else None
 
     def params(self) -> dict:
-        """The parameters, with the drafter role and the down-sampler kind resolved."""
-        return {**super().params(), "drafter": self.drafter_role, "downsampler": self.downsampler}
+        """The parameters, with the drafter role and the up- and down-sampler kinds resolved."""
+        return {**super().params(), "drafter": self.drafter_role, "upsampler": self.upsampler,
+                "downsampler": self.downsampler}
 
     def parts(self):
         from mulosd.decoding.mulo import mulo_parts

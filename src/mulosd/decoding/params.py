@@ -340,21 +340,24 @@ class ZipARParams(Params):
 @dataclass(frozen=True)
 class MuloParams(Params):
     """MuLo-SD; defaults from the measured sweep in docs/MULOSD.md: the whole low-res image drafted ZipAR-style in
-    one cycle, learned up-sampler, pooled threshold 0.1 over 32 codes, windows of radius 1, parallel islands."""
+    one cycle, learned up-sampler (when the set has one; else pixel), pooled threshold 0.1 over 32 codes, windows of radius 1, parallel islands."""
 
     method = "mulo"
-    r: float = param(2, "resolution ratio H / h between the target's grid and the low-res drafter's (2 or 4 for "
-                        "fmnist-32; 1.5 for a 16x16 drafter under a 24x24 target): the target's grid over r must be "
-                        "whole, and a ratio that is not an integer needs upsampler=pixel", low=1, low_open=True)
+    r: float | None = param(None, "resolution ratio H / h between the target's grid and the low-res drafter's (2 "
+                                  "or 4 for fmnist-32; 1.5 for a 16x16 drafter under a 24x24 target): the target's "
+                                  "grid over r must be whole, and a ratio that is not an integer needs "
+                                  "upsampler=pixel", low=1, low_open=True,
+                            none="the set's smallest low-res ratio; 2 for fmnist-32")
     drafter: str | None = param(None, "low-resolution drafter role",
-                                none="the drafter matching r: r2 for r=2, r4 for r=4, r1.5 for r=1.5")
+                                none="the role r<r>, e.g. r2, r4, r1.5")
     rows: int | None = param(None, "low-resolution rows drafted per cycle", low=1,
                              none="the whole low-res grid in one cycle")
     drafting: str = param("parallel", "serial (token by token) or parallel (ZipAR inside the drafted rows)",
                           choices=("serial", "parallel"))
     draft_window: int = param(2, "ZipAR window of parallel drafting", low=1)
-    upsampler: str = param("learned", "learned (the shipped latent up-sampler; integer r only) or pixel (decode, "
-                                      "resize, re-encode; any r)", choices=("learned", "pixel"))
+    upsampler: str = param("auto", "learned (the set's latent up-sampler for r; integer r only), pixel (decode, "
+                                   "resize, re-encode; any r, any set) or auto: learned when the model set has one "
+                                   "for r, else pixel", choices=("auto", "learned", "pixel"))
     # re-synchronisation down-samples the committed top rows of an unfinished image; only the row-causal learned
     # down-sampler maps them as it would the full image (docs/MULOSD.md), so it is the default
     downsampler: str = param("auto", "down-sampler re-synchronising the drafter with committed rows (used when rows "
@@ -383,16 +386,16 @@ class MuloParams(Params):
     def __post_init__(self):
         """Validate, then keep a whole ratio an integer: drafter role r2 (not r2.0), "r": 2 in recorded params."""
         super().__post_init__()
-        if float(self.r).is_integer():
+        if self.r is not None and float(self.r).is_integer():
             object.__setattr__(self, "r", int(self.r))
 
     def check(self) -> None:
         """The learned resamplers map each low-res cell to an r x r block: an integer r only."""
-        if float(self.r).is_integer():
+        if self.r is None or float(self.r).is_integer():  # None: checked once the method has resolved r
             return
         for name in ("upsampler", "downsampler"):
             if getattr(self, name) == "learned":
-                other = "pixel" if name == "upsampler" else "pixel or auto"
+                other = "pixel or auto"
                 raise MulosdError(f"{name}=learned needs an integer r (the learned model turns each low-res cell into "
                                   f"an r x r block), got r={self.r:g}; allowed at r={self.r:g}: {name}={other}")
 
