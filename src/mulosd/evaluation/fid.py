@@ -52,8 +52,8 @@ def _pair_weights(strata: torch.Tensor | None, m: int,
     """Weights of the within-set pair sum in KID's unbiased estimate of E k(x, x') for a set of m rows.
 
     Rows drawn i.i.d.: every pair i != j weighs 1 / (m (m - 1)), returned as (1.0, m (m - 1)). Rows drawn by
-    stratum, n_c from each (a bench asks for class i mod C or caption i mod P, so its images are class-balanced by design, not by
-    chance): the i.i.d. weights would under-count pairs from one stratum (n_c - 1 partners of m - 1, against the
+    stratum, n_c from each (a bench asks for class i mod C or caption i mod P, so its images are balanced by
+    design, not by chance): the i.i.d. weights would under-count pairs from one stratum (n_c - 1 partners of m - 1, against the
     mixture's n_c / m), and same-class pairs are the similar ones, so KID would be biased low (by about 0.0075 at
     N = 1000 and 0.39 at N = 20 for real Fashion-MNIST images in the classifier space; scripts/kid_bias.py).
     The unbiased estimate for the mixture sum_c w_c P_c, w_c = n_c / m, weighs a pair from strata c != c' by
