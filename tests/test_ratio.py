@@ -188,8 +188,8 @@ def test_mulo_at_r_1_5_in_its_limiting_cases_is_ar_token_for_token(pipes, params
 def test_mulo_refuses_learned_resamplers_and_ratios_without_a_whole_grid_at_r_1_5(pipes):
     pipe = pipes[1.5]
     with pytest.raises(MulosdError, match=r"upsampler=learned needs an integer r .*got r=1.5; allowed at r=1.5: "
-                                          r"upsampler=pixel"):
-        REGISTRY["mulo"](pipe, r=1.5)
+                                          r"upsampler=pixel or auto"):
+        REGISTRY["mulo"](pipe, r=1.5, upsampler="learned")
     with pytest.raises(MulosdError, match=r"downsampler=learned needs an integer r .*allowed at r=1.5: "
                                           r"downsampler=pixel or auto"):
         mulo(pipe, r=1.5, downsampler="learned")
