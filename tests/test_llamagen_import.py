@@ -404,3 +404,33 @@ def test_continuous_tokens_refuse_a_cfg_interval():
 
     with pytest.raises(MulosdError, match="continuous tokens guide every token"):
         check_continuous(SamplingConfig(cfg_scale=2.0, cfg_interval=3))
+
+
+def test_sample_writes_caption_indexed_shards_for_a_t2i_set(files, t2i_set, tmp_path):
+    args = ["sample", "--model", str(t2i_set), "--num-images", "3", "--shard-size", "2", "--batch-size", "2",
+            "--caption-features", str(files["caps"][0]), "--caption-features", str(files["caps"][1]),
+            "--out", str(tmp_path / "s"), "--no-progress"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    with np.load(tmp_path / "s" / "samples.npz") as z:
+        assert z["arr_0"].shape == (3, 12, 12, 3) and z["arr_1"].tolist() == [0, 1, 0]  # caption i mod 2
+    config = json.loads((tmp_path / "s" / "sample.json").read_text())
+    assert config["captions"]["caption_features"] == ["cap_a.npy", "cap_b.npy"]
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0 and "2 shards kept" in again.output, again.output
+    res = CliRunner().invoke(main, args[:9] + ["--out", str(tmp_path / "t"), "--no-progress"])
+    assert res.exit_code == 1 and "text-to-image (t2i): it takes a caption" in res.output, res.output
+    assert not (tmp_path / "t").exists()
+
+
+def test_compare_on_imported_sets(files, c2i_set, t2i_set, tmp_path):
+    res = CliRunner().invoke(main, ["compare", "--model", str(t2i_set), "--methods", "ar,mulo", "--caption-features",
+                                    str(files["caps"][0]), "--num-per-class", "2", "--no-warmup", "--no-progress",
+                                    "--out", str(tmp_path / "t")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "t" / "compare.png").exists() and "mulo" in res.output
+    res = CliRunner().invoke(main, ["compare", "--model", str(c2i_set), "--methods", "ar,sd", "--no-warmup",
+                                    "--no-progress", "--out", str(tmp_path / "c")])  # the first ten classes: 0..4
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert summary["methods"][0]["stats"]["num_images"] == 5

@@ -488,8 +488,15 @@ def _bench(model, methods_, sweeps, params, extra, num_images, batch_size, seed,
 @click.option("--model", default="fmnist-32", help="Shipped model-set name or a directory with a manifest.json.")
 @click.option("--methods", "methods_", default="ar,mcsjd,mulo",
               help="Comma-separated methods, each with its default parameters; the first is the speed-up reference.")
-@click.option("--classes", default="0,1,2,3,4,5,6,7,8,9", help="Comma-separated class ids or names.")
-@click.option("--num-per-class", type=click.IntRange(min=1), default=1, help="Images per class.")
+@click.option("--classes", default=None,
+              help="Comma-separated class ids or names (a c2i set). Default: the first ten classes.")
+@click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
+              help="A text-to-image set: a caption, repeatable; needs --t5-path.")
+@click.option("--caption-features", multiple=True, type=click.Path(dir_okay=False), metavar="FILE",
+              help="A text-to-image set: precomputed T5 features of a caption, repeatable (LlamaGen's .npy layout).")
+@click.option("--t5-path", type=click.Path(file_okay=False), default=None,
+              help="A local transformers T5 encoder directory to encode --prompt (nothing is downloaded).")
+@click.option("--num-per-class", type=click.IntRange(min=1), default=1, help="Images per class (or caption).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1,
               help="Images decoded together (1: the latency setting of the headline speed-ups).")
 @click.option("--seed", type=SEED, default=0, help="Image i uses random stream (seed, i) with every method.")
@@ -500,23 +507,25 @@ def _bench(model, methods_, sweeps, params, extra, num_images, batch_size, seed,
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 @device_options
 @threads_option
-def compare(model, methods_, classes, num_per_class, batch_size, seed, cfg_scale, out, warmup, progress, device, dtype,
-            threads):
+def compare(model, methods_, classes, prompts, caption_features, t5_path, num_per_class, batch_size, seed, cfg_scale,
+            out, warmup, progress, device, dtype, threads):
     """Run a few methods on the same classes and seeds and print, per method, its exactness, time per image,
     speed-up over the first method and class accuracy, followed by what the model set's 1000-image bench runs
     measured for the same methods (a few images time a speed-up well but cannot resolve a small quality
     difference). `make demo` runs this with ar, mcsjd (the fastest exact method) and mulo."""
     _threads(threads)
+    conditions = {"prompts": prompts, "features": caption_features, "t5_path": t5_path}
     _run(_compare, model, methods_, classes, num_per_class, batch_size, seed, cfg_scale, out, warmup, progress, device,
-         dtype)
+         dtype, conditions)
 
 
 def _compare(model, methods_, classes, num_per_class, batch_size, seed, cfg_scale, out, warmup, progress, device="cpu",
-             dtype="float32"):
+             dtype="float32", conditions=None):
     import torch
 
     from mulosd.decoding.methods import get_method
     from mulosd.decoding.sampling import SamplingConfig
+    from mulosd.evaluation.bench import bench_captions
     from mulosd.evaluation.compare import measured, run_compare, summary_lines, write_compare
     from mulosd.io import check_writable
     from mulosd.pipeline import Pipeline
@@ -532,10 +541,21 @@ def _compare(model, methods_, classes, num_per_class, batch_size, seed, cfg_scal
     sampling = SamplingConfig(cfg_scale=cfg_scale)
     check_writable(Path(out) / "summary.json")
     pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype)
-    labels = torch.tensor([c for c in pipe.class_ids(classes) for _ in range(num_per_class)])
+    captions = bench_captions(pipe, **(conditions or {}))
+    if captions is not None:
+        if classes is not None:
+            pipe.check_condition_kind("class", classes)
+        labels, row_names = captions.captions.repeat(num_per_class), captions.names
+    else:
+        default = ",".join(str(i) for i in range(min(10, len(pipe.class_names))))
+        labels = torch.tensor([c for c in pipe.class_ids(classes or default) for _ in range(num_per_class)])
+        row_names = pipe.class_names
     rows = run_compare(pipe, names, labels, sampling, seed, batch_size, warmup=warmup, progress=progress)
+    if captions is not None:  # the grids' rows: each image's caption
+        for row in rows:
+            row["output"].labels = torch.arange(len(captions.captions)).repeat_interleave(num_per_class)
     data = measured(model)
-    write_compare(out, rows, pipe.class_names, data)
+    write_compare(out, rows, row_names, data)
     click.echo("\n".join(summary_lines(rows, data)))
     click.echo(f"wrote {out}/compare.png (every method side by side), {out}/<method>.png, {out}/summary.json")
 
@@ -713,6 +733,12 @@ def _info(model):
                    "shards it was writing.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, help="Images decoded together.")
 @click.option("--seed", type=SEED, default=0, help="Image i uses random stream (seed, i), whatever process or run decodes it.")
+@click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
+              help="A text-to-image set: a caption, repeatable (image i gets caption i mod P); needs --t5-path.")
+@click.option("--caption-features", multiple=True, type=click.Path(dir_okay=False), metavar="FILE",
+              help="A text-to-image set: precomputed T5 features of a caption, repeatable (LlamaGen's .npy layout).")
+@click.option("--t5-path", type=click.Path(file_okay=False), default=None,
+              help="A local transformers T5 encoder directory to encode --prompt (nothing is downloaded).")
 @sampling_options
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Output folder: sample.json (the configuration), shard_NNNNN.npz, and samples.npz at the end. A "
@@ -720,8 +746,8 @@ def _info(model):
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 @device_options
 @threads_option
-def sample(model, method, params, num_images, classes, shard_size, batch_size, seed, sampling, out, progress, device,
-           dtype, threads):
+def sample(model, method, params, num_images, classes, shard_size, batch_size, seed, prompts, caption_features,
+           t5_path, sampling, out, progress, device, dtype, threads):
     """Write N images of one method for an FID evaluation, as the ADM / LlamaGen evaluator reads them.
 
     The images go into --out as shard_00000.npz, shard_00001.npz, ... (arr_0: uint8 images n x H x W x 3, RGB;
@@ -731,12 +757,13 @@ def sample(model, method, params, num_images, classes, shard_size, batch_size, s
     ...` the shards are shared out between the processes.
     """
     _threads(threads)
+    conditions = {"prompts": prompts, "features": caption_features, "t5_path": t5_path}
     _run(_sample, model, method, params, num_images, classes, shard_size, batch_size, seed, sampling, out, progress,
-         device, dtype)
+         device, dtype, conditions)
 
 
 def _sample(model, method, params, num_images, classes, shard_size, batch_size, seed, sampling, out, progress,
-            device="cpu", dtype="float32"):
+            device="cpu", dtype="float32", conditions=None):
     from mulosd.decoding.methods import get_method
     from mulosd.evaluation.sample import SampleConfig, run_sample
     from mulosd.pipeline import Pipeline
@@ -748,9 +775,12 @@ def _sample(model, method, params, num_images, classes, shard_size, batch_size, 
     device, dtype = _device_dtype(device, dtype)
     pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype)
     pipe.check_top_k(cfg.top_k, "--top-k")  # before any decoding
+    from mulosd.evaluation.bench import bench_captions
+
     if classes is not None:
         cfg.classes = tuple(pipe.class_ids(classes))
-    summary = run_sample(pipe, method, method_params, cfg, out, progress=progress)
+    captions = bench_captions(pipe, **(conditions or {}))
+    summary = run_sample(pipe, method, method_params, cfg, out, progress=progress, captions=captions)
     if summary is None:  # a torchrun rank > 0: rank 0 reports
         return
     click.echo(f"wrote {summary['samples']} ({summary['num_images']} images in {summary['shards']} shards; decoded "

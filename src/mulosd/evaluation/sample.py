@@ -81,12 +81,14 @@ class SampleConfig(SamplingSettings):
         return [(lo, min(lo + self.shard_size, self.num_images)) for lo in range(0, self.num_images, self.shard_size)]
 
 
-def sample_config(pipe, decoder, cfg: SampleConfig) -> dict:
-    """What sample.json records, and what a rerun must match: everything that decides the images and their files."""
+def sample_config(pipe, decoder, cfg: SampleConfig, captions=None) -> dict:
+    """What sample.json records, and what a rerun must match: everything that decides the images and their files
+    (for a text-to-image set, the captions' source: ``bench.BenchCaptions.source``)."""
     return json.loads(json.dumps({
         "model": pipe.name, "method": decoder.name, "params": decoder.params(), "sampling": vars(cfg.sampling()),
         "seed": cfg.seed, "num_images": cfg.num_images, "shard_size": cfg.shard_size,
         "classes": list(cfg.classes) if cfg.classes is not None else None, "dtype": dtype_name(pipe_dtype(pipe)),
+        **({"captions": captions.source} if captions is not None else {}),
     }))
 
 
@@ -205,20 +207,23 @@ def merge_shards(out: Path, cfg: SampleConfig) -> Path:
 
 
 def run_sample(pipe, method: str, params: dict, cfg: SampleConfig, out: str | Path, progress: bool = True,
-               after_shard: Callable[[int], None] | None = None) -> dict | None:
+               after_shard: Callable[[int], None] | None = None, captions=None) -> dict | None:
     """Decode ``cfg.num_images`` images with ``method`` (built from ``params``) into ``out`` as shards, skipping
     the shards an earlier run of the same configuration completed, then merge them into samples.npz. Every input
     is checked before the folder is created. ``after_shard(k)`` is called after shard k is written (a test hook).
-    Under torchrun every rank calls this; rank 0 returns a summary, the others None."""
+    A text-to-image set takes ``captions`` (``bench.bench_captions``): image i gets caption i mod P, and the
+    shards' labels (arr_1) are caption indices. Under torchrun every rank calls this; rank 0 returns a summary,
+    the others None."""
     out = Path(out)
     cfg.validate()
-    labels = cfg.labels(len(pipe.class_names))
+    pipe.check_condition_kind("caption" if captions is not None else "class")
+    labels = cfg.labels(len(captions.captions) if captions is not None else len(pipe.class_names))
     if cfg.classes is not None and not all(0 <= c < len(pipe.class_names) for c in cfg.classes):
         raise MulosdError(f"--classes {list(cfg.classes)}: class ids must be in 0..{len(pipe.class_names) - 1}")
     decoder = get_method(method)(pipe, **params)
     sampling = cfg.sampling()
     decoder.check_sampling(sampling)
-    config = sample_config(pipe, decoder, cfg)
+    config = sample_config(pipe, decoder, cfg, captions)
     shards = cfg.shards()
     dist_context().check_world(len(shards), f"shard{'s' if len(shards) > 1 else ''} ({cfg.num_images} images at "
                                f"--shard-size {cfg.shard_size}); every process writes whole shards",
@@ -236,9 +241,10 @@ def run_sample(pipe, method: str, params: dict, cfg: SampleConfig, out: str | Pa
     t0, decoded = time.perf_counter(), 0
     for k in mine:
         lo, hi = shards[k]
-        result = pipe.generate(decoder, labels[lo:hi], sampling, seed=cfg.seed, batch_size=cfg.batch_size,
+        conditions = labels[lo:hi] if captions is None else captions.captions[labels[lo:hi]]
+        result = pipe.generate(decoder, conditions, sampling, seed=cfg.seed, batch_size=cfg.batch_size,
                                first_index=lo, classify=False)
-        write_shard(out / shard_name(k), result.images, result.labels, result.tokens, lo)
+        write_shard(out / shard_name(k), result.images, labels[lo:hi], result.tokens, lo)
         decoded += hi - lo
         bar.update(hi - lo)
         if after_shard is not None:
