@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from mulosd.errors import MulosdError
 from mulosd.io import Pretrained, config_from_dict, load_state_strict
 from mulosd.models.llamagen import read_state_dict
+from mulosd.models.vq import VQTokenizer
 
 # Keys LlamaGen's checkpoints carry that inference does not use: the quantiser's ring buffer of recently used
 # codes (training statistics, 65536 floats). They are accepted and dropped; any other extra key is an error.
@@ -273,7 +274,7 @@ class Quantizer(nn.Module):
         return dist.argmin(dim=1).reshape(b, h, w)
 
 
-class LlamaGenVQ(Pretrained, nn.Module):
+class LlamaGenVQ(VQTokenizer, Pretrained, nn.Module):
     """LlamaGen's VQ autoencoder: encoder -> 1x1 ``quant_conv`` -> L2-normalised codebook -> 1x1
     ``post_quant_conv`` -> decoder. Images are [B, 3, H, W] in [-1, 1] with H and W multiples of
     ``config.downsample`` (16 for VQ-16: 256 px -> 16x16 tokens, 384 px -> 24x24)."""
@@ -295,11 +296,6 @@ class LlamaGenVQ(Pretrained, nn.Module):
         """The raw codebook parameter (what :func:`mulosd.models.upsample.tokenizer_fingerprint` hashes)."""
         return self.quantize.embedding
 
-    @property
-    def codebook(self) -> torch.Tensor:
-        """The L2-normalised codebook [V, D]: the geometry used for quantisation and for neighbour pooling."""
-        return self.quantize.codebook
-
     def _check_images(self, images: torch.Tensor) -> None:
         f, c = self.config.downsample, self.config.in_channels
         if images.dim() != 4 or images.shape[1] != c:
@@ -320,32 +316,13 @@ class LlamaGenVQ(Pretrained, nn.Module):
         """tokens [B, h, w] -> normalised code vectors [B, D, h, w] (contiguous, so the decoder runs in NCHW)."""
         return self.codebook[tokens].permute(0, 3, 1, 2).contiguous()
 
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, C, H, W] in [-1, 1] -> tokens [B, H/f, W/f] (int64)."""
-        return self.quantize(self.encode_latent(images))
-
-    def decode_latent(self, zq: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(zq))
-
-    @torch.no_grad()
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, h, w] -> images [B, C, h*f, w*f] in [-1, 1] (clamped)."""
+    def check_tokens(self, tokens: torch.Tensor) -> None:
+        """Integer token grids [B, h, w] only (no range check: that would sync the device inside decoding loops).
+        Training (``forward``) uses LlamaGen's codebook and commitment losses; its entropy loss, weight 0 by
+        default, is not included."""
         if tokens.dim() != 3 or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
             raise MulosdError(f"LlamaGen VQ decodes integer token grids [B, h, w]; got {tokens.dtype} of shape "
                               f"{tuple(tokens.shape)}")
-        return self.decode_latent(self.lookup(tokens)).clamp(-1, 1)
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Training forward: returns (reconstruction, vq_loss, tokens, latents), with LlamaGen's codebook and
-        commitment losses and straight-through gradients (its entropy loss, weight 0 by default, is not included)."""
-        z = self.encode_latent(images)
-        tokens = self.quantize(z)
-        zq = self.lookup(tokens)
-        codebook_loss = F.mse_loss(zq, z.detach())
-        commit_loss = F.mse_loss(z, zq.detach())
-        zq_st = z + (zq - z).detach()
-        return self.decode_latent(zq_st), codebook_loss + self.config.commit_beta * commit_loss, tokens, z
 
 
 def load_llamagen_vq(path: str | os.PathLike, config: LlamaGenVQConfig | dict | None = None) -> LlamaGenVQ:

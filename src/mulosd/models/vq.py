@@ -89,7 +89,47 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-class VQModel(Pretrained, nn.Module):
+class VQTokenizer:
+    """What every VQ tokenizer (mulosd's :class:`VQModel`, LlamaGen's ``LlamaGenVQ``) does with its parts: a
+    subclass provides ``encoder``, ``quant_conv``, ``post_quant_conv``, ``decoder``, ``embedding`` (the raw
+    codebook), ``encode_latent`` (images -> normalised latents), ``quantize`` (latents -> tokens) and ``lookup``
+    (tokens -> normalised code vectors); the rest, the interface the pipeline and the up-samplers use, is here."""
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """The L2-normalised codebook [V, D]: the geometry used for quantisation and for neighbour pooling."""
+        return F.normalize(self.embedding.weight, dim=-1)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, C, H, W] in [-1, 1] -> tokens [B, H/f, W/f] (int64)."""
+        return self.quantize(self.encode_latent(images))
+
+    def decode_latent(self, zq: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(zq))
+
+    def check_tokens(self, tokens: torch.Tensor) -> None:
+        """A subclass may refuse token tensors it cannot decode (default: anything goes)."""
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, h, w] -> images [B, C, h*f, w*f] in [-1, 1] (clamped)."""
+        self.check_tokens(tokens)
+        return self.decode_latent(self.lookup(tokens)).clamp(-1, 1)
+
+    def forward(self, images: torch.Tensor):
+        """Training forward: returns (reconstruction, vq_loss, tokens, latents): the codebook loss plus
+        ``commit_beta`` x the commitment loss, with straight-through gradients."""
+        z = self.encode_latent(images)
+        tokens = self.quantize(z)
+        zq = self.lookup(tokens)
+        codebook_loss = F.mse_loss(zq, z.detach())
+        commit_loss = F.mse_loss(z, zq.detach())
+        zq_st = z + (zq - z).detach()
+        return self.decode_latent(zq_st), codebook_loss + self.config.commit_beta * commit_loss, tokens, z
+
+
+class VQModel(VQTokenizer, Pretrained, nn.Module):
     """Encoder -> cosine vector quantiser -> decoder. Images are [B, C, H, W] in [-1, 1]."""
 
     config_class = VQConfig
@@ -105,11 +145,6 @@ class VQModel(Pretrained, nn.Module):
         self.post_quant_conv = nn.Conv2d(config.codebook_dim, config.z_channels, 1)
         self.decoder = Decoder(config)
 
-    @property
-    def codebook(self) -> torch.Tensor:
-        """The L2-normalised codebook [V, D]: the geometry used for quantisation and for neighbour pooling."""
-        return F.normalize(self.embedding.weight, dim=-1)
-
     def encode_latent(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.quant_conv(self.encoder(images)), dim=1)
 
@@ -121,26 +156,3 @@ class VQModel(Pretrained, nn.Module):
     def lookup(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, h, w] -> normalised code vectors [B, D, h, w]."""
         return self.codebook[tokens].permute(0, 3, 1, 2)
-
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, C, H, W] in [-1, 1] -> tokens [B, H/f, W/f] (int64)."""
-        return self.quantize(self.encode_latent(images))
-
-    def decode_latent(self, zq: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(zq))
-
-    @torch.no_grad()
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, h, w] -> images [B, C, h*f, w*f] in [-1, 1] (clamped)."""
-        return self.decode_latent(self.lookup(tokens)).clamp(-1, 1)
-
-    def forward(self, images: torch.Tensor):
-        """Training forward: returns (reconstruction, vq_loss, tokens, latents). Straight-through gradients."""
-        z = self.encode_latent(images)
-        tokens = self.quantize(z)
-        zq = self.lookup(tokens)
-        codebook_loss = F.mse_loss(zq, z.detach())
-        commit_loss = F.mse_loss(z, zq.detach())
-        zq_st = z + (zq - z).detach()
-        return self.decode_latent(zq_st), codebook_loss + self.config.commit_beta * commit_loss, tokens, z
