@@ -99,7 +99,7 @@ def t2i_set(files, tmp_path_factory):
 # ---- import ------------------------------------------------------------------------------------------------------
 def test_import_writes_a_set_whose_models_are_the_files(files, c2i_set):
     spec = json.loads((c2i_set / "manifest.json").read_text())
-    assert spec["drafters"] == {"small": "drafter_small", "r1.5": "drafter_r1.5"}
+    assert spec["drafters"] == {"small": "drafter_small", "r1.5": "drafter_r1_5"}
     assert spec["class_names"][:2] == ["class_0", "class_1"] and spec["classifier"] is None
     pipe = Pipeline.from_pretrained(c2i_set)
     ref = load_llamagen_gpt(files["c2i"], "2,2,32", grid_size=6, vocab_size=32, num_classes=5)
@@ -171,15 +171,53 @@ def test_bad_imports_are_one_message_and_leave_nothing(files, tmp_path, change, 
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_an_existing_set_is_not_overwritten_without_force(files, tmp_path):
+def test_an_existing_set_is_not_overwritten_without_force_and_force_replaces_only_a_set(files, tmp_path):
     out = tmp_path / "set"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     res = _import(files, out, drafter=None, lowres=None)
     assert res.exit_code == 1 and "exists and is not empty" in res.output
-    assert (out / "keep.txt").read_text() == "mine"
-    assert _import(files, out, "--force", drafter=None, lowres=None).exit_code == 0
-    assert not (out / "keep.txt").exists() and (out / "manifest.json").exists()
+    res = _import(files, out, "--force", drafter=None, lowres=None)  # not a model set: --force refuses too
+    assert res.exit_code == 1 and "holds no manifest.json" in res.output
+    (out / "keep.txt").unlink()
+    assert _import(files, out).exit_code == 0
+    (out / "keep.txt").write_text("mine")
+    assert _import(files, out, "--force", "--link", drafter=None, lowres=None).exit_code == 0
+    assert (out / "keep.txt").read_text() == "mine"  # only the earlier set's own files went
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "manifest.json", "target.json", "tokenizer.json"]
+    assert Pipeline.from_pretrained(out).drafters == {}
+
+
+def test_checkpoints_inside_out_are_refused(files, tmp_path):
+    out = tmp_path / "set"
+    out.mkdir()
+    inside = out / "vq.pt"
+    shutil.copy(files["vq"], inside)
+    res = CliRunner().invoke(main, ["import", "llamagen", "--gpt", str(files["c2i"]), "--size", "2,2,32",
+                                    "--image-size", "12", "--vq", str(inside), "--out", str(out), "--force"])
+    assert res.exit_code == 1 and "lies inside --out" in res.output
+    assert inside.exists()
+
+
+def test_a_failed_import_leaves_no_folders_it_made(files, tmp_path):
+    out = tmp_path / "new" / "deeper" / "set"
+    res = _import(files, out, "--size", "1,2,32", drafter=None, lowres=None)
+    assert res.exit_code == 1 and not (tmp_path / "new").exists()
+
+
+def test_a_ratio_that_prints_rounded_names_its_grid(files, tmp_path):
+    """A 12 px low-res model under a 16 px target: 8x8 over 6x6 tokens, r = 4/3 (role r1.33333)."""
+    out = tmp_path / "set"
+    res = CliRunner().invoke(main, ["import", "llamagen", "--gpt", str(files["c2i"]), "--size", "2,2,32",
+                                    "--image-size", "16", "--vq", str(files["vq"]), "--lowres", str(files["c2i_lo"]),
+                                    "--lowres-size", "2,2,32", "--lowres-image-size", "12", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    pipe = Pipeline.from_pretrained(out)
+    assert list(pipe.drafters) == ["r1.33333"] and pipe.supported_methods()["mulo"] is None
+    for r in (None, 1.333, 4 / 3):
+        method = get_method("mulo")(pipe, **({} if r is None else {"r": r}))
+        assert method.params()["r"] == 8 / 6 and method.drafter_role == "r1.33333"
+    assert pipe([1], method="mulo", r=1.333).tokens.shape == (1, 8, 8)
 
 
 def test_linked_weights_are_read_in_place_and_a_moved_file_is_a_clear_error(files, t2i_set, tmp_path):
@@ -192,6 +230,14 @@ def test_linked_weights_are_read_in_place_and_a_moved_file_is_a_clear_error(file
     with pytest.raises(MulosdError, match="gone.pt, which does not exist"):
         Pipeline.from_pretrained(moved)
     meta["weights"]["path"], meta["weights"]["bytes"] = str(files["t2i"]), 5
+    (moved / "target.json").write_text(json.dumps(meta))
+    with pytest.raises(MulosdError, match="has changed since the set was imported"):
+        Pipeline.from_pretrained(moved)
+    swapped = tmp_path / "swapped.pt"  # same size, other bytes (another checkpoint of the same architecture)
+    data = bytearray(files["t2i"].read_bytes())
+    data[-10] ^= 0xFF
+    swapped.write_bytes(bytes(data))
+    meta["weights"]["path"], meta["weights"]["bytes"] = str(swapped), len(data)
     (moved / "target.json").write_text(json.dumps(meta))
     with pytest.raises(MulosdError, match="has changed since the set was imported"):
         Pipeline.from_pretrained(moved)
@@ -211,12 +257,14 @@ def test_t2i_set_generates_from_caption_files_with_every_method(files, t2i_set, 
     pipe = Pipeline.from_pretrained(t2i_set)
     assert pipe.condition == "caption" and pipe.class_names == () and pipe.caption_shape == (CAP_LEN, CAP_DIM)
     caps = pipe.captions(features=files["caps"])
-    for method in ("ar", "sd", "mcsjd", "lantern", "zipar", "mulo"):
+    for method in ("ar", "sd", "sjd", "mcsjd", "lantern", "gsd", "zipar", "mulo"):
         out = pipe(captions=caps, num_per_class=2, method=method, batch_size=3)
         assert out.tokens.shape == (4, 6, 6) and out.labels.tolist() == [0, 0, 1, 1], method
-    greedy = SamplingConfig(cfg_scale=4.0, temperature=0.0)
-    ar = pipe.generate(get_method("ar")(pipe), caps, greedy).tokens
-    assert torch.equal(pipe.generate(get_method("sd")(pipe), caps, greedy, batch_size=1).tokens, ar)
+    for greedy in (SamplingConfig(cfg_scale=4.0, temperature=0.0), SamplingConfig(cfg_scale=4.0, temperature=0.0,
+                                                                                  cfg_interval=2)):
+        ar = pipe.generate(get_method("ar")(pipe), caps, greedy).tokens
+        for method in ("sd", "sjd", "mcsjd"):  # exact: AR's tokens, padded captions and per-token guidance too
+            assert torch.equal(pipe.generate(get_method(method)(pipe), caps, greedy, batch_size=2).tokens, ar)
     res = CliRunner().invoke(main, ["generate", "--model", str(t2i_set), "--method", "mulo", "--caption-features",
                                     str(files["caps"][0]), "--num-per-class", "2", "--out", str(tmp_path / "t.png"),
                                     "--save-images", str(tmp_path / "imgs"), "--no-progress"])
@@ -261,6 +309,8 @@ def test_caption_feature_files_in_llamagen_and_plain_layouts(tmp_path):
     for bad, message in [(torch.randn(5, CAP_DIM + 1), "allowed: \\[1, L, 16\\]"),
                          (torch.randn(2, 5, CAP_DIM), "caption features have shape"),
                          (torch.zeros(CAP_LEN, CAP_DIM), "every caption position is zero"),
+                         (torch.cat([torch.randn(3, CAP_DIM), torch.zeros(CAP_LEN - 3, CAP_DIM)]),
+                          "must hold its tokens in the last positions"),
                          (torch.full((2, CAP_DIM), float("nan")), "NaN")]:
         with pytest.raises(MulosdError, match=message):
             read_caption_features(_save(tmp_path / "bad.npy", bad), CAP_LEN, CAP_DIM)
@@ -326,14 +376,19 @@ def test_t2i_cfg_mix_matches_a_float64_reference():
                      process_logits(model.decode(torch.cat([tokens[:, :-1]] * 2), torch.arange(8).expand(4, -1)), cfg,
                                     predicts=torch.arange(1, 9).expand(2, -1))], 1)
     ref_model = _t2i_model().double()
+    seen = []  # the output layer's float64 logits (the forward itself returns float32, as every mulosd GPT does)
+    ref_model.output.register_forward_hook(lambda module, args, out: seen.append(out))
     null = Captions(model.cls_embedding.uncond_embedding.double().expand(2, -1, -1), caps.mask)
-    cond = ref_model(Captions(caps.features.double(), caps.mask), tokens)
-    uncond = ref_model(null, tokens)
+    ref_model(Captions(caps.features.double(), caps.mask), tokens)
+    ref_model(null, tokens)
+    cond, uncond = (out[:, CAP_LEN - 1 :] for out in seen)  # the rows that predict image tokens 0 .. 8
+    assert cond.dtype == torch.float64
     want = torch.softmax(uncond + 4.0 * (cond - uncond), -1)
     assert (got.double() - want).abs().max() < 1e-5
 
 
-def test_t5_prompts_become_llamagen_caption_features(tmp_path):
+def _tiny_t5(directory):
+    """A random one-layer T5 encoder (hidden size CAP_DIM) and a word-level tokenizer, saved as a user's would be."""
     transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -342,10 +397,29 @@ def test_t5_prompts_become_llamagen_caption_features(tmp_path):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
                                                 unk_token="<unk>")
-    fast.save_pretrained(tmp_path / "t5")
+    fast.save_pretrained(directory)
     torch.manual_seed(0)
     config = transformers.T5Config(vocab_size=len(words), d_model=CAP_DIM, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
-    transformers.T5EncoderModel(config).save_pretrained(tmp_path / "t5")
+    transformers.T5EncoderModel(config).save_pretrained(directory)
+    return fast
+
+
+def test_generate_from_prompts_through_the_command_line(t2i_set, tmp_path):
+    _tiny_t5(tmp_path / "t5")
+    res = CliRunner().invoke(main, ["generate", "--model", str(t2i_set), "--method", "mulo", "--prompt", "a red cat",
+                                    "--prompt", "a cat on a mat", "--t5-path", str(tmp_path / "t5"), "--num-per-class",
+                                    "1", "--cfg-convention", "llamagen", "--cfg-interval", "2", "--out",
+                                    str(tmp_path / "p.png"), "--stats-json", str(tmp_path / "p.json"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    stats = json.loads((tmp_path / "p.json").read_text())
+    assert stats["num_images"] == 2 and stats["sampling"]["cfg_interval"] == 2
+    res = CliRunner().invoke(main, ["generate", "--model", str(t2i_set), "--caption-features", str(tmp_path / "x.npy"),
+                                    "--t5-path", str(tmp_path / "t5"), "--out", str(tmp_path / "q.png")])
+    assert res.exit_code == 1 and "--t5-path encodes --prompt" in res.output
+
+
+def test_t5_prompts_become_llamagen_caption_features(tmp_path):
+    fast = _tiny_t5(tmp_path / "t5")
     from mulosd.models.t5 import T5Captioner
 
     t5 = T5Captioner(tmp_path / "t5")

@@ -304,7 +304,7 @@ def test_mulo_always_reject_is_ar_on_fmnist(pipe):
     ({"r": 4, "drafter": "r2"}, "drafter 'r2' works on a 8x8 grid; this method needs 4x4"),
     ({"r": 3}, "r=3 does not divide the target's 16x16 grid"),
     ({"r": 1.5, "upsampler": "pixel"}, "r=1.5 does not divide the target's 16x16 grid into a whole low-res grid"),
-    ({"r": 1.6, "upsampler": "pixel"}, "model set fmnist-32 has no low-resolution drafter for r=1.6 (no role 'r1.6'); "
+    ({"r": 1.6, "upsampler": "pixel"}, "model set fmnist-32 has no low-resolution drafter for r=1.6 (no role 'r1.6' on a 10x10 grid); "
                                        "allowed r: 2, 4"),
     ({"r": 1.6, "upsampler": "learned"}, "upsampler=learned needs an integer r (the learned model turns each "
                                          "low-res cell into an r x r block), got r=1.6; allowed at r=1.6: "

@@ -32,7 +32,7 @@ def keep_threads():
     (["--seed", "99999999999999999999"], 2, "0<=x<=4294967295"),
     (["--seed", "-1"], 2, "0<=x<=4294967295"),
     (["--top-k", "100000"], 1, "--top-k 100000 exceeds the vocabulary of model set fmnist-32 (512 codes); allowed: 0 (off) to 512"),
-    (["--method", "mulo", "--r", "8"], 1, "no low-resolution drafter for r=8 (no role 'r8'); allowed r: 2, 4"),
+    (["--method", "mulo", "--r", "8"], 1, "no low-resolution drafter for r=8 (no role 'r8' on a 2x2 grid); allowed r: 2, 4"),
     (["--method", "car", "--top-k", "5"], 1, "top-k / top-p filter a vocabulary and do not apply to continuous tokens"),
     (["--num-per-class", "5000", "--batch-size", "100000"], 1, "batch size 50000 would need about"),
     (["--save-npz", "x.npy"], 1, "must end in .npz"),

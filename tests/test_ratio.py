@@ -196,5 +196,5 @@ def test_mulo_refuses_learned_resamplers_and_ratios_without_a_whole_grid_at_r_1_
     with pytest.raises(MulosdError, match=r"r=1.4 does not divide the target's 6x6 grid into a whole low-res grid "
                                           r"\(6 / 1.4 = 4.286\); allowed: r = 6 / h for a whole h from 1 to 5"):
         mulo(pipe, r=1.4)
-    with pytest.raises(MulosdError, match=r"no low-resolution drafter for r=2 \(no role 'r2'\); allowed r: 1.5"):
+    with pytest.raises(MulosdError, match=r"no low-resolution drafter for r=2 \(no role 'r2' on a 3x3 grid\); allowed r: 1.5"):
         mulo(pipe, r=2)

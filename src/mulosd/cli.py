@@ -320,6 +320,8 @@ def _generate(model, method, conditions, num_per_class, batch_size, seed, sampli
                           "classes (c2i) or captions (t2i)")
     if prompts and features:
         raise MulosdError("give --prompt or --caption-features, not both")
+    if conditions["t5_path"] is not None and not prompts:
+        raise MulosdError("--t5-path encodes --prompt; give a --prompt (or leave --t5-path out)")
     requested = (len(prompts or features) if prompts or features else
                  len([c for c in str(classes).split(",") if c.strip()]) if classes is not None else 10) * num_per_class
     distributed.check_batches(distributed.context(), requested, batch_size)
@@ -500,14 +502,14 @@ def _bench(model, methods_, sweeps, params, extra, num_images, batch_size, seed,
 @click.option("--batch-size", type=click.IntRange(min=1), default=1,
               help="Images decoded together (1: the latency setting of the headline speed-ups).")
 @click.option("--seed", type=SEED, default=0, help="Image i uses random stream (seed, i) with every method.")
-@click.option("--cfg-scale", type=float, default=3.0, help="Classifier-free guidance scale (1 = off).")
+@sampling_options
 @click.option("--out", type=click.Path(file_okay=False), default="outputs/compare",
               help="Directory for METHOD.png grids, compare.png (all side by side) and summary.json.")
 @click.option("--warmup/--no-warmup", default=True, help="Decode one uncounted batch per method first.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 @device_options
 @threads_option
-def compare(model, methods_, classes, prompts, caption_features, t5_path, num_per_class, batch_size, seed, cfg_scale,
+def compare(model, methods_, classes, prompts, caption_features, t5_path, num_per_class, batch_size, seed, sampling,
             out, warmup, progress, device, dtype, threads):
     """Run a few methods on the same classes and seeds and print, per method, its exactness, time per image,
     speed-up over the first method and class accuracy, followed by what the model set's 1000-image bench runs
@@ -515,11 +517,11 @@ def compare(model, methods_, classes, prompts, caption_features, t5_path, num_pe
     difference). `make demo` runs this with ar, mcsjd (the fastest exact method) and mulo."""
     _threads(threads)
     conditions = {"prompts": prompts, "features": caption_features, "t5_path": t5_path}
-    _run(_compare, model, methods_, classes, num_per_class, batch_size, seed, cfg_scale, out, warmup, progress, device,
+    _run(_compare, model, methods_, classes, num_per_class, batch_size, seed, sampling, out, warmup, progress, device,
          dtype, conditions)
 
 
-def _compare(model, methods_, classes, num_per_class, batch_size, seed, cfg_scale, out, warmup, progress, device="cpu",
+def _compare(model, methods_, classes, num_per_class, batch_size, seed, sampling, out, warmup, progress, device="cpu",
              dtype="float32", conditions=None):
     import torch
 
@@ -538,9 +540,10 @@ def _compare(model, methods_, classes, num_per_class, batch_size, seed, cfg_scal
     for name in names:
         get_method(name)
     device, dtype = _device_dtype(device, dtype)
-    sampling = SamplingConfig(cfg_scale=cfg_scale)
+    sampling = SamplingConfig(**sampling)
     check_writable(Path(out) / "summary.json")
     pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype)
+    pipe.check_top_k(sampling.top_k, "--top-k")
     captions = bench_captions(pipe, **(conditions or {}))
     if captions is not None:
         if classes is not None:
@@ -895,7 +898,11 @@ def _import_llamagen(gpt, size, image_size, vq, drafter, drafter_size, drafter_i
             raise MulosdError(f"{flag} is given without {'--drafter' if flag.startswith('--drafter') else '--lowres'}")
     names = None
     if class_names:
-        names = [line.strip() for line in Path(class_names).read_text().splitlines() if line.strip()]
+        try:
+            names = [line.strip() for line in Path(class_names).read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise MulosdError(f"--class-names {class_names} cannot be read as UTF-8 text, one name per line: "
+                              f"{exc}") from None
     target = GPTFile(Path(gpt), size, image_size, "--gpt")
     draft = GPTFile(Path(drafter), drafter_size, drafter_image_size or image_size, "--drafter") if drafter else None
     low = GPTFile(Path(lowres), lowres_size, lowres_image_size, "--lowres") if lowres else None

@@ -8,6 +8,7 @@ read with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -158,7 +159,8 @@ def save_linked(model: torch.nn.Module, stem: str | os.PathLike, kind: str, weig
     """Write ``stem.json`` for ``model`` linking its weights in place (a file in one of LINKED_FORMATS) instead of
     copying them into ``stem.safetensors``; loading checks that the file is still there with the same size."""
     stem, weights = Path(stem), Path(weights).resolve()
-    link = {"path": str(weights), "format": fmt, "bytes": weights.stat().st_size}
+    link = {"path": str(weights), "format": fmt, "bytes": weights.stat().st_size,
+            "fingerprint": file_fingerprint(weights)}
     atomic_write_json(stem.with_suffix(".json"), {"kind": kind, "config": dataclasses.asdict(model.config),
                                                   "weights": link})
     return stem
@@ -255,8 +257,23 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], so
 
 
 # Formats of weights a component may link to in place of a .safetensors beside its .json (``mulosd import
-# llamagen --link``): the component's JSON then holds "weights": {"path", "format", "bytes"}.
+# llamagen --link``): the component's JSON then holds "weights": {"path", "format", "bytes", "fingerprint"}.
 LINKED_FORMATS = ("llamagen-gpt", "llamagen-vq")
+FINGERPRINT_BYTES = 2**20  # a linked file's fingerprint hashes its first and last MiB
+
+
+def file_fingerprint(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's size, first and last MiB: cheap on multi-GB checkpoints, and it tells apart two
+    checkpoints of one architecture (same size: e.g. LlamaGen's 256 px and 384 px GPT-L), which a size cannot."""
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(FINGERPRINT_BYTES))
+        if size > FINGERPRINT_BYTES:
+            f.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
+            h.update(f.read())
+    return h.hexdigest()[:16]
 
 
 def linked_weights(stem: str | os.PathLike) -> dict | None:
@@ -267,17 +284,19 @@ def linked_weights(stem: str | os.PathLike) -> dict | None:
     ref = meta.get("weights") if isinstance(meta, dict) else None
     if ref is None:
         return None
-    if (not isinstance(ref, dict) or set(ref) != {"path", "format", "bytes"} or not isinstance(ref["path"], str)
-            or ref["format"] not in LINKED_FORMATS or not isinstance(ref["bytes"], int)):
+    if (not isinstance(ref, dict) or set(ref) != {"path", "format", "bytes", "fingerprint"}
+            or not isinstance(ref["path"], str) or ref["format"] not in LINKED_FORMATS or not isinstance(ref["bytes"], int)):
         raise MulosdError(f"{cfg_path}: \"weights\" must be an object {{\"path\": a file, \"format\": one of "
-                          f"{', '.join(LINKED_FORMATS)}, \"bytes\": its size}}, got {ref!r}")
+                          f"{', '.join(LINKED_FORMATS)}, \"bytes\": its size, \"fingerprint\": its "
+                          f"file_fingerprint}}, got {ref!r}")
     path = Path(ref["path"])
     if not path.is_file():
         raise MulosdError(f"{cfg_path} links its weights to {path}, which does not exist (moved or deleted? import "
                           "the set again)")
-    if path.stat().st_size != ref["bytes"]:
+    if path.stat().st_size != ref["bytes"] or file_fingerprint(path) != ref["fingerprint"]:
         raise MulosdError(f"{cfg_path} links its weights to {path}, which has changed since the set was imported "
-                          f"({path.stat().st_size} bytes, {ref['bytes']} then); import the set again")
+                          f"({path.stat().st_size} bytes, {ref['bytes']} then; its first and last MiB are checked); "
+                          "import the set again")
     return {**ref, "path": path}
 
 

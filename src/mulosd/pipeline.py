@@ -37,7 +37,7 @@ from mulosd.models.llamagen_vq import LlamaGenVQ
 from mulosd.models.vq import VQModel
 from mulosd.models.upsample import LatentResampler, PixelResampler
 from mulosd.resources import check_batch_memory, synchronize
-from mulosd.zoo import manifest, resolve, write_manifest
+from mulosd.zoo import component_stem, manifest, resolve, write_manifest
 
 
 @dataclass
@@ -388,6 +388,17 @@ class Pipeline:
         model.check(self.tokenizer, r)
         return model
 
+    def codebook_neighbours(self, k: int, include_self: bool = False) -> torch.Tensor:
+        """The tokenizer's k nearest codes per code (``rules.codebook_neighbours``), computed once per (k,
+        include_self) and kept: every LANTERN and MuLo-SD setting of a run shares them."""
+        from mulosd.decoding.rules import codebook_neighbours
+
+        key = (k, include_self)
+        cache = self.__dict__.setdefault("_neighbours", {})
+        if key not in cache:
+            cache[key] = codebook_neighbours(self.tokenizer.codebook.detach(), k, include_self)
+        return cache[key]
+
     def supported_methods(self) -> dict[str, str | None]:
         """Every method -> None when it can be built on this set with its default parameters (mulo: with any
         low-resolution drafter the set has), else the reason it cannot (the error building it gives)."""
@@ -462,6 +473,8 @@ class Pipeline:
         if isinstance(classes, (str, int)):
             classes = [c for c in str(classes).split(",") if c.strip()] if isinstance(classes, str) else [classes]
         self.check_condition_kind("class", classes)
+        if classes is None:
+            raise MulosdError("no classes given; pass at least one class id or name")
         ids = []
         for c in classes:
             key = str(c).strip().lower()
@@ -588,7 +601,7 @@ class Pipeline:
         self.tokenizer.save_pretrained(out / "tokenizer", dtype)
         self.target.save_pretrained(out / "target", dtype)
         for role, m in self.drafters.items():
-            m.save_pretrained(out / f"drafter_{role}", dtype)
+            m.save_pretrained(out / component_stem("drafter", role), dtype)
         if self.classifier is not None:
             self.classifier.save_pretrained(out / "classifier", dtype)
         for r, m in self.upsamplers.items():
@@ -596,7 +609,7 @@ class Pipeline:
         spec = {
             "name": self.name, "tokenizer": "tokenizer", "target": "target",
             "classifier": "classifier" if self.classifier is not None else None,
-            "drafters": {role: f"drafter_{role}" for role in self.drafters},
+            "drafters": {role: component_stem("drafter", role) for role in self.drafters},
             "upsamplers": {str(r): f"upsampler_r{r}" for r in sorted(self.upsamplers)},
         }
         if self.continuous is not None:

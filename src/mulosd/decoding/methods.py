@@ -18,7 +18,7 @@ from mulosd.decoding.engine import Parts, decode
 from mulosd.decoding.params import (ARParams, CARParams, CSpDParams, GSDParams, LanternParams, MCSJDParams, MuloParams,
                                     Params, SDParams, SJDParams, ZipARParams)
 from mulosd.decoding.proposers import DrafterProposer, JacobiProposer
-from mulosd.decoding.rules import codebook_neighbours, verify_exact, verify_grouped, verify_lantern
+from mulosd.decoding.rules import verify_exact, verify_grouped, verify_lantern
 from mulosd.decoding.sampling import RandomStreams, SamplingConfig, check_continuous
 from mulosd.decoding.schedule import generate_zipar
 from mulosd.decoding.state import DecodeStats
@@ -144,10 +144,13 @@ class SD(Method):
         super().__init__(pipe, **params)
         self.gamma = self.p.gamma
         self.drafter = check_drafter(pipe, self.p.drafter, pipe.target.config.grid_size)
-        self.rule = verify_exact
+
+    def rule(self):
+        """The verification rule: exact speculative sampling."""
+        return verify_exact
 
     def parts(self):
-        return window_parts(self.pipe.target, DrafterProposer(self.drafter, self.gamma), self.rule, self.gamma)
+        return window_parts(self.pipe.target, DrafterProposer(self.drafter, self.gamma), self.rule(), self.gamma)
 
 
 class SJD(Method):
@@ -186,8 +189,12 @@ class Lantern(SD):
         V, k = pipe.target.config.vocab_size, self.p.k
         if k > V - 1:
             raise MulosdError(f"k must be at most {V - 1} (the codebook has {V} entries), got {k}")
-        neighbours = codebook_neighbours(pipe.tokenizer.codebook.detach(), k)
-        self.rule = functools.partial(verify_lantern, neighbours=neighbours, delta=self.p.delta, lam=self.p.lam)
+
+    def rule(self):
+        """LANTERN's rule over the k nearest codes, looked up when the method first decodes (a 16384-code book
+        takes seconds; building the method, e.g. for `mulosd info`, should not)."""
+        return functools.partial(verify_lantern, neighbours=self.pipe.codebook_neighbours(self.p.k),
+                                 delta=self.p.delta, lam=self.p.lam)
 
 
 class GSD(SJD):
@@ -239,28 +246,27 @@ class Mulo(Method):
 
     def __init__(self, pipe, **params):
         from mulosd.decoding.mulo import MuloSettings, Resamplers
-        from mulosd.models.upsample import whole_size
-
         super().__init__(pipe, **params)
         p = self.p
         self.exact = p.exact
         H, V = pipe.target.config.grid_size, pipe.target.config.vocab_size
-        r = p.r if p.r is not None else self.default_ratio(pipe)
-        if p.r is None:  # resolved (and checked, as an explicit r would be); params() records it
-            self.p = p = p.replace(r=r)
-        h = whole_size(H, 1 / r)  # the drafter's grid
+        given = p.r if p.r is not None else self.default_ratio(pipe)
+        h = self.low_grid(H, given)  # the drafter's grid
         if not h:
-            raise MulosdError(f"r={r:g} does not divide the target's {H}x{H} grid into a whole low-res grid ({H} / "
-                              f"{r:g} = {H / r:.4g}); allowed: r = {H} / h for a whole h from 1 to {H - 1}")
+            raise MulosdError(f"r={given:g} does not divide the target's {H}x{H} grid into a whole low-res grid ({H} / "
+                              f"{given:g} = {H / given:.4g}); allowed: r = {H} / h for a whole h from 1 to {H - 1}")
+        r = H // h if H % h == 0 else H / h  # exact: a printed ratio (1.333 for 32 / 24) names the grid it rounds
+        if r != p.r:  # resolved (and checked, as an explicit r would be); params() records it
+            self.p = p = p.replace(r=r)
         if p.k > V:
             raise MulosdError(f"k must be at most {V} (the codebook has {V} entries), got {p.k}")
-        self.drafter_role = p.drafter or f"r{r:g}"
-        if p.drafter is None and self.drafter_role not in pipe.drafters:
-            have = sorted(ratio for role, m in pipe.drafters.items()
-                          if (ratio := self.role_ratio(role)) and whole_size(m.config.grid_size, ratio) == H)
+        self.drafter_role = p.drafter or self.low_role(pipe, h)
+        if self.drafter_role is None:
+            have = sorted(H / m.config.grid_size for role, m in pipe.drafters.items()
+                          if self.role_ratio(role) and m.config.grid_size < H)
             raise MulosdError(f"r={r:g}: model set {pipe.name} has no low-resolution drafter for r={r:g} (no role "
-                              f"'r{r:g}'); allowed r: {', '.join(f'{x:g}' for x in have) or 'none'} (or name one "
-                              f"with drafter=ROLE)")
+                              f"'r{r:g}' on a {h}x{h} grid); allowed r: {', '.join(f'{x:g}' for x in have) or 'none'} "
+                              f"(or name one with drafter=ROLE)")
         drafter = check_drafter(pipe, self.drafter_role, h)
         rows = drafter.config.grid_size if p.rows is None else p.rows
         # auto: the learned up-/down-sampler when the model set ships one for this (integer) r, else pixel
@@ -273,17 +279,30 @@ class Mulo(Method):
         settings = MuloSettings(rows=rows, drafting=p.drafting, draft_window=p.draft_window,
                                 acceptance=p.acceptance, tau=p.tau, radius=p.resample_radius,
                                 resampling=p.resampling, island_window=p.island_window, candidates=p.candidates)
-        neighbours = codebook_neighbours(pipe.tokenizer.codebook.detach(), p.k, include_self=True)
-        self._parts = (pipe.target, drafter, resamplers, neighbours, settings)
+        self._parts = (pipe.target, drafter, resamplers, settings)
         self.drafter = drafter
+
+    @staticmethod
+    def low_grid(H: int, r: float) -> int | None:
+        """The whole low-res grid h with H / h = r, to 0.1 % (so that a printed ratio, 1.333 for 32 / 24, names
+        its grid), or None."""
+        h = round(H / r)
+        return h if 1 <= h < H and abs(H / h - r) <= 1e-3 * r else None
+
+    @classmethod
+    def low_role(cls, pipe, h: int) -> str | None:
+        """The low-resolution drafter role (``r<ratio>``) whose model works on an h x h grid, if the set has one."""
+        return next((role for role, m in sorted(pipe.drafters.items())
+                     if cls.role_ratio(role) and m.config.grid_size == h), None)
 
     @classmethod
     def default_ratio(cls, pipe) -> float:
-        """r when none is given: the smallest ratio among the set's low-resolution drafter roles (2 if it has none,
-        which then fails with the list of what it has)."""
-        ratios = [ratio for role in pipe.drafters if (ratio := cls.role_ratio(role))]
-        r = min(ratios) if ratios else 2
-        return int(r) if float(r).is_integer() else r
+        """r when none is given: the smallest ratio H / h among the set's low-resolution drafters (2 if it has
+        none, which then fails with the list of what it has)."""
+        H = pipe.target.config.grid_size
+        ratios = [H / m.config.grid_size for role, m in pipe.drafters.items()
+                  if cls.role_ratio(role) and m.config.grid_size < H]
+        return min(ratios) if ratios else 2
 
     @staticmethod
     def role_ratio(role: str) -> float | None:
@@ -302,7 +321,10 @@ class Mulo(Method):
     def parts(self):
         from mulosd.decoding.mulo import mulo_parts
 
-        return mulo_parts(*self._parts)
+        target, drafter, resamplers, settings = self._parts
+        # the pooling sets, looked up at the first decode (seconds for a 16384-code book; not when merely built)
+        return mulo_parts(target, drafter, resamplers, self.pipe.codebook_neighbours(self.p.k, include_self=True),
+                          settings)
 
 
 class _Continuous(Method):

@@ -77,6 +77,15 @@ class SamplingConfig:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    def record(self) -> dict:
+        """The settings as a run's configuration records them (bench, sample: compared on resume): LlamaGen's two
+        guidance options only when they are not the default, so runs written before they existed still resume."""
+        out = dict(vars(self))
+        for key, default in (("cfg_convention", "mulosd"), ("cfg_interval", -1)):
+            if out[key] == default:
+                del out[key]
+        return out
+
 
 @dataclass
 class SamplingSettings:

@@ -294,7 +294,7 @@ def _run_config(pipe, settings: list[Setting], cfg: BenchConfig, captions: Bench
     the model set and the number of images (results.json's config lists them all the same, as ``conditions``)."""
     dtype = dtype_name(pipe_dtype(pipe))
     return {"model": pipe.name, "num_images": cfg.num_images, "batch_size": cfg.batch_size, "seed": cfg.seed,
-            "sampling": vars(cfg.sampling()), "settings": [[s.label, s.method, s.params] for s in settings],
+            "sampling": cfg.sampling().record(), "settings": [[s.label, s.method, s.params] for s in settings],
             "inception": cfg.inception, **({"reference_images": cfg.reference_images} if cfg.inception else {}),
             **({"dtype": dtype} if dtype != "float32" else {}),
             **({"conditions": _conditions_record(pipe, captions, cfg.num_images)} if captions is not None else {})}

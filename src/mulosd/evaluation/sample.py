@@ -85,7 +85,7 @@ def sample_config(pipe, decoder, cfg: SampleConfig, captions=None) -> dict:
     """What sample.json records, and what a rerun must match: everything that decides the images and their files
     (for a text-to-image set, the captions' source: ``bench.BenchCaptions.source``)."""
     return json.loads(json.dumps({
-        "model": pipe.name, "method": decoder.name, "params": decoder.params(), "sampling": vars(cfg.sampling()),
+        "model": pipe.name, "method": decoder.name, "params": decoder.params(), "sampling": cfg.sampling().record(),
         "seed": cfg.seed, "num_images": cfg.num_images, "shard_size": cfg.shard_size,
         "classes": list(cfg.classes) if cfg.classes is not None else None, "dtype": dtype_name(pipe_dtype(pipe)),
         **({"captions": captions.source} if captions is not None else {}),

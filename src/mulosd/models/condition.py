@@ -81,8 +81,9 @@ def read_caption_features(path: str | Path, length: int, channels: int) -> Capti
     """One caption from a feature file: LlamaGen's ``extract_t5_feature.py`` output (``.npy`` [1, L, C], the
     caption's L tokens only), or a plain ``.npy`` / ``.safetensors`` (one tensor) of [L, C] or [length, C]. A full
     [length, C] array is taken as already laid out: rows that are all zero are padding. L tokens are right-aligned;
-    more than ``length`` are cut to the first ``length``, as LlamaGen's t2i dataset does. Anything else is an error
-    naming the shape and what is allowed."""
+    more than ``length`` are cut to the first ``length``, as LlamaGen's t2i dataset does. A full array must be
+    laid out that way already (zero rows, then the tokens). Anything else is an error naming the shape and what
+    is allowed."""
     path = Path(path)
     if not path.is_file():
         raise MulosdError(f"caption feature file {path} not found")
@@ -114,5 +115,11 @@ def read_caption_features(path: str | Path, length: int, channels: int) -> Capti
         mask = features.abs().sum(-1) > 0
         if not mask.any():
             raise MulosdError(f"{path}: every caption position is zero (padding); a caption needs at least one token")
-        return Captions(features[None] * mask[None, :, None], mask[None])
+        first = int(mask.float().argmax())
+        if not mask[first:].all():
+            raise MulosdError(f"{path}: a [{length}, {channels}] caption must hold its tokens in the last positions "
+                              f"after all-zero padding rows (LlamaGen's left padding); rows {first}..{length - 1} are "
+                              "not all tokens. Save a caption's own tokens as [L, C] instead (e.g. T5's output cut "
+                              "to its attention mask)")
+        return Captions(features[None], mask[None])
     return Captions.from_tokens(features, length, str(path))

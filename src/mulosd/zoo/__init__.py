@@ -61,6 +61,12 @@ def _json_type(value) -> str:
     return "number"
 
 
+def component_stem(kind: str, role: str) -> str:
+    """A component's file stem for a role: ``drafter_r1_5`` for role ``r1.5`` (a dot would read as the start of a
+    file suffix: ``drafter_r1.5.json`` would be written as ``drafter_r1.json``, where ``r1.25`` would collide)."""
+    return f"{kind}_{role}".replace(".", "_")
+
+
 def write_manifest(directory: str | Path, spec: dict) -> Path:
     """Write ``directory/manifest.json`` atomically: what ``manifest`` reads and ``Pipeline.from_pretrained`` loads."""
     from mulosd.io import atomic_write_json

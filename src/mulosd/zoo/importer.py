@@ -11,6 +11,7 @@ caption width, c2i or t2i) is read from them and checked. The set is written to 
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import tempfile
@@ -25,7 +26,7 @@ from mulosd.models.gpt import GPT
 from mulosd.models.llamagen import (LLAMAGEN_SIZES, llamagen_condition, llamagen_config, llamagen_size,
                                     load_llamagen_state, read_linked_weights, read_llamagen_gpt_state)
 from mulosd.models.llamagen_vq import CODEBOOK_KEY, LlamaGenVQ, LlamaGenVQConfig, load_llamagen_vq
-from mulosd.zoo import write_manifest
+from mulosd.zoo import component_stem, write_manifest
 
 
 @dataclass
@@ -137,9 +138,52 @@ def import_llamagen(out: str | Path, gpt: GPTFile, vq: str | Path, drafter: GPTF
                     class_names: list[str] | None = None, force: bool = False) -> Path:
     """Write a model set for LlamaGen's files to ``out`` (see the module doc); returns ``out``."""
     out = Path(out)
-    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
+    _check_out(out, force, [gpt.path, vq, drafter and drafter.path, lowres and lowres.path, drafter_vq, lowres_vq])
+    try:
+        return _import(out, gpt, vq, drafter, lowres, drafter_vq, lowres_vq, link, name, class_names)
+    except OSError as exc:  # a file that cannot be read or written (permissions, a full disk): one clear message
+        raise MulosdError(f"import failed, nothing written to {out}: {exc.strerror or exc}"
+                          f"{f' ({exc.filename})' if exc.filename else ''}") from None
+
+
+def _check_out(out: Path, force: bool, inputs: list) -> None:
+    """``out`` must be new or empty, or (``force``) an earlier model set; never a folder holding the inputs."""
+    if out.exists() and not out.is_dir():
+        raise MulosdError(f"--out {out} is a file; give a directory for the model set")
+    root = out.resolve()
+    for path in inputs:
+        if path is not None and root in Path(path).resolve().parents:
+            raise MulosdError(f"{path} lies inside --out {out}; write the model set to a directory that holds none "
+                              "of the checkpoints it is made from")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not force:
         raise MulosdError(f"{out} exists and is not empty; choose a new directory for the model set (or --force to "
-                          "replace it)")
+                          "replace an earlier model set there)")
+    if not (out / "manifest.json").is_file():
+        raise MulosdError(f"--force replaces an earlier model set, but {out} holds no manifest.json; choose a new "
+                          "directory")
+
+
+def _replace_set(staging: Path, out: Path) -> None:
+    """Move the staged set into ``out``: a new directory is renamed into place; an earlier set (``--force``) loses
+    its manifest and the components it names, everything else in ``out`` is kept, and the new files move in."""
+    if not out.exists():
+        staging.rename(out)
+        return
+    old = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").is_file() else {}
+    stems = [v for v in old.values() if isinstance(v, str)]
+    stems += [v for key in ("drafters", "upsamplers") for v in (old.get(key) or {}).values() if isinstance(v, str)]
+    (out / "manifest.json").unlink(missing_ok=True)  # first: a half-replaced set never looks complete
+    for stem in stems:
+        for suffix in (".json", ".safetensors"):
+            (out / stem).with_suffix(suffix).unlink(missing_ok=True)  # as the loader names them
+    for path in sorted(staging.iterdir(), key=lambda p: p.name == "manifest.json"):  # the manifest last
+        path.replace(out / path.name)
+    staging.rmdir()
+
+
+def _import(out: Path, gpt: GPTFile, vq, drafter, lowres, drafter_vq, lowres_vq, link, name, class_names) -> Path:
     tokenizer = load_vq_file(vq)
     target = load_gpt_file(gpt, tokenizer)
     drafters: dict[str, tuple[GPT, Path]] = {}
@@ -165,16 +209,21 @@ def import_llamagen(out: str | Path, gpt: GPTFile, vq: str | Path, drafter: GPTF
                               "shape differ)")
     if class_names is not None and target.config.condition == "class" and len(class_names) != target.config.num_classes:
         raise MulosdError(f"{len(class_names)} class names given; the model has {target.config.num_classes} classes")
+    created = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    done = False
     try:
         _write_set(staging, tokenizer, Path(vq), target, gpt.path, drafters, link, name or out.name, class_names)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+        _replace_set(staging, out)
+        done = True
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+        if not done:  # folders made for --out go again
+            for folder in created:
+                if folder.exists() and not any(folder.iterdir()):
+                    folder.rmdir()
     return out
 
 
@@ -189,7 +238,8 @@ def _write_set(directory: Path, tokenizer: LlamaGenVQ, vq_path: Path, target: GP
 
     spec = {"name": name, "tokenizer": save(tokenizer, "tokenizer", vq_path, "llamagen-vq"),
             "target": save(target, "target", target_path, "llamagen-gpt"), "classifier": None,
-            "drafters": {role: save(m, f"drafter_{role}", path, "llamagen-gpt") for role, (m, path) in drafters.items()},
+            "drafters": {role: save(m, component_stem("drafter", role), path, "llamagen-gpt")
+                         for role, (m, path) in drafters.items()},
             "upsamplers": {}}
     if target.config.condition == "class":
         spec["class_names"] = class_names or [f"class_{i}" for i in range(target.config.num_classes)]
