@@ -56,7 +56,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run it with a time limit, log it, and 
 }
 
 step env 30 bash -c "nvidia-smi 2>&1 | head -20; $PY -c 'import torch, sys; print(sys.version); print(torch.__version__, torch.version.cuda, torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"no CUDA\")'; $PY -c 'import click, safetensors, tqdm, PIL, matplotlib, numpy, scipy, pytest; print(\"packages: ok\")'"
-step pytest_cuda 60 "$PY" -m pytest -m cuda -p no:cacheprovider -rs tests/test_precision.py tests/test_training.py
+step pytest_cuda 60 "$PY" -m pytest -m cuda -p no:cacheprovider -rs tests/test_precision.py tests/test_training.py tests/test_llamagen_import.py
 for dtype in float32 bfloat16; do
   step "bench_b1_$dtype" 55 "${M[@]}" bench --num-images "$B1" --batch-size 1 --device "$DEVICE" --dtype "$dtype" \
     --out "$OUT/bench_b1_$dtype" --force --no-progress

@@ -508,3 +508,18 @@ def test_compare_on_imported_sets(files, c2i_set, t2i_set, tmp_path):
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "c" / "summary.json").read_text())
     assert summary["methods"][0]["stats"]["num_images"] == 5
+
+
+@pytest.mark.cuda
+def test_imported_sets_decode_on_cuda(files, c2i_set, t2i_set):
+    """Captions, padding masks, per-token guidance and the pixel resampler at r = 1.5 on a CUDA device; the exact
+    methods give AR's tokens there too."""
+    greedy = SamplingConfig(cfg_scale=4.0, temperature=0.0, cfg_interval=2)
+    for directory in (c2i_set, t2i_set):
+        pipe = Pipeline.from_pretrained(directory, device="cuda")
+        cond = pipe.captions(features=files["caps"]) if pipe.condition == "caption" else torch.tensor([0, 3])
+        ar = pipe.generate(get_method("ar")(pipe), cond, greedy, batch_size=2)
+        assert ar.tokens.device.type == "cpu" and ar.images.shape[-1] == 12
+        for method in ("sd", "sjd", "mcsjd"):
+            assert torch.equal(pipe.generate(get_method(method)(pipe), cond, greedy, batch_size=2).tokens, ar.tokens)
+        assert pipe.generate(get_method("mulo")(pipe), cond, greedy, batch_size=2).tokens.shape == (2, 6, 6)
