@@ -523,3 +523,29 @@ def test_imported_sets_decode_on_cuda(files, c2i_set, t2i_set):
         for method in ("sd", "sjd", "mcsjd"):
             assert torch.equal(pipe.generate(get_method(method)(pipe), cond, greedy, batch_size=2).tokens, ar.tokens)
         assert pipe.generate(get_method("mulo")(pipe), cond, greedy, batch_size=2).tokens.shape == (2, 6, 6)
+
+
+def test_train_upsampler_on_an_imported_llamagen_set(files, tmp_path):
+    """The learned up-sampler trains on an imported set's LlamaGen VQ (both stages: codes, then pixels through its
+    decoder) from a folder of images, joins the set, and mulo picks it up (upsampler=auto at r = 2)."""
+    from PIL import Image
+
+    out = tmp_path / "set"
+    res = _import(files, out, "--lowres", str(files["c2i_lo"]), "--lowres-size", "2,2,32", "--lowres-image-size", "6",
+                  drafter=None, lowres=None)  # a 3x3 low-res model under the 6x6 target: r = 2
+    assert res.exit_code == 0, res.output
+    (tmp_path / "imgs").mkdir()
+    for i in range(6):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (15, 13, 3), dtype=np.uint8)).save(
+            tmp_path / "imgs" / f"{i}.png")
+    res = CliRunner().invoke(main, ["train", "upsampler", "--threads", "1", "--model", str(out), "--data",
+                                    str(tmp_path / "imgs"), "--r", "2", "--steps", "4", "--ce-steps", "2",
+                                    "--batch-size", "3", "--warmup", "1", "--eval-images", "2",
+                                    "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    pipe = Pipeline.from_pretrained(out)
+    assert list(pipe.upsamplers) == [2]
+    pipe.upsamplers[2].check(pipe.tokenizer, 2)
+    mulo = get_method("mulo")(pipe)
+    assert (mulo.params()["r"], mulo.params()["upsampler"]) == (2, "learned")
+    assert pipe([1], method="mulo").tokens.shape == (1, 6, 6)
