@@ -178,7 +178,7 @@ def _component(where: Path, key: str, value) -> Path:
     stem = where.parent / value
     if not stem.with_suffix(".json").is_file():
         raise MulosdError(f"{where}: {key} names {value!r}, but {stem.with_suffix('.json')} does not exist")
-    if linked_weights(stem) is None and not stem.with_suffix(".safetensors").is_file():
+    if not stem.with_suffix(".safetensors").is_file() and linked_weights(stem) is None:
         raise MulosdError(f"{where}: {key} names {value!r}, but {stem.with_suffix('.safetensors')} does not exist")
     return stem
 
@@ -187,8 +187,9 @@ def _component(where: Path, key: str, value) -> Path:
 TOKENIZERS = {"vq": VQModel, "llamagen-vq": LlamaGenVQ}
 
 
-def load_tokenizer(stem: Path):
+def load_tokenizer(stem: str | Path):
     """The VQ tokenizer at ``stem``, of the class its JSON's kind names (see TOKENIZERS)."""
+    stem = Path(stem)
     if not stem.with_suffix(".json").is_file():
         raise MulosdError(f"model config {stem.with_suffix('.json')} not found")
     meta = read_json(stem.with_suffix(".json"))

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -81,8 +81,9 @@ class SamplingConfig:
         """The settings as a run's configuration records them (bench, sample: compared on resume): LlamaGen's two
         guidance options only when they are not the default, so runs written before they existed still resume."""
         out = dict(vars(self))
-        for key, default in (("cfg_convention", "mulosd"), ("cfg_interval", -1)):
-            if out[key] == default:
+        defaults = {f.name: f.default for f in fields(self)}
+        for key in ("cfg_convention", "cfg_interval"):
+            if out[key] == defaults[key]:
                 del out[key]
         return out
 
@@ -100,8 +101,7 @@ class SamplingSettings:
     cfg_interval: int = -1
 
     def sampling(self) -> SamplingConfig:
-        return SamplingConfig(cfg_scale=self.cfg_scale, temperature=self.temperature, top_k=self.top_k,
-                              top_p=self.top_p, cfg_convention=self.cfg_convention, cfg_interval=self.cfg_interval)
+        return SamplingConfig(**{f.name: getattr(self, f.name) for f in fields(SamplingConfig)})
 
 
 def cfg_mix(logits: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:

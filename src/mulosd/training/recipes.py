@@ -20,6 +20,7 @@ from mulosd.data import FashionMNIST, resize_images
 from mulosd.models.classifier import Classifier, ClassifierConfig
 from mulosd.models.gpt import GPTConfig
 from mulosd.models.vq import VQConfig, VQModel
+from mulosd.pipeline import load_tokenizer
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -236,13 +237,6 @@ def images_per_chunk(px: int, cells: int, vocab: int) -> int:
     high-resolution cells x ``vocab`` codes each) per chunk, so a 256 px image with a 16384-code tokenizer goes 16 at
     a time and a 32 px Fashion-MNIST image 500 at a time."""
     return max(1, min(500, (1 << 21) // (px * px), (1 << 26) // (cells * vocab)))
-
-
-def load_tokenizer(stem: str | Path) -> torch.nn.Module:
-    """The VQ tokenizer component at ``stem``, of the class its JSON's kind names (see pipeline.TOKENIZERS)."""
-    from mulosd.pipeline import load_tokenizer as load
-
-    return load(Path(stem))
 
 
 def model_set_tokenizer(model_set: str) -> tuple[Path, Path, int]:
