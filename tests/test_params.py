@@ -14,10 +14,13 @@ SCHEMAS = [(name, cls.Params) for name, cls in REGISTRY.items()]
 DEFAULTS = {
     "ar": {"model": "target"},
     "sd": {"gamma": 3, "drafter": "small"},
-    "sjd": {"window": 16, "init": "random", "coupling": "none"},
-    "mcsjd": {"window": 16, "init": "random", "coupling": "maximal"},
+    "sjd": {"window": 16, "init": "random", "coupling": "none", "init_r": None, "init_upsampler": "auto"},
+    "mcsjd": {"window": 16, "init": "random", "coupling": "maximal", "init_r": None, "init_upsampler": "auto"},
+    "pjd": {"window": 16, "init": "random", "coupling": "maximal", "init_r": None, "init_upsampler": "auto",
+            "rows": 3, "start": 4},
     "lantern": {"gamma": 8, "drafter": "small", "k": 20, "delta": 0.1, "lam": None},
-    "gsd": {"window": 16, "init": "random", "coupling": "none", "group": 10, "prob_tol": 0.15, "embed_tol": 0.5},
+    "gsd": {"window": 16, "init": "random", "coupling": "none", "init_r": None, "init_upsampler": "auto",
+            "group": 10, "prob_tol": 0.15, "embed_tol": 0.5},
     "zipar": {"window": 8},
     # r and upsampler resolve per model set (None: its smallest low-res ratio; auto: learned when it has one for r),
     # which on fmnist-32 is r = 2 with the learned up-sampler, as before (tests/test_mulo.py checks the resolution)
@@ -34,6 +37,9 @@ RANGES = [
     ("sd", "gamma", 1, None, [0, -1]),
     ("sjd", "window", 1, None, [0]),
     ("zipar", "window", 1, None, [0]),
+    ("pjd", "window", 1, None, [0]),
+    ("pjd", "rows", 1, None, [0]),
+    ("pjd", "start", 1, None, [0, -2]),
     ("lantern", "k", 0, None, [-1]),
     ("lantern", "delta", 0.0, 1.0, [-0.01, 1.01]),
     ("lantern", "lam", 1.0, 1e6, [0.99, 2e6]),
@@ -55,7 +61,8 @@ RANGES = [
 
 
 def test_registry_order_and_every_method_has_its_own_schema():
-    assert list(REGISTRY) == ["ar", "sd", "sjd", "mcsjd", "lantern", "gsd", "zipar", "mulo", "car", "cspd"]
+    assert list(REGISTRY) == ["ar", "sd", "sjd", "mcsjd", "pjd", "lantern", "gsd", "zipar", "mulo", "car",
+                              "cspd"]
     for name, cls in REGISTRY.items():
         assert cls.name == name and cls.Params.method == name and cls.Params is not Params
         assert cls.param_names() == cls.Params.names() == tuple(DEFAULTS[name])
@@ -163,7 +170,7 @@ def test_instances_are_validated_frozen_and_replaceable():
 
 def test_exactness():
     exact = {name for name, cls in REGISTRY.items() if cls.is_exact()}
-    assert exact == {"ar", "sd", "sjd", "mcsjd", "car"}
+    assert exact == {"ar", "sd", "sjd", "mcsjd", "pjd", "car"}
     mulo = REGISTRY["mulo"]
     assert mulo.exact is False and mulo.is_exact({"acceptance": "exact"}) is True
     assert mulo.exactness() == "lossy (exact with acceptance=exact)" and REGISTRY["sd"].exactness() == "exact"

@@ -16,8 +16,8 @@ import torch
 
 from mulosd.decoding.engine import Parts, decode
 from mulosd.decoding.params import (ARParams, CARParams, CSpDParams, GSDParams, LanternParams, MCSJDParams, MuloParams,
-                                    Params, SDParams, SJDParams, ZipARParams)
-from mulosd.decoding.proposers import DrafterProposer, JacobiProposer
+                                    Params, PJDParams, SDParams, SJDParams, ZipARParams)
+from mulosd.decoding.proposers import DrafterProposer, JacobiProposer, LowResPrior
 from mulosd.decoding.rules import verify_exact, verify_grouped, verify_lantern
 from mulosd.decoding.sampling import RandomStreams, SamplingConfig, check_continuous
 from mulosd.decoding.schedule import generate_zipar
@@ -163,10 +163,61 @@ class SJD(Method):
         super().__init__(pipe, **params)
         self.gamma = self.p.window
         self.rule = verify_exact
+        self.prior_parts = None
+        if self.p.init == "lowres":
+            self.prior_parts = lowres_prior_parts(pipe, self.p.init_r, self.p.init_upsampler)
+            drafter, res = self.prior_parts
+            self.drafter = drafter
+            self.init_r = res.hi // res.lo if res.hi % res.lo == 0 else res.hi / res.lo
+            self.init_upsampler = "learned" if res.learned_up else "pixel"
+
+    def prior(self) -> LowResPrior | None:
+        """init=lowres: a fresh multi-scale prior for one decode (None for the other initialisations)."""
+        if self.prior_parts is None:
+            return None
+        drafter, resamplers = self.prior_parts
+        return LowResPrior(drafter, resamplers, LOWRES_DRAFT_WINDOW, self.pipe.target.config.vocab_size)
+
+    def params(self) -> dict:
+        out = super().params()
+        if self.prior_parts is not None:  # the resolved ratio and up-sampler kind
+            out.update(init_r=self.init_r, init_upsampler=self.init_upsampler)
+        return out
 
     def parts(self):
-        proposer = JacobiProposer(self.pipe.target.config.vocab_size, self.gamma, self.p.init, self.p.coupling)
+        proposer = JacobiProposer(self.pipe.target.config.vocab_size, self.gamma, self.p.init, self.p.coupling,
+                                  self.prior())
         return window_parts(self.pipe.target, proposer, self.rule, self.gamma)
+
+
+LOWRES_DRAFT_WINDOW = 2  # ZipAR window of the low-res image drafted for init=lowres (MuLo-SD's draft_window)
+
+
+def lowres_prior_parts(pipe: "Pipeline", r: float | None, upsampler: str):
+    """The low-res drafter and resamplers of init=lowres: the set's drafter for ratio r (default: its largest ratio,
+    the cheapest image to draft) and the learned up-sampler for r when the set ships one (auto), else pixel."""
+    from mulosd.decoding.mulo import Resamplers
+
+    H = pipe.target.config.grid_size
+    ratios = sorted(H / m.config.grid_size for role, m in pipe.drafters.items()
+                    if Mulo.role_ratio(role) and m.config.grid_size < H)
+    if not ratios:
+        raise MulosdError(f"init=lowres needs a low-resolution drafter (a role r<ratio>); model set {pipe.name} has "
+                          f"none: use init=random or init=spatial")
+    given = ratios[-1] if r is None else r
+    h = Mulo.low_grid(H, given)
+    role = Mulo.low_role(pipe, h) if h else None
+    if role is None:
+        raise MulosdError(f"init_r={given:g}: model set {pipe.name} has no low-resolution drafter for it; allowed "
+                          f"init_r: {', '.join(f'{x:g}' for x in ratios)}")
+    ratio = H // h if H % h == 0 else H / h
+    kind = upsampler
+    if kind == "auto":
+        kind = "learned" if isinstance(ratio, int) and ratio in pipe.upsamplers else "pixel"
+    if kind == "learned" and not isinstance(ratio, int):
+        raise MulosdError(f"init_upsampler=learned needs an integer ratio, got init_r={ratio:g}; allowed: pixel, auto")
+    up = pipe.resampler(kind, ratio)
+    return check_drafter(pipe, role, h), Resamplers(up=up, down=up, lo=h, hi=H)
 
 
 class MCSJD(SJD):
@@ -174,6 +225,22 @@ class MCSJD(SJD):
 
     name = "mcsjd"
     Params = MCSJDParams  # refuses coupling=none
+
+
+class PJD(SJD):
+    """2-D parallel Jacobi decoding (PJD), lossless form: SJD's exact frontier window plus staircase rows below it
+    whose drafts are refined under a row-causal mask and enter the window when it reaches them (decoding/pjd.py)."""
+
+    name = "pjd"
+    Params = PJDParams
+
+    def parts(self):
+        from mulosd.decoding.pjd import PJDProposer, pjd_parts
+
+        t = self.pipe.target.config
+        proposer = PJDProposer(t.vocab_size, t.grid_size, self.gamma, self.p.rows, self.p.start, self.p.init,
+                               self.p.coupling, self.prior())
+        return pjd_parts(self.pipe.target, proposer, self.rule)
 
 
 class Lantern(SD):
@@ -386,7 +453,8 @@ class CSpD(_Continuous):
                           max_tries=p.max_tries, independent=p.independent)
 
 
-REGISTRY: dict[str, type[Method]] = {m.name: m for m in (AR, SD, SJD, MCSJD, Lantern, GSD, ZipAR, Mulo, CAR, CSpD)}
+REGISTRY: dict[str, type[Method]] = {m.name: m for m in (AR, SD, SJD, MCSJD, PJD, Lantern, GSD, ZipAR, Mulo, CAR,
+                                                          CSpD)}
 
 
 def get_method(name: str) -> type[Method]:

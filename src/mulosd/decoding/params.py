@@ -264,7 +264,7 @@ class Params:
 
 # ---- the methods' parameters (defaults and ranges: docs/METHODS.md, docs/MULOSD.md, docs/CSPD.md) -------------
 COUPLINGS = ("none", "maximal", "gumbel")  # the Jacobi proposer's couplings (decoding.proposers imports them)
-INITS = ("random", "spatial")  # and its initialisations
+INITS = ("random", "spatial", "lowres")  # and its initialisations (lowres: the multi-scale prior)
 _GAMMA = "draft length: tokens the drafter proposes per target forward"
 _DRAFTER = "drafter role in the model set (same grid and vocabulary as the target)"
 
@@ -289,9 +289,26 @@ class SDParams(Params):
 class SJDParams(Params):
     method = "sjd"
     window: int = param(16, "Jacobi window: tokens drafted and verified per target forward", low=1)
-    init: str = param("random", "initialisation of new window cells", choices=INITS)
+    init: str = param("random", "initialisation of new window cells: random (uniform token), spatial (the token "
+                                "to the left) or lowres (multi-scale: the low-res drafter's image up-sampled to "
+                                "high-res codes, the up-sampler's distribution as the first q)", choices=INITS)
     coupling: str = param("none", "how a re-draft is tied to the cell's previous draft (none: drawn afresh)",
                           choices=COUPLINGS)
+    init_r: float | None = param(None, "init=lowres: resolution ratio of the low-res drafter (a role r<ratio> of "
+                                       "the set)", low=1, low_open=True,
+                                 none="the set's largest low-res ratio (the cheapest draft; 4 for fmnist-32)")
+    init_upsampler: str = param("auto", "init=lowres: learned (a distribution per cell; integer ratio), pixel "
+                                        "(deterministic codes, one-hot q) or auto (learned when the set has one)",
+                                choices=("auto", "learned", "pixel"))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.init_r is not None and float(self.init_r).is_integer():
+            object.__setattr__(self, "init_r", int(self.init_r))
+
+    def check(self) -> None:
+        if self.init != "lowres" and (self.init_r is not None or self.init_upsampler != "auto"):
+            raise MulosdError(f"{self.method}: init_r and init_upsampler apply to init=lowres only (got init={self.init})")
 
 
 @dataclass(frozen=True)
@@ -303,6 +320,19 @@ class MCSJDParams(SJDParams):
     def check(self) -> None:
         if self.coupling == "none":
             raise MulosdError("mcsjd needs a coupling; allowed: maximal, gumbel (coupling=none is --method sjd)")
+
+
+@dataclass(frozen=True)
+class PJDParams(SJDParams):
+    """PJD's lossless 2-D form (decoding/pjd.py); defaults from the sweep in docs/METHODS.md."""
+
+    method = "pjd"
+    rows: int = param(3, "rows drafted at once: the frontier window's row and rows - 1 staircase rows below it (1 is "
+                         "sjd / mcsjd)", low=1)
+    start: int = param(4, "row start threshold c: a row below drafts only the columns at least c before the row "
+                          "above's drafted extent", low=1)
+    coupling: str = param("maximal", "how a re-draft is tied to the cell's previous draft (none: drawn afresh)",
+                          choices=COUPLINGS)
 
 
 @dataclass(frozen=True)

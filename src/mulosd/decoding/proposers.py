@@ -2,7 +2,9 @@
 
 - :class:`DrafterProposer`: a small AR model of the target's grid drafts G tokens, one forward each.
 - :class:`JacobiProposer`: training-free Speculative Jacobi Decoding drafts, optionally coupled across
-  iterations (MC-SJD), built from the target distributions of the previous cycle.
+  iterations (MC-SJD), built from the target distributions of the previous cycle;
+- :class:`LowResPrior`: the multi-scale initialisation of Jacobi windows: the low-res drafter's whole image,
+  up-sampled to a distribution over high-res codes per cell (the first q of every cell).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from mulosd.decoding.engine import Proposal
 from mulosd.decoding.params import COUPLINGS, INITS
 from mulosd.decoding.rules import acceptance_probability, residual_distribution
 from mulosd.decoding.sampling import process_logits, sample
-from mulosd.decoding.state import DecodeState, cfg_labels, double, model_rows
+from mulosd.decoding.state import DRAFTER_STREAM, DecodeState, cfg_labels, double, model_rows
 from mulosd.errors import MulosdError
 from mulosd.models.gpt import GPT
 
@@ -79,21 +81,32 @@ class JacobiProposer:
 
     observe_phase = "drafting"
 
-    def __init__(self, vocab_size: int, gamma: int, init: str = "random", coupling: str = "none"):
+    def __init__(self, vocab_size: int, gamma: int, init: str = "random", coupling: str = "none",
+                 prior: "LowResPrior | None" = None):
         if init not in self.INITS:
             raise MulosdError(f"init {init!r} unknown; allowed: {', '.join(self.INITS)}")
         if coupling not in self.COUPLINGS:
             raise MulosdError(f"coupling {coupling!r} unknown; allowed: {', '.join(self.COUPLINGS)}")
-        self.V, self.gamma, self.init, self.coupling = vocab_size, gamma, init, coupling
+        if (init == "lowres") != (prior is not None):
+            raise ValueError("init='lowres' needs a LowResPrior (and only it takes one)")
+        self.V, self.gamma, self.init, self.coupling, self.prior = vocab_size, gamma, init, coupling, prior
         self.tok = self.q = self.gumbel = None
 
     def start(self, state: DecodeState) -> None:
         self.tok = self.q = self.gumbel = None
+        if self.prior is not None:
+            self.prior.start(state)
 
-    def _initialise(self, tok, q, first, last_committed, streams):
-        """Fill window positions i >= first [B] with fresh initial drafts (in place on tok [B, G], q [B, G, V])."""
+    def _initialise(self, tok, q, first, last_committed, streams, cells):
+        """Fill window positions i >= first [B] (grid cells ``cells`` [B, G]) with fresh initial drafts (in place on
+        tok [B, G], q [B, G, V])."""
         B, G = tok.shape
         fresh = torch.arange(G, device=tok.device)[None] >= first[:, None]
+        if self.init == "lowres":  # the low-res image's codes and the up-sampler's distributions (drawn at start)
+            init_tok, init_q = self.prior.values(cells)
+            tok.copy_(torch.where(fresh, init_tok, tok))
+            q.copy_(torch.where(fresh[..., None], init_q, q))
+            return
         if self.init == "random":
             init_tok = sample(torch.full((B, G, self.V), 1.0 / self.V, device=tok.device), streams.uniform(G))
             init_q = torch.full((self.V,), 1.0 / self.V, device=tok.device)
@@ -114,7 +127,8 @@ class JacobiProposer:
                 self.tok = torch.zeros(B, gamma, dtype=torch.long, device=device)
                 self.q = torch.zeros(B, gamma, self.V, device=device)
                 self._initialise(self.tok, self.q, torch.zeros(B, dtype=torch.long, device=device),
-                                 tokens.gather(1, frontier[:, None] - 1)[:, 0], streams)
+                                 tokens.gather(1, frontier[:, None] - 1)[:, 0], streams,
+                                 frontier[:, None] + torch.arange(gamma, device=device))
                 if self.coupling == "gumbel":
                     u = streams.uniform(tokens.shape[1], self.V).clamp(1e-12, 1 - 1e-7)
                     self.gumbel = -torch.log(-torch.log(u))
@@ -148,8 +162,51 @@ class JacobiProposer:
             new = torch.where(was_drafted, torch.where(keep, old_tok, moved), new)
         tok, q = new, p_new.clone()
         last = tokens.gather(1, (frontier + count - 1).clamp_min(0)[:, None])[:, 0]
-        self._initialise(tok, q, (G - count + 1).clamp(0, G), last, streams)
+        self._initialise(tok, q, (G - count + 1).clamp(0, G), last, streams,
+                         frontier[:, None] + count[:, None] + torch.arange(G, device=p.device))
         self.tok, self.q = tok, q
 
     def finish(self) -> None:
         self.tok = self.q = self.gumbel = None
+
+
+class LowResPrior:
+    """Multi-scale initialisation of Jacobi drafts (issue: lossless MuLo-SD). Once per decode the low-resolution
+    drafter samples its whole image (ZipAR's schedule with window ``draft_window``; its draws come from the forked
+    drafter streams) and the up-sampler turns it into, per high-res cell, a distribution over the target's codes:
+    the learned up-sampler's softmax, from which the cell's initial draft is drawn, or (pixel up-sampler) its
+    deterministic code with a one-hot q. A Jacobi window takes a cell's (draft, q) from here the first time the cell
+    enters it; later iterations re-draft from the target's own p (coupled or not), as SJD does. Any q is exact
+    under speculative sampling as long as the draft was drawn from it, so this changes speed only."""
+
+    def __init__(self, drafter: GPT, resamplers, draft_window: int | None, vocab_size: int):
+        self.drafter, self.res, self.window, self.V = drafter, resamplers, draft_window, vocab_size
+        self.tok = self.q = None
+
+    def start(self, state: DecodeState) -> None:
+        from mulosd.decoding.schedule import ScheduledSampler
+
+        B, h, N = state.batch, self.res.lo, self.res.hi ** 2
+        streams = state.streams.fork(DRAFTER_STREAM)
+        with state.phase("drafting"):
+            sampler = ScheduledSampler(self.drafter, self.window)
+            sampler.start(state.labels, state.cfg)
+            try:
+                y = torch.zeros(B, h * h, dtype=torch.long, device=state.device)
+                forwards = sampler.sample_rows(y, 0, h, streams)
+            finally:
+                sampler.finish()
+            state.stats.drafter_forwards += forwards + 1
+        with state.phase("upsampling"):
+            up = self.res.candidates(y.view(B, h, h), slice(0, h))
+            if self.res.learned_up:
+                q = up.softmax(-1)
+                tok = sample(q, streams.uniform(N))
+            else:
+                tok, q = up, torch.nn.functional.one_hot(up, self.V).float()
+        self.tok, self.q = tok, q
+
+    def values(self, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Initial drafts and their q for grid cells ``cells`` [B, G] (cells past the grid repeat the last cell)."""
+        c = cells.clamp(max=self.tok.shape[1] - 1)
+        return self.tok.gather(1, c), self.q.gather(1, c[..., None].expand(-1, -1, self.q.shape[-1]))

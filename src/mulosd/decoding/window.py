@@ -24,11 +24,11 @@ class WindowScorer:
     """The discrete target: prefill and token 0, then one forward per cycle over the last committed cell and the
     drafts; returns p [B, G + 1, V] for cells f .. f+G through the shared sampling module."""
 
-    def __init__(self, target: GPT, width: int):
-        self.target, self.width = target, width
+    def __init__(self, target: GPT, width: int, extra_slack: int = 0):
+        self.target, self.width, self.extra_slack = target, width, extra_slack
 
     def start(self, labels, cfg, streams) -> DecodeState:
-        t, N, slack = self.target, self.target.config.num_tokens, self.width + 1
+        t, N, slack = self.target, self.target.config.num_tokens, self.width + 1 + self.extra_slack
         t.setup_cache(model_rows(len(labels), cfg), slack=slack)
         state = DecodeState.new(labels, cfg, streams, N, slack)
         state.first = process_logits(t.prefill(cfg_labels(t, labels, cfg)), cfg, predicts=0)
