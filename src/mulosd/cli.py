@@ -1038,6 +1038,49 @@ def _train_upsampler(recipe, model_set, add_to_set, out, *train_args):
                    f"mulosd pack --from {model_set} --out DIR --upsampler {Path(out) / 'model'}")
 
 
+@train.command("eagle")
+@_train_options
+@click.option("--model", "model_set", default="fmnist-32", show_default=True, metavar="SET",
+              help="Model set whose target the head drafts for (a class-conditional discrete-token target).")
+@click.option("--samples", type=click.IntRange(min=2), default=2000, show_default=True,
+              help="Target samples to train on (the last 100 are held out for the evaluation); sampled once and "
+                   "kept in OUT/samples, so a resumed run does not sample again.")
+@click.option("--cfg-scale", type=click.FloatRange(0, 50), default=3.0, show_default=True,
+              help="Guidance scale of the target's samples and of the guided loss term (use the scale you decode with).")
+@click.option("--temperature", type=click.FloatRange(0, 10, min_open=True), default=1.0, show_default=True,
+              help="Temperature of the target's samples and of the guided loss term.")
+@click.option("--ce-weight", type=click.FloatRange(min=0), default=0.1, show_default=True,
+              help="Weight of the token cross-entropy terms against the hidden-state regression (EAGLE: 0.1).")
+@click.option("--noise", type=click.FloatRange(min=0), default=0.1, show_default=True,
+              help="Uniform noise on the input features, as a fraction of their RMS.")
+@click.option("--add-to-set/--no-add-to-set", default=None,
+              help="Also write the trained head into the --model set's directory (component eagle_head, manifest.json "
+                   "updated atomically, an earlier head replaced). Default: on for a set directory; a shipped set is "
+                   "never written (use `mulosd pack --from SET --eagle OUT/model`).")
+def train_eagle(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype, data_dir, limit,
+                model_set, samples, cfg_scale, temperature, ce_weight, noise, add_to_set):
+    """EAGLE draft head for `--method eagle2`: one transformer layer on the target's last hidden states, trained on
+    the target's own samples (hidden-state regression + token cross-entropy, as EAGLE)."""
+    from mulosd.training.recipes import EagleRecipe, add_eagle_to_set, user_set_directory
+
+    def run():
+        if data_dir is not None or limit is not None:
+            raise MulosdError("--data-dir and --limit do not apply to mulosd train eagle: the head trains on the "
+                              "target's own samples (--samples)")
+        if add_to_set and user_set_directory(model_set) is None:
+            raise MulosdError(f"model set {model_set} is shipped with mulosd and is not written; after training add "
+                              f"the head to a copy: mulosd pack --from {model_set} --out DIR --eagle {Path(out) / 'model'}")
+        recipe = lambda: EagleRecipe(model=model_set, samples_dir=str(Path(out) / "samples"),  # noqa: E731
+                                     num_samples=samples, cfg_scale=cfg_scale, temperature=temperature,
+                                     ce_weight=ce_weight, noise=noise)
+        _train(recipe, out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype)
+        if add_to_set is not False and user_set_directory(model_set) is not None:
+            stem = add_eagle_to_set(model_set, Path(out) / "model")
+            click.echo(f"added {stem.name} to model set {model_set} (manifest.json updated)")
+
+    _run(run)
+
+
 @train.command("kl-tokenizer")
 @_train_options
 @click.option("--channels", type=click.IntRange(min=4), default=32, help="Base conv width.")
@@ -1109,14 +1152,16 @@ def train_car(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume
 @click.option("--continuous-target", default=None, help="Continuous target stem (transformer + diffusion head).")
 @click.option("--continuous-drafter", "cdrafters", multiple=True, metavar="ROLE=STEM",
               help="Continuous drafter, repeatable (e.g. small=runs/car_small/model).")
+@click.option("--eagle", default=None, metavar="STEM",
+              help="EAGLE draft head for the target (`mulosd train eagle`; checked against the target).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp16", help="Storage dtype for the shipped weights.")
 @threads_option
 def pack(out, base, name, tokenizer, target, classifier, drafters, upsamplers, continuous_tokenizer, continuous_target,
-         cdrafters, dtype, threads):
+         cdrafters, eagle, dtype, threads):
     """Assemble trained models into a loadable model set (manifest.json + config/safetensors per component)."""
     _threads(threads)
     _run(_pack, out, base, name, tokenizer, target, classifier, drafters, upsamplers, continuous_tokenizer,
-         continuous_target, cdrafters, dtype)
+         continuous_target, cdrafters, eagle, dtype)
 
 
 def _roles(items, flag):
@@ -1130,7 +1175,7 @@ def _roles(items, flag):
 
 
 def _pack(out, base, name, tokenizer, target, classifier, drafters, upsamplers, continuous_tokenizer, continuous_target,
-          cdrafters, dtype):
+          cdrafters, eagle, dtype):
     from mulosd.zoo import assemble
 
     if not base and not (tokenizer and target):
@@ -1138,7 +1183,7 @@ def _pack(out, base, name, tokenizer, target, classifier, drafters, upsamplers, 
     pipe = assemble(base, name=name or (None if base else Path(out).name), tokenizer=tokenizer, target=target,
                     classifier=classifier, drafters=_roles(drafters, "--drafter"), upsamplers=upsamplers,
                     continuous_tokenizer=continuous_tokenizer, continuous_target=continuous_target,
-                    continuous_drafters=_roles(cdrafters, "--continuous-drafter"))
+                    continuous_drafters=_roles(cdrafters, "--continuous-drafter"), eagle=eagle)
     pipe.save_pretrained(out, dtype)
     click.echo(f"packed {out}")
 

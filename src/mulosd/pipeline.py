@@ -28,6 +28,7 @@ from mulosd.decoding.sampling import RandomStreams, SamplingConfig, check_seed
 from mulosd.decoding.state import add_counts
 from mulosd.errors import MulosdError
 from mulosd.models.cgpt import ContinuousGPT
+from mulosd.models.eagle import EagleHead
 from mulosd.models.classifier import Classifier
 from mulosd.models.gpt import GPT
 from mulosd.models.kl import KLAutoencoder, check_tokenizer
@@ -147,6 +148,7 @@ MANIFEST_KEYS = {
     "classifier": "the classifier's component stem, or null",
     "drafters": "an object mapping drafter roles to component stems",
     "upsamplers": 'an object mapping up-sampling factors ("2", "4", ...) to component stems',
+    "eagle": "the EAGLE draft head's component stem (trained for this target), or null",
     "continuous": 'null, or an object with "tokenizer" and "target" stems and optional "drafters" (role -> stem)',
     "class_names": "a list of distinct, non-empty class names",
 }
@@ -227,6 +229,8 @@ def _manifest_spec(directory: Path) -> dict:
         if not (r.isdigit() and int(r) >= 2):
             raise MulosdError(f"{where}: upsamplers key {r!r} must be an up-sampling factor r, an integer >= 2")
         spec["upsamplers"][int(r)] = stem
+    eagle = raw.get("eagle")
+    spec["eagle"] = _component(where, "eagle", eagle) if eagle is not None else None
     cont = raw.get("continuous")
     if cont is not None:
         if not isinstance(cont, dict):
@@ -247,8 +251,10 @@ def _manifest_spec(directory: Path) -> dict:
 class Pipeline:
     def __init__(self, tokenizer: VQModel, target: GPT, classifier: Classifier | None = None,
                  drafters: dict[str, GPT] | None = None, class_names: tuple[str, ...] = CLASS_NAMES, name: str = "custom",
-                 upsamplers: dict[int, LatentResampler] | None = None, continuous: ContinuousModels | None = None):
+                 upsamplers: dict[int, LatentResampler] | None = None, continuous: ContinuousModels | None = None,
+                 eagle: "EagleHead | None" = None):
         self.tokenizer, self.target, self.classifier = tokenizer, target, classifier
+        self.eagle = eagle
         self.continuous = continuous
         self.drafters = dict(drafters or {})
         self.upsamplers = {int(r): m for r, m in (upsamplers or {}).items()}
@@ -268,6 +274,8 @@ class Pipeline:
     def modules(self) -> list:
         """Every model of the set: the transformers, the tokenizers, the learned up-samplers, the classifier."""
         out = self.transformers() + [self.tokenizer, *self.upsamplers.values()]
+        if self.eagle is not None:
+            out.append(self.eagle)
         if self.classifier is not None:
             out.append(self.classifier)
         if self.continuous is not None:
@@ -292,6 +300,9 @@ class Pipeline:
                 # buffer of the root module and stays float32 too, as in LlamaGen
                 if name != "head":
                     child.to(dtype)
+        if self.eagle is not None:  # the draft head runs on the target's features, in the target's dtype
+            for child in self.eagle.children():
+                child.float().to(dtype)
         return self
 
     @property
@@ -304,6 +315,8 @@ class Pipeline:
         return next(self.target.parameters()).dtype
 
     def _check(self) -> None:
+        if self.eagle is not None:
+            self.eagle.check(self.target)
         vocab = self.tokenizer.config.codebook_size
         for role, model in [("target", self.target), *self.drafters.items()]:
             if model.config.vocab_size != vocab:
@@ -345,6 +358,7 @@ class Pipeline:
                 raise MulosdError(f"{where}: upsamplers.{r} names {stem.name!r}, a learned up-sampler for r={m.config.r}; "
                                   f"the key must be its factor r")
             upsamplers[r] = m
+        eagle = EagleHead.from_pretrained(spec["eagle"]) if spec["eagle"] else None
         c = spec["continuous"]
         if c:
             c = (KLAutoencoder.from_pretrained(c["tokenizer"]), ContinuousGPT.from_pretrained(c["target"]),
@@ -352,7 +366,8 @@ class Pipeline:
         try:  # every file read; what is left to fail is the components not fitting each other
             continuous = ContinuousModels(*c) if c else None
             return cls(tokenizer=tokenizer, target=target, classifier=classifier, drafters=drafters,
-                       class_names=spec["class_names"], name=spec["name"], upsamplers=upsamplers, continuous=continuous)
+                       class_names=spec["class_names"], name=spec["name"], upsamplers=upsamplers, continuous=continuous,
+                       eagle=eagle)
         except MulosdError as exc:
             raise MulosdError(f"model set {directory}: {exc}") from None
 
@@ -607,12 +622,16 @@ class Pipeline:
             self.classifier.save_pretrained(out / "classifier", dtype)
         for r, m in self.upsamplers.items():
             m.save_pretrained(out / f"upsampler_r{r}", dtype)
+        if self.eagle is not None:
+            self.eagle.save_pretrained(out / "eagle_head", dtype)
         spec = {
             "name": self.name, "tokenizer": "tokenizer", "target": "target",
             "classifier": "classifier" if self.classifier is not None else None,
             "drafters": {role: component_stem("drafter", role) for role in self.drafters},
             "upsamplers": {str(r): f"upsampler_r{r}" for r in sorted(self.upsamplers)},
         }
+        if self.eagle is not None:
+            spec["eagle"] = "eagle_head"
         if self.continuous is not None:
             cont = self.continuous
             cont.tokenizer.save_pretrained(out / "continuous_tokenizer", dtype)

@@ -339,8 +339,16 @@ class GPT(Pretrained, nn.Module):
         self._rope_cache = self.rope
 
     # ---- forward passes -------------------------------------------------------------------------------------
-    def _run(self, h: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _run(self, h: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor | None,
+             slots: torch.Tensor | None = None, hidden: bool = False):
+        """Run the layers on inputs at positions ``input_pos`` (their rotary angles); keys and values go to the cache
+        at ``slots`` (absolute; default: the positions themselves). ``hidden``: also return the last layer's output
+        before the final norm (the features EAGLE's draft head reads)."""
         rope = (self._rope_cache if self.cache_batch else self.rope)[input_pos]
+        if slots is not None:
+            if mask is None:
+                raise ValueError("writing keys at slots other than the positions needs an explicit mask")
+            input_pos = slots
         if mask is None and (self.cache_batch or self._cond_valid is not None):
             length = int(input_pos.max()) + 1
             mask = torch.arange(length, device=h.device)[None, None, :] <= input_pos[:, :, None]
@@ -350,11 +358,13 @@ class GPT(Pretrained, nn.Module):
             mask = self._hide_padding(mask.expand(h.shape[0], -1, -1), input_pos)
         for layer in self.layers:
             h = layer(h, rope, input_pos, mask, length)
-        return self.output(self.norm(h)).float()
+        logits = self.output(self.norm(h)).float()
+        return (logits, h) if hidden else logits
 
-    def forward(self, cond, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, cond, tokens: torch.Tensor, hidden: bool = False):
         """Teacher-forced training forward without cache. cond: class ids [B] or Captions; tokens [B, N] (all grid
-        tokens). Returns logits [B, N, V] where row k predicts token k."""
+        tokens). Returns logits [B, N, V] where row k predicts token k (``hidden``: and the last hidden states
+        [B, N, dim] before the final norm, row k at cell k - 1)."""
         c = self.config
         if self.cache_batch:
             raise RuntimeError("forward() is the cache-free training pass; call clear_cache() first")
@@ -362,29 +372,52 @@ class GPT(Pretrained, nn.Module):
             h = torch.cat([self.embed_condition(cond), self.tok_embeddings(tokens[:, :-1])], dim=1)
             h = self.tok_dropout(h)
             pos = torch.arange(h.shape[1], device=h.device)[None].expand(h.shape[0], -1)
-            return self._run(h, pos, None)[:, c.cls_token_num - 1 :]
+            out = self._run(h, pos, None, hidden=hidden)
+            if hidden:
+                return out[0][:, c.cls_token_num - 1 :], out[1][:, c.cls_token_num - 1 :]
+            return out[:, c.cls_token_num - 1 :]
         finally:
             self._cond_valid = None
 
-    def prefill(self, cond) -> torch.Tensor:
+    def prefill(self, cond, hidden: bool = False):
         """Write the condition positions (class ids [B] or Captions) to the cache; return the logits [B, V] for
-        image token 0."""
+        image token 0 (``hidden``: and the last condition position's hidden state [B, dim] before the final norm)."""
         self.check_condition(cond)
         if not self.cache_batch:
             raise RuntimeError("prefill() needs setup_cache() first")
         h = self.embed_condition(cond)
         pos = torch.arange(self.config.cls_token_num, device=h.device)[None].expand(h.shape[0], -1)
+        if hidden:
+            logits, h = self._run(h, pos, None, hidden=True)
+            return logits[:, -1], h[:, -1]
         return self._run(h, pos, None)[:, -1]
 
-    def decode(self, tokens: torch.Tensor, cells: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, cells: torch.Tensor, mask: torch.Tensor | None = None,
+               slots: torch.Tensor | None = None, hidden: bool = False):
         """Feed image tokens [B, T] at grid cells [B, T] (raster indices, per sample; any order, any cells).
 
         Writes them into the cache at absolute positions ``cls_token_num + cells`` and returns logits [B, T, V];
         row t is the distribution of the token at cell ``cells[:, t] + 1`` given every cache slot at or before
         its own position. ``mask`` [B, T, S] (True = attend) replaces the default causal-by-position mask.
+
+        ``slots`` [B, T] (cell indices, typically past the grid) stores the keys and values somewhere other than
+        the cells' own slots while the rotary angles stay those of ``cells``: several candidates for one cell (the
+        nodes of a draft tree) then coexist, and :meth:`copy_cache` moves the accepted ones home. It needs
+        ``mask``. ``hidden``: return (logits, last hidden states [B, T, dim] before the final norm).
         """
         if not self.cache_batch:
             raise RuntimeError("decode() needs setup_cache() first")
         if tokens.shape[0] != self.cache_batch:
             raise RuntimeError(f"batch {tokens.shape[0]} does not match the cache batch {self.cache_batch}")
-        return self._run(self.tok_embeddings(tokens), cells + self.config.cls_token_num, mask)
+        T0 = self.config.cls_token_num
+        return self._run(self.tok_embeddings(tokens), cells + T0, mask, None if slots is None else slots + T0, hidden)
+
+    def copy_cache(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy the cached keys and values of cell slots ``src`` [B, n] to cell slots ``dst`` [B, n] in every layer
+        (per row; the rotary angles travel with the keys, so a key computed for cell c belongs at slot c)."""
+        T0 = self.config.cls_token_num
+        rows = torch.arange(src.shape[0], device=src.device)[:, None]
+        for layer in self.layers:
+            cache = layer.attention.kv_cache
+            cache.k[rows, dst + T0] = cache.k[rows, src + T0]
+            cache.v[rows, dst + T0] = cache.v[rows, src + T0]

@@ -645,3 +645,188 @@ class ContinuousARRecipe:
             mses = [model.head_loss(tokens[i : i + 100], model(labels[i : i + 100], tokens[i : i + 100]))[1]["mse"]
                     for i in range(0, n, 100)]
         return {"test_noise_mse": round(sum(mses) / len(mses), 5), "test_images": n}
+
+
+@dataclass
+class EagleRecipe:
+    """EAGLE's draft head for a model set's target, trained on the target's own samples.
+
+    Data (documented in docs/METHODS.md): ``num_samples`` images sampled by the target alone (plain AR, the bench's
+    sampling settings: CFG ``cfg_scale``, temperature ``temperature``; image i has class i mod C and random stream
+    (``data_seed``, i)), so the head learns the distribution it will be asked to predict at decode time rather than
+    the data set's. They are written to ``samples_dir`` in chunks (each atomically), so a killed run keeps what it
+    sampled. The target's hidden states over each sample are computed once, for the conditional and the
+    null-condition halves (kept in float16). The last ``held_out`` samples are the evaluation set.
+
+    Loss per position (EAGLE): smooth-L1 between the predicted and the target's next hidden state, plus ``ce_weight``
+    x the cross-entropy of the head's token distribution (the target's frozen head on the predicted state) against
+    the target's, for each half and for the guidance-mixed distributions the sampler uses. The input features get
+    uniform noise of ``noise`` x their RMS (EAGLE's robustness to its own errors when it drafts several steps)."""
+
+    model: str = "fmnist-32"
+    samples_dir: str = ""
+    num_samples: int = 2000
+    held_out: int = 100
+    cfg_scale: float = 3.0
+    temperature: float = 1.0
+    data_seed: int = 1
+    ce_weight: float = 0.1
+    noise: float = 0.1
+    sample_batch: int = 50
+    name: str = "eagle"
+
+    def __post_init__(self):
+        from mulosd.decoding.sampling import SamplingConfig
+        from mulosd.errors import MulosdError
+        from mulosd.pipeline import Pipeline
+
+        if self.held_out < 1 or self.num_samples <= self.held_out:
+            raise MulosdError(f"--samples must exceed the {self.held_out} held-out samples, got {self.num_samples}")
+        self.pipe = Pipeline.from_pretrained(self.model)
+        target = self.pipe.target
+        if target.config.condition != "class":
+            raise MulosdError("mulosd train eagle supports class-conditional (c2i) targets")
+        for p in target.parameters():
+            p.requires_grad_(False)
+        self.target = target.eval()
+        self.cfg = SamplingConfig(cfg_scale=self.cfg_scale, temperature=self.temperature)
+        self.tokens, self.labels = self._samples()
+        self.features = self._features()  # [S, 2, N, dim] float16: hidden state at cells -1 .. N-2, per half
+        self.rms = float(self.features[:64].float().pow(2).mean().sqrt())
+
+    def describe(self) -> dict:
+        return {"model": str(self.model), "num_samples": self.num_samples, "held_out": self.held_out,
+                "cfg_scale": self.cfg_scale, "temperature": self.temperature, "data_seed": self.data_seed,
+                "ce_weight": self.ce_weight, "noise": self.noise}
+
+    def _samples(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The target's own samples, generated in chunks that are kept on disk (resumable)."""
+        from tqdm import tqdm
+
+        from mulosd.decoding.methods import get_method
+        from mulosd.decoding.sampling import RandomStreams
+        from safetensors.torch import save_file
+
+        from mulosd.io import atomic_write, atomic_write_json, read_json, read_safetensors
+        from mulosd.models.eagle import target_fingerprint
+
+        folder = Path(self.samples_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {"model": str(self.model), "target": target_fingerprint(self.target),
+                "cfg_scale": self.cfg_scale, "temperature": self.temperature, "data_seed": self.data_seed,
+                "chunk": self.sample_batch}
+        meta_path = folder / "samples.json"
+        if meta_path.exists() and read_json(meta_path) != meta:
+            from mulosd.errors import MulosdError
+
+            raise MulosdError(f"{folder} holds samples made with other settings ({read_json(meta_path)}); use another --out")
+        atomic_write_json(meta_path, meta)
+        ar = get_method("ar")(self.pipe)
+        C = self.target.config.num_classes
+        tokens, labels = [], []
+        chunks = range(0, self.num_samples, self.sample_batch)
+        for start in tqdm(chunks, desc="eagle: target samples", leave=False):
+            path = folder / f"chunk_{start:06d}.safetensors"
+            if path.exists():
+                data = read_safetensors(path)
+            else:
+                idx = list(range(start, min(start + self.sample_batch, self.num_samples)))
+                lab = torch.tensor([i % C for i in idx])
+                with torch.inference_mode():
+                    tok, _ = ar.generate(lab, self.cfg, RandomStreams.from_seed(self.data_seed, idx))
+                data = {"tokens": tok.cpu().contiguous(), "labels": lab}
+                atomic_write(path, lambda tmp, d=data: save_file(d, tmp))
+            n = min(self.sample_batch, self.num_samples - start)
+            tokens.append(data["tokens"][:n])
+            labels.append(data["labels"][:n])
+        return torch.cat(tokens).long(), torch.cat(labels).long()
+
+    @torch.no_grad()
+    def _features(self) -> torch.Tensor:
+        t, out = self.target, []
+        for i in range(0, len(self.tokens), 100):
+            tok, lab = self.tokens[i : i + 100], self.labels[i : i + 100]
+            halves = []
+            for cond in (lab, torch.full_like(lab, t.null_class)):
+                _, h = t(cond, tok, hidden=True)
+                halves.append(h.to(torch.float16))
+            out.append(torch.stack(halves, dim=1))
+        return torch.cat(out)
+
+    def build_model(self):
+        from mulosd.models.eagle import EagleHead
+
+        return EagleHead.for_target(self.target)
+
+    def num_examples(self) -> int:
+        return self.num_samples - self.held_out
+
+    def _losses(self, model, index, gen=None):
+        from mulosd.decoding.sampling import process_logits
+        from mulosd.models.eagle import head_logits
+
+        device = model_device(model)
+        feats = self.features[index].float().to(device)  # [b, 2, N, d]
+        b, _, N, d = feats.shape
+        tokens = self.tokens[index].to(device)
+        x = feats.reshape(2 * b, N, d)
+        if gen is not None and self.noise > 0:
+            x = x + (torch.rand(x.shape, generator=gen) * 2 - 1).to(device) * self.noise * self.rms
+        pred = model(x, torch.cat([tokens, tokens]))[:, :-1]  # predicted states at cells 0 .. N-2
+        want = feats.reshape(2 * b, N, d)[:, 1:]
+        reg = F.smooth_l1_loss(pred, want)
+        t = self.target
+        lp, lq = head_logits(t, want), head_logits(t, pred)
+        ce = -(lp.softmax(-1) * lq.log_softmax(-1)).sum(-1).mean()
+        predicts = torch.arange(1, N, device=device)
+        p_mix = process_logits(lp, self.cfg, predicts=predicts)
+        q_mix = process_logits(lq, self.cfg, predicts=predicts)
+        mix = -(p_mix * q_mix.clamp_min(1e-12).log()).sum(-1).mean()
+        return reg, ce, mix, p_mix, q_mix
+
+    def loss(self, model, index, step, gen):
+        reg, ce, mix, _, _ = self._losses(model, index, gen)
+        return reg + self.ce_weight * (ce + mix), {"reg": round(reg.item(), 4), "ce_mix": round(mix.item(), 4)}
+
+    def after_step(self, model, step):
+        pass
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict:
+        """On the held-out samples, one step ahead from the target's true features: the expected acceptance of a
+        draft sampled from the head's (guided) distribution, sum_x min(p, q), and how often the two agree on the
+        most likely token."""
+        accept, agree, n = 0.0, 0.0, 0
+        for i in range(self.num_examples(), self.num_samples, 25):
+            index = torch.arange(i, min(i + 25, self.num_samples))
+            reg, _, _, p, q = self._losses(model, index)
+            accept += torch.minimum(p, q).sum(-1).sum().item()
+            agree += (p.argmax(-1) == q.argmax(-1)).float().sum().item()
+            n += p.shape[0] * p.shape[1]
+        return {"held_out_samples": self.held_out, "expected_acceptance": round(accept / n, 4),
+                "top1_agreement": round(agree / n, 4)}
+
+
+def add_eagle_to_set(model_set: str | Path, head: str | Path) -> Path:
+    """Add the trained EAGLE head at stem ``head`` to the user model set ``model_set`` (a directory), replacing its
+    earlier head: checked against the set's target first, written under a stem the set does not use yet
+    (``eagle_head``, ``eagle_head_2``, ...), then ``manifest.json`` rewritten atomically. Returns the new stem."""
+    from mulosd.errors import MulosdError
+    from mulosd.models.eagle import EagleHead
+    from mulosd.models.gpt import GPT
+    from mulosd.pipeline import _manifest_spec
+    from mulosd.zoo import manifest, write_manifest
+
+    directory = user_set_directory(str(model_set))
+    if directory is None:
+        raise MulosdError(f"model set {model_set} is shipped with mulosd and is not written; add the head to a copy: "
+                          f"mulosd pack --from {model_set} --out DIR --eagle {head}")
+    m = EagleHead.from_pretrained(head)
+    m.check(GPT.from_pretrained(_manifest_spec(directory)["target"]))
+    spec = manifest(directory)
+    names = itertools.chain(["eagle_head"], (f"eagle_head_{k}" for k in itertools.count(2)))
+    stem = next(s for s in names if not any((directory / s).with_suffix(x).exists() for x in (".json", ".safetensors")))
+    m.save_pretrained(directory / stem)
+    spec["eagle"] = stem
+    write_manifest(directory, spec)
+    return directory / stem

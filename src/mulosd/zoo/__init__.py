@@ -77,11 +77,13 @@ def write_manifest(directory: str | Path, spec: dict) -> Path:
 def assemble(base: str | None = None, *, name: str | None = None, tokenizer: str | None = None,
              target: str | None = None, classifier: str | None = None, drafters: dict[str, str] | None = None,
              upsamplers: tuple[str, ...] = (), continuous_tokenizer: str | None = None,
-             continuous_target: str | None = None, continuous_drafters: dict[str, str] | None = None) -> "Pipeline":
+             continuous_target: str | None = None, continuous_drafters: dict[str, str] | None = None,
+             eagle: str | None = None) -> "Pipeline":
     """A model set from trained components, given as file stems (path without .json/.safetensors), starting from
     the model set ``base`` (name or directory) when given: its components are kept unless replaced. Drafters (by
     role) and learned up-samplers (by their configured r) are added to or replace the base's; a new tokenizer drops
-    the base's up-samplers, and a new continuous tokenizer or target drops its continuous drafters. Without ``base``,
+    the base's up-samplers, a new target drops its EAGLE head (``eagle`` gives one, checked against the target), and
+    a new continuous tokenizer or target drops its continuous drafters. Without ``base``,
     ``tokenizer`` and ``target`` are required. Everything is loaded and checked together (the returned Pipeline)
     before anything could be written."""
     from mulosd.models.cgpt import ContinuousGPT
@@ -113,7 +115,11 @@ def assemble(base: str | None = None, *, name: str | None = None, tokenizer: str
         cd.update({role: ContinuousGPT.from_pretrained(stem) for role, stem in (continuous_drafters or {}).items()})
         cont = ContinuousModels(ctok, ctgt, cd)
     kw = {"class_names": start.class_names} if start else {}
-    pipe = Pipeline(tok, tgt, clf, roles, upsamplers=ups, continuous=cont, name=name or (start.name if start else "custom"), **kw)
+    from mulosd.models.eagle import EagleHead
+
+    head = EagleHead.from_pretrained(eagle) if eagle else (start.eagle if start and not target else None)
+    pipe = Pipeline(tok, tgt, clf, roles, upsamplers=ups, continuous=cont, name=name or (start.name if start else "custom"),
+                    eagle=head, **kw)
     for r, m in pipe.upsamplers.items():
         m.check(tok, r)
     return pipe
