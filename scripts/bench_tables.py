@@ -1,10 +1,10 @@
 """Copy `mulosd bench` result tables into a Markdown page, between its <!-- results:start/end --> markers.
 
-    .venv/bin/python scripts/bench_tables.py DOC BENCH_ROOT NAME TITLE [NAME TITLE ...]
+    .venv/bin/python scripts/bench_tables.py [--marker NAME] DOC BENCH_ROOT NAME TITLE [NAME TITLE ...]
 
 Each NAME is a run folder under BENCH_ROOT whose results.json is rendered with the current table format; TITLE
 heads its section. The command, machine, date, round count and the real-vs-real FID floors come from the run's
-own config.
+own config. ``--marker NAME`` writes between <!-- NAME:start/end --> instead (a page with several blocks).
 """
 
 from __future__ import annotations
@@ -45,13 +45,16 @@ def section(root: Path, name: str, title: str, doc: Path) -> list[str]:
 
 
 def main(argv: list[str]) -> None:
+    marker = "results"
+    if argv[:1] == ["--marker"]:
+        marker, argv = argv[1], argv[2:]
     doc, root, pairs = Path(argv[0]), Path(argv[1]), argv[2:]
     if len(pairs) % 2:
         raise SystemExit("usage: bench_tables.py DOC BENCH_ROOT NAME TITLE [NAME TITLE ...]")
     lines: list[str] = []
     for name, title in zip(pairs[::2], pairs[1::2], strict=True):
         lines += section(root, name, title, doc)
-    replace_marked_block(doc, "results", "\n".join(lines))
+    replace_marked_block(doc, marker, "\n".join(lines))
     print(f"updated {doc}")
 
 

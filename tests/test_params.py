@@ -17,7 +17,8 @@ DEFAULTS = {
     "sjd": {"window": 16, "init": "random", "coupling": "none", "init_r": None, "init_upsampler": "auto"},
     "mcsjd": {"window": 16, "init": "random", "coupling": "maximal", "init_r": None, "init_upsampler": "auto"},
     "pjd": {"window": 16, "init": "random", "coupling": "maximal", "init_r": None, "init_upsampler": "auto",
-            "rows": 3, "start": 4},
+            "rows": 2, "start": 8},
+    "eagle2": {"depth": 2, "topk": 8, "tokens": 10},
     "lantern": {"gamma": 8, "drafter": "small", "k": 20, "delta": 0.1, "lam": None},
     "gsd": {"window": 16, "init": "random", "coupling": "none", "init_r": None, "init_upsampler": "auto",
             "group": 10, "prob_tol": 0.15, "embed_tol": 0.5},
@@ -25,7 +26,7 @@ DEFAULTS = {
     # r and upsampler resolve per model set (None: its smallest low-res ratio; auto: learned when it has one for r),
     # which on fmnist-32 is r = 2 with the learned up-sampler, as before (tests/test_mulo.py checks the resolution)
     "mulo": {"r": None, "drafter": None, "rows": None, "drafting": "parallel", "draft_window": 2, "upsampler": "auto",
-             "downsampler": "auto", "candidates": "argmax", "resize": "bicubic", "acceptance": "threshold", "tau": 0.1,
+             "downsampler": "auto", "candidates": "argmax", "resize": "bicubic", "acceptance": "threshold", "window": 16, "tau": 0.1,
              "k": 32, "rejection": "local", "radius": 1, "resampling": "parallel", "island_window": 2},
     "car": {"model": "target"},
     "cspd": {"gamma": 4, "drafter": "small", "prefill": 0.05, "align": True, "relax": 1.0, "independent": False,
@@ -40,6 +41,10 @@ RANGES = [
     ("pjd", "window", 1, None, [0]),
     ("pjd", "rows", 1, None, [0]),
     ("pjd", "start", 1, None, [0, -2]),
+    ("eagle2", "depth", 1, None, [0]),
+    ("eagle2", "topk", 1, None, [0]),
+    ("eagle2", "tokens", 1, None, [0]),
+    ("mulo", "window", 1, None, [0]),
     ("lantern", "k", 0, None, [-1]),
     ("lantern", "delta", 0.0, 1.0, [-0.01, 1.01]),
     ("lantern", "lam", 1.0, 1e6, [0.99, 2e6]),
@@ -61,8 +66,8 @@ RANGES = [
 
 
 def test_registry_order_and_every_method_has_its_own_schema():
-    assert list(REGISTRY) == ["ar", "sd", "sjd", "mcsjd", "pjd", "lantern", "gsd", "zipar", "mulo", "car",
-                              "cspd"]
+    assert list(REGISTRY) == ["ar", "sd", "sjd", "mcsjd", "pjd", "eagle2", "lantern", "gsd", "zipar", "mulo",
+                              "car", "cspd"]
     for name, cls in REGISTRY.items():
         assert cls.name == name and cls.Params.method == name and cls.Params is not Params
         assert cls.param_names() == cls.Params.names() == tuple(DEFAULTS[name])
@@ -170,7 +175,7 @@ def test_instances_are_validated_frozen_and_replaceable():
 
 def test_exactness():
     exact = {name for name, cls in REGISTRY.items() if cls.is_exact()}
-    assert exact == {"ar", "sd", "sjd", "mcsjd", "pjd", "car"}
+    assert exact == {"ar", "sd", "sjd", "mcsjd", "pjd", "eagle2", "car"}
     mulo = REGISTRY["mulo"]
     assert mulo.exact is False and mulo.is_exact({"acceptance": "exact"}) is True
     assert mulo.exactness() == "lossy (exact with acceptance=exact)" and REGISTRY["sd"].exactness() == "exact"

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from mulosd.decoding.engine import Parts, decode
-from mulosd.decoding.params import (ARParams, CARParams, CSpDParams, GSDParams, LanternParams, MCSJDParams, MuloParams,
-                                    Params, PJDParams, SDParams, SJDParams, ZipARParams)
+from mulosd.decoding.params import (ARParams, CARParams, CSpDParams, EagleParams, GSDParams, LanternParams, MCSJDParams,
+                                    MuloParams, Params, PJDParams, SDParams, SJDParams, ZipARParams)
 from mulosd.decoding.proposers import DrafterProposer, JacobiProposer, LowResPrior
 from mulosd.decoding.rules import verify_exact, verify_grouped, verify_lantern
 from mulosd.decoding.sampling import RandomStreams, SamplingConfig, check_continuous
@@ -243,6 +243,29 @@ class PJD(SJD):
         return pjd_parts(self.pipe.target, proposer, self.rule)
 
 
+class Eagle2(Method):
+    """EAGLE-2: dynamic draft trees from the set's EAGLE head (one layer on the target's features), verified in one
+    target forward with tree attention and exact multi-draft rejection sampling (decoding/eagle.py)."""
+
+    name = "eagle2"
+    Params = EagleParams
+
+    def __init__(self, pipe, **params):
+        super().__init__(pipe, **params)
+        if pipe.eagle is None:
+            raise MulosdError(f"model set {pipe.name} has no EAGLE head; train one for its target: mulosd train eagle "
+                              f"--model SET --out DIR (it is added to a set directory)")
+        self.head = pipe.eagle
+
+    def models(self) -> list:
+        return [self.pipe.target]  # the head's one-layer cache is small beside the target's (memory estimate)
+
+    def parts(self):
+        from mulosd.decoding.eagle import eagle_parts
+
+        return eagle_parts(self.pipe.target, self.head, self.p.depth, self.p.topk, self.p.tokens)
+
+
 class Lantern(SD):
     """LANTERN relaxed acceptance: target mass of the k nearest codes pooled onto the draft (budget delta, or
     LANTERN++'s lam * p(x) when lam is set), small drafter. Lossy."""
@@ -345,7 +368,8 @@ class Mulo(Method):
         resamplers = Resamplers(up=up, down=down, lo=h, hi=H)
         settings = MuloSettings(rows=rows, drafting=p.drafting, draft_window=p.draft_window,
                                 acceptance=p.acceptance, tau=p.tau, radius=p.resample_radius,
-                                resampling=p.resampling, island_window=p.island_window, candidates=p.candidates)
+                                resampling=p.resampling, island_window=p.island_window, candidates=p.candidates,
+                                window=p.window)
         self._parts = (pipe.target, drafter, resamplers, settings)
         self.drafter = drafter
 
@@ -453,8 +477,8 @@ class CSpD(_Continuous):
                           max_tries=p.max_tries, independent=p.independent)
 
 
-REGISTRY: dict[str, type[Method]] = {m.name: m for m in (AR, SD, SJD, MCSJD, PJD, Lantern, GSD, ZipAR, Mulo, CAR,
-                                                          CSpD)}
+REGISTRY: dict[str, type[Method]] = {m.name: m for m in (AR, SD, SJD, MCSJD, PJD, Eagle2, Lantern, GSD, ZipAR, Mulo,
+                                                          CAR, CSpD)}
 
 
 def get_method(name: str) -> type[Method]:

@@ -327,12 +327,26 @@ class PJDParams(SJDParams):
     """PJD's lossless 2-D form (decoding/pjd.py); defaults from the sweep in docs/METHODS.md."""
 
     method = "pjd"
-    rows: int = param(3, "rows drafted at once: the frontier window's row and rows - 1 staircase rows below it (1 is "
+    # rows = 2, start = 8: the fastest of the measured layouts on these CPUs, where every staircase token adds to
+    # the forward's cost (docs/METHODS.md); on a GPU a forward's cost is flat in its tokens and deeper staircases pay
+    rows: int = param(2, "rows drafted at once: the frontier window's row and rows - 1 staircase rows below it (1 is "
                          "sjd / mcsjd)", low=1)
-    start: int = param(4, "row start threshold c: a row below drafts only the columns at least c before the row "
+    start: int = param(8, "row start threshold c: a row below drafts only the columns at least c before the row "
                           "above's drafted extent", low=1)
     coupling: str = param("maximal", "how a re-draft is tied to the cell's previous draft (none: drawn afresh)",
                           choices=COUPLINGS)
+
+
+@dataclass(frozen=True)
+class EagleParams(Params):
+    """EAGLE-2 with the set's EAGLE head; defaults from the sweep in docs/METHODS.md."""
+
+    method = "eagle2"
+    # depth 2, topk 8, 10 nodes: the fastest measured tree on these CPUs (docs/METHODS.md): the head's top
+    # candidates hold the target's token about half the time, so deeper trees cost more forwards than they save
+    depth: int = param(2, "levels of the draft tree (head forwards per cycle)", low=1)
+    topk: int = param(8, "children proposed per expanded node, and nodes expanded per level", low=1)
+    tokens: int = param(10, "draft-tree nodes verified per target forward (the best-scoring candidates)", low=1)
 
 
 @dataclass(frozen=True)
@@ -398,8 +412,10 @@ class MuloParams(Params):
                                       "(argmax) or a draw from its distribution (sample)", choices=("argmax", "sample"))
     resize: str = param("bicubic", "pixel up-sampler's resize filter", choices=("bicubic", "bilinear", "lanczos"))
     acceptance: str = param("threshold", "threshold (pooled target mass >= tau; lossy, the paper's rule) or exact "
-                                         "(speculative sampling with the up-sampler's distribution; lossless)",
+                                         "(lossless: a coupled Jacobi window whose first drafts come from the low-res "
+                                         "image and the up-sampler's distribution, verified by speculative sampling)",
                             choices=("threshold", "exact"))
+    window: int = param(16, "acceptance=exact: the Jacobi window verified per target forward", low=1)
     tau: float = param(0.1, "acceptance threshold on the pooled target mass; inf rejects every candidate", low=0,
                        high=1, low_open=True, inf=True)
     k: int = param(32, "size of the pooling set, the candidate included (at most the vocabulary size; 1: no "

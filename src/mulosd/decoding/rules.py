@@ -161,17 +161,52 @@ def pooled_threshold_accept(p: torch.Tensor, draft: torch.Tensor, neighbours: to
     return pooled >= tau
 
 
-def verify_block_exact(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, done: torch.Tensor,
-                       u_accept: torch.Tensor, u_resample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Speculative sampling over a block whose first cells may already be committed (MuLo-SD's exact variant).
-    p, q [B, M, V]; draft, done [B, M] (``done`` a committed prefix, treated as accepted). Returns (n [B]: cells
-    accepted or committed before the first rejection (M = none rejected), the residual sample
-    norm(max(0, p_n - q_n)) [B] (meaningless where n == M), accept [B, M] bool)."""
-    M = draft.shape[1]
-    p_x = p.gather(-1, draft[..., None]).squeeze(-1)
-    q_x = q.gather(-1, draft[..., None]).squeeze(-1)
-    accept = done | (u_accept < acceptance_probability(p_x, q_x))
-    n = first_rejection(accept)
-    rows = torch.arange(draft.shape[0], device=p.device)
-    at = n.clamp_max(M - 1)
-    return n, sample(residual_distribution(p[rows, at], q[rows, at]), u_resample), accept
+# ---- draft trees (EAGLE-2) ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TreeVerdict:
+    path: torch.Tensor  # [B, D] node indices (1 .. M) of the accepted path, -1 past its end
+    num_accepted: torch.Tensor  # [B] long: accepted nodes
+    next_token: torch.Tensor  # [B] long: the token after the accepted path
+
+
+def verify_tree(p: torch.Tensor, tokens: torch.Tensor, children: torch.Tensor, u: torch.Tensor) -> TreeVerdict:
+    """Exact verification of a tree of deterministic candidates.
+
+    Node 0 is the root (the last committed token), nodes 1 .. M the drafts: ``tokens`` [B, 1 + M] (the root's is
+    ignored), ``p`` [B, 1 + M, V] the target's distribution of the token *after* each node given the root's prefix
+    and the node's ancestors, ``children`` [B, 1 + M, K] each node's children (-1: none). From the root, the next
+    token is drawn from p at the current node (uniform ``u[:, d]``); if it is one of the node's children the walk
+    moves to that child and goes on, otherwise the drawn token is the next token and the walk stops. Every committed
+    token is a draw from the target's p given everything committed before it, so the output is exact. This is
+    multi-draft rejection sampling for deterministic candidates (EAGLE's sampling-mode rule: try the children in
+    order, accept x with probability p'(x) where p' is p with the earlier-rejected siblings removed and renormalised,
+    draw from the final p' when all fail) with its uniforms mapped differently: both accept child x with probability
+    p(x) and leave the residual p restricted to the non-children, and this form needs one draw per level instead of
+    one per child. ``u`` [B, D + 1] (D the tree's depth).
+    """
+    B = p.shape[0]
+    D = u.shape[1] - 1
+    rows = torch.arange(B, device=p.device)
+    cur = torch.zeros(B, dtype=torch.long, device=p.device)
+    alive = torch.ones(B, dtype=torch.bool, device=p.device)
+    path = torch.full((B, D), -1, dtype=torch.long, device=p.device)
+    n = torch.zeros(B, dtype=torch.long, device=p.device)
+    next_token = torch.zeros(B, dtype=torch.long, device=p.device)
+    for d in range(D + 1):
+        x = sample(p[rows, cur], u[:, d])
+        kids = children[rows, cur]  # [B, K]
+        hit = (kids >= 0) & (tokens.gather(1, kids.clamp_min(0)) == x[:, None])
+        found = alive & hit.any(-1)
+        stop = alive & ~found
+        next_token = torch.where(stop, x, next_token)
+        child = kids.gather(1, hit.long().argmax(-1, keepdim=True))[:, 0]
+        if d < D:
+            path[:, d] = torch.where(found, child, -1)
+        cur = torch.where(found, child, cur)
+        n = n + found.long()
+        alive = found
+        if not bool(alive.any()):
+            break
+    return TreeVerdict(path=path, num_accepted=n, next_token=next_token)
