@@ -152,3 +152,90 @@ def test_a_head_for_another_target_is_refused():
     with pytest.raises(MulosdError, match="trained for target .* this model set's target is"):
         EagleHead.for_target(a).check(b)
     EagleHead.for_target(a).check(a)
+
+
+# ---- mulosd train eagle on a user model set ---------------------------------------------------------------------------
+@pytest.fixture
+def tiny_set(tmp_path):
+    """A tiny random c2i model set (4 x 4 grid, 32 codes) to train a head for."""
+    from mulosd.models.gpt import GPT, GPTConfig
+    from mulosd.models.vq import VQConfig, VQModel
+    from mulosd.pipeline import Pipeline
+
+    torch.manual_seed(0)
+    tok = VQModel(VQConfig(in_channels=1, channels=8, z_channels=8, codebook_size=32, codebook_dim=4))
+    gpt = GPT(GPTConfig(vocab_size=32, grid_size=4, dim=16, n_layer=2, n_head=2, num_classes=2))
+    with torch.no_grad():  # peaked distributions, so that a head has something to learn
+        gpt.output.weight.normal_(0, 1.0)
+    Pipeline(tok, gpt, class_names=("a", "b"), name="tiny").save_pretrained(tmp_path / "set")
+    return tmp_path / "set"
+
+
+def _train_eagle(args):
+    from click.testing import CliRunner
+
+    from mulosd.cli import main
+
+    return CliRunner().invoke(main, ["train", "eagle", "--threads", "1", "--batch-size", "4", "--warmup", "1",
+                                     "--checkpoint-every", "2", "--samples", "12", *args])
+
+
+def test_train_eagle_resumes_joins_the_set_and_decodes_exactly(tmp_path, tiny_set):
+    import json
+
+    from mulosd.decoding.methods import get_method
+    from mulosd.pipeline import Pipeline
+
+    common = ["--model", str(tiny_set)]
+    r = _train_eagle([*common, "--out", str(tmp_path / "run"), "--steps", "2", "--no-add-to-set"])
+    assert r.exit_code == 0, r.output
+    assert len(list((tmp_path / "run" / "samples").glob("chunk_*.safetensors"))) == 1
+    r = _train_eagle([*common, "--out", str(tmp_path / "run"), "--steps", "4", "--resume"])
+    assert r.exit_code == 0, r.output
+    assert "added eagle_head to model set" in r.output
+    r = _train_eagle([*common, "--out", str(tmp_path / "straight"), "--steps", "4", "--no-add-to-set"])
+    assert r.exit_code == 0, r.output
+    resumed = EagleHead.from_pretrained(tmp_path / "run" / "model")
+    straight = EagleHead.from_pretrained(tmp_path / "straight" / "model")
+    for a, b in zip(resumed.state_dict().values(), straight.state_dict().values()):
+        assert torch.equal(a, b)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["eval"]["held_out_samples"] == 1 and 0 < summary["eval"]["expected_acceptance"] <= 1
+    pipe = Pipeline.from_pretrained(str(tiny_set))
+    assert pipe.eagle is not None and json.loads((tiny_set / "manifest.json").read_text())["eagle"] == "eagle_head"
+    cfg = SamplingConfig(temperature=0.0, cfg_scale=2.0)
+    labels = torch.tensor([0, 1, 1])
+    ar, _ = get_method("ar")(pipe).generate(labels, cfg, RandomStreams.from_seed(0, range(3)))
+    out, _ = get_method("eagle2")(pipe).generate(labels, cfg, RandomStreams.from_seed(0, range(3)))
+    assert torch.equal(ar, out)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "fmnist-32", "--add-to-set"], "is shipped with mulosd and is not written"),
+    (["--model", "{set}", "--data-dir", "{tmp}"], "--data-dir and --limit do not apply"),
+    (["--model", "{set}", "--samples", "1"], "Invalid value for '--samples'"),
+])
+def test_bad_train_eagle_input_is_one_line_and_no_run(tmp_path, tiny_set, args, message):
+    args = [a.format(set=tiny_set, tmp=tmp_path) for a in args]
+    r = _train_eagle([*args, "--out", str(tmp_path / "run"), "--steps", "1"])
+    assert r.exit_code != 0 and message in r.output, r.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_set_refuses_a_head_for_another_target_and_eagle2_needs_one(tmp_path, tiny_set):
+    from click.testing import CliRunner
+
+    from mulosd.cli import main
+    from mulosd.decoding.methods import get_method
+    from mulosd.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(str(tiny_set))
+    with pytest.raises(MulosdError, match="has no EAGLE head; train one"):
+        get_method("eagle2")(pipe)
+    other = toy(16, 2, 9, grid=4, vocab=32)
+    EagleHead.for_target(other).save_pretrained(tmp_path / "head")
+    r = CliRunner().invoke(main, ["pack", "--from", str(tiny_set), "--out", str(tmp_path / "out"),
+                                  "--eagle", str(tmp_path / "head")])
+    assert r.exit_code == 1 and "trained for target" in r.output and not (tmp_path / "out").exists(), r.output
+    with pytest.raises(MulosdError, match="depth must be"):
+        get_method("eagle2")(Pipeline.from_pretrained("fmnist-32"), depth=0)

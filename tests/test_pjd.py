@@ -130,11 +130,12 @@ def pipe():
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-def test_pjd_and_lowres_init_greedy_on_fmnist_equal_ar(pipe, batch):
+def test_new_lossless_methods_greedy_on_fmnist_equal_ar(pipe, batch):
     cfg = SamplingConfig(temperature=0.0)
     labels = torch.arange(batch) * 3
     ar, _ = get_method("ar")(pipe).generate(labels, cfg, RandomStreams.from_seed(0, range(batch)))
-    for name, params in (("pjd", {}), ("pjd", {"init": "lowres"}), ("mcsjd", {"init": "lowres", "init_r": 2})):
+    for name, params in (("pjd", {}), ("pjd", {"init": "lowres"}), ("mcsjd", {"init": "lowres", "init_r": 2}),
+                         ("mulo", {"acceptance": "exact"}), ("eagle2", {}), ("eagle2", {"depth": 4, "topk": 3})):
         out, _ = get_method(name)(pipe, **params).generate(labels, cfg, RandomStreams.from_seed(0, range(batch)))
         assert torch.equal(out, ar), (name, params)
 

@@ -1043,7 +1043,7 @@ def _train_upsampler(recipe, model_set, add_to_set, out, *train_args):
 @click.option("--model", "model_set", default="fmnist-32", show_default=True, metavar="SET",
               help="Model set whose target the head drafts for (a class-conditional discrete-token target).")
 @click.option("--samples", type=click.IntRange(min=2), default=2000, show_default=True,
-              help="Target samples to train on (the last 100 are held out for the evaluation); sampled once and "
+              help="Target samples to train on (the last tenth, at most 100, are held out for the evaluation); sampled once and "
                    "kept in OUT/samples, so a resumed run does not sample again.")
 @click.option("--cfg-scale", type=click.FloatRange(0, 50), default=3.0, show_default=True,
               help="Guidance scale of the target's samples and of the guided loss term (use the scale you decode with).")

@@ -656,7 +656,8 @@ class EagleRecipe:
     (``data_seed``, i)), so the head learns the distribution it will be asked to predict at decode time rather than
     the data set's. They are written to ``samples_dir`` in chunks (each atomically), so a killed run keeps what it
     sampled. The target's hidden states over each sample are computed once, for the conditional and the
-    null-condition halves (kept in float16). The last ``held_out`` samples are the evaluation set.
+    null-condition halves (kept in float16). The last ``held_out`` samples (default: a tenth, at most 100) are the
+    evaluation set.
 
     Loss per position (EAGLE): smooth-L1 between the predicted and the target's next hidden state, plus ``ce_weight``
     x the cross-entropy of the head's token distribution (the target's frozen head on the predicted state) against
@@ -666,7 +667,7 @@ class EagleRecipe:
     model: str = "fmnist-32"
     samples_dir: str = ""
     num_samples: int = 2000
-    held_out: int = 100
+    held_out: int | None = None  # default: a tenth of the samples, at most 100
     cfg_scale: float = 3.0
     temperature: float = 1.0
     data_seed: int = 1
@@ -680,6 +681,8 @@ class EagleRecipe:
         from mulosd.errors import MulosdError
         from mulosd.pipeline import Pipeline
 
+        if self.held_out is None:
+            self.held_out = max(1, min(100, self.num_samples // 10))
         if self.held_out < 1 or self.num_samples <= self.held_out:
             raise MulosdError(f"--samples must exceed the {self.held_out} held-out samples, got {self.num_samples}")
         self.pipe = Pipeline.from_pretrained(self.model)
