@@ -181,7 +181,7 @@ def test_quick_preset_runs_every_method_with_plots_and_fake_inception(tmp_path, 
     assert r.exit_code == 0, r.output
     res = json.loads((out / "results.json").read_text())
     rows = {m["label"]: m for m in res["methods"]}
-    assert list(rows) == ["ar", "sd", "sjd", "mcsjd", "lantern", "gsd", "zipar", "mulo", "car", "cspd"]
+    assert list(rows) == ["ar", "sd", "sjd", "mcsjd", "pjd", "eagle2", "lantern", "gsd", "zipar", "mulo", "car", "cspd"]
     required = {"method", "params", "batch_size", "num_images", "latency_s_per_image", "speedup_vs_ar",
                 "target_forwards_per_image", "drafter_forwards_per_image", "step_compression",
                 "acceptance_rate", "class_accuracy", "fid_classifier", "fid_inception", "time_breakdown_s"}
@@ -196,7 +196,7 @@ def test_quick_preset_runs_every_method_with_plots_and_fake_inception(tmp_path, 
     assert sum(rows["sd"]["accepted_length_histogram"]) > 0 and rows["ar"]["accepted_length_histogram"] == []
     assert rows["mulo"]["accepted_length_histogram"][-1] >= 0
     assert {p.name for p in (out / "plots").iterdir()} == {"frontier.png", "accepted_length.png", "time_breakdown.png"}
-    assert len(list((out / "samples").iterdir())) == 10
+    assert len(list((out / "samples").iterdir())) == 12
     # the continuous family is timed against its own AR baseline
     assert res["config"]["speedup_references"] == {"ar": "ar", "car": "car"}
     assert rows["car"]["speedup_vs_ar"] == 1.0 and rows["cspd"]["drafter_forwards_per_image"] > 0

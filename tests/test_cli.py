@@ -65,7 +65,7 @@ def test_shared_options_explain_every_method():
     by_name = {p.name: p.help for p in _generate_options()}
     assert by_name["k"].startswith("lantern: ") and "mulo: " in by_name["k"]
     assert "default 20" in by_name["k"] and "default 32" in by_name["k"] and "integer >= 0" in by_name["k"]
-    assert by_name["window"].startswith("sjd, mcsjd, gsd: ") and "zipar: " in by_name["window"]
+    assert by_name["window"].startswith("sjd, mcsjd, pjd, gsd: ") and "zipar: " in by_name["window"]
     assert "default sd 3, lantern 8, cspd 4" in by_name["gamma"]
     assert "default --prefix-accept" in by_name["independent"]
 

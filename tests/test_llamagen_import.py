@@ -113,9 +113,9 @@ def test_import_writes_a_set_whose_models_are_the_files(files, c2i_set):
 def test_every_method_the_set_supports_runs_and_the_exact_ones_are_ar_token_for_token(c2i_set):
     pipe = Pipeline.from_pretrained(c2i_set)
     supported = pipe.supported_methods()
-    assert {m for m, why in supported.items() if why is None} == {"ar", "sd", "sjd", "mcsjd", "lantern", "gsd",
+    assert {m for m, why in supported.items() if why is None} == {"ar", "sd", "sjd", "mcsjd", "pjd", "lantern", "gsd",
                                                                  "zipar", "mulo"}
-    assert "continuous" in supported["cspd"]
+    assert "continuous" in supported["cspd"] and "has no EAGLE head" in supported["eagle2"]
     for method in sorted(m for m, why in supported.items() if why is None):
         out = pipe([0, 3], num_per_class=2, method=method, batch_size=3, seed=5)  # ragged: batches of 3 and 1
         assert out.tokens.shape == (4, 6, 6) and out.images.shape == (4, 3, 12, 12), method
@@ -257,13 +257,13 @@ def test_t2i_set_generates_from_caption_files_with_every_method(files, t2i_set, 
     pipe = Pipeline.from_pretrained(t2i_set)
     assert pipe.condition == "caption" and pipe.class_names == () and pipe.caption_shape == (CAP_LEN, CAP_DIM)
     caps = pipe.captions(features=files["caps"])
-    for method in ("ar", "sd", "sjd", "mcsjd", "lantern", "gsd", "zipar", "mulo"):
+    for method in ("ar", "sd", "sjd", "mcsjd", "pjd", "lantern", "gsd", "zipar", "mulo"):
         out = pipe(captions=caps, num_per_class=2, method=method, batch_size=3)
         assert out.tokens.shape == (4, 6, 6) and out.labels.tolist() == [0, 0, 1, 1], method
     for greedy in (SamplingConfig(cfg_scale=4.0, temperature=0.0), SamplingConfig(cfg_scale=4.0, temperature=0.0,
                                                                                   cfg_interval=2)):
         ar = pipe.generate(get_method("ar")(pipe), caps, greedy).tokens
-        for method in ("sd", "sjd", "mcsjd"):  # exact: AR's tokens, padded captions and per-token guidance too
+        for method in ("sd", "sjd", "mcsjd", "pjd"):  # exact: AR's tokens, padded captions and per-token guidance too
             assert torch.equal(pipe.generate(get_method(method)(pipe), caps, greedy, batch_size=2).tokens, ar)
     res = CliRunner().invoke(main, ["generate", "--model", str(t2i_set), "--method", "mulo", "--caption-features",
                                     str(files["caps"][0]), "--num-per-class", "2", "--out", str(tmp_path / "t.png"),

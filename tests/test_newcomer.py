@@ -196,7 +196,7 @@ def test_methods_shows_whole_descriptions_and_measured_speedups():
         assert " ".join(cls.__doc__.split()) in text, cls.name  # whole, not cut at the first sentence
     assert "1.94x at batch 1 (1000 images; class accuracy 0.924 vs ar 0.930, two-sample p 0.939)" in text
     assert "0.80x at batch 8 (400 images" in text
-    assert "with acceptance=exact: 0.23x at batch 1 (40 images" in text
+    assert "with acceptance=exact: 1.34x at batch 1 (1000 images" in text
     assert max(len(line) for line in r.output.splitlines()) <= 110
 
 

@@ -315,8 +315,6 @@ class Pipeline:
         return next(self.target.parameters()).dtype
 
     def _check(self) -> None:
-        if self.eagle is not None:
-            self.eagle.check(self.target)
         vocab = self.tokenizer.config.codebook_size
         for role, model in [("target", self.target), *self.drafters.items()]:
             if model.config.vocab_size != vocab:
@@ -332,6 +330,8 @@ class Pipeline:
                                       f"{model.config.caption_dim}]; the target {list(self.caption_shape)}")
             elif model.config.num_classes != len(self.class_names):
                 raise MulosdError(f"{role} model has {model.config.num_classes} classes; the model set names {len(self.class_names)}")
+        if self.eagle is not None:  # after the checks above, which name more basic mismatches
+            self.eagle.check(self.target)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = "fmnist-32", device: str | torch.device | None = None,

@@ -295,8 +295,8 @@ class SJDParams(Params):
     coupling: str = param("none", "how a re-draft is tied to the cell's previous draft (none: drawn afresh)",
                           choices=COUPLINGS)
     init_r: float | None = param(None, "init=lowres: resolution ratio of the low-res drafter (a role r<ratio> of "
-                                       "the set)", low=1, low_open=True,
-                                 none="the set's largest low-res ratio (the cheapest draft; 4 for fmnist-32)")
+                                       "the set; the largest ratio is the cheapest image to draft)", low=1,
+                                 low_open=True, none="the set's largest ratio, 4 on fmnist-32")
     init_upsampler: str = param("auto", "init=lowres: learned (a distribution per cell; integer ratio), pixel "
                                         "(deterministic codes, one-hot q) or auto (learned when the set has one)",
                                 choices=("auto", "learned", "pixel"))

@@ -171,7 +171,7 @@ class JacobiProposer:
 
 
 class LowResPrior:
-    """Multi-scale initialisation of Jacobi drafts (issue: lossless MuLo-SD). Once per decode the low-resolution
+    """Multi-scale initialisation of Jacobi drafts (the lossless MuLo-SD). Once per decode the low-resolution
     drafter samples its whole image (ZipAR's schedule with window ``draft_window``; its draws come from the forked
     drafter streams) and the up-sampler turns it into, per high-res cell, a distribution over the target's codes:
     the learned up-sampler's softmax, from which the cell's initial draft is drawn, or (pixel up-sampler) its

@@ -260,6 +260,12 @@ def user_set_directory(model_set: str) -> Path | None:
     return None if directory.is_relative_to(ZOO_DIR) else directory
 
 
+def free_stem(directory: Path, base: str) -> str:
+    """``base``, else ``base_2``, ``base_3``, ...: the first component stem with no files in ``directory``."""
+    names = itertools.chain([base], (f"{base}_{k}" for k in itertools.count(2)))
+    return next(s for s in names if not any((directory / s).with_suffix(x).exists() for x in (".json", ".safetensors")))
+
+
 def add_upsampler_to_set(model_set: str | Path, upsampler: str | Path) -> Path:
     """Add the trained learned up-sampler at stem ``upsampler`` to the user model set ``model_set`` (a directory)
     for its factor r, replacing the set's entry for that r. It is checked against the set's tokenizer first; its
@@ -279,8 +285,7 @@ def add_upsampler_to_set(model_set: str | Path, upsampler: str | Path) -> Path:
     r = m.config.r
     m.check(load_tokenizer(tokenizer), r)
     spec = manifest(directory)
-    names = itertools.chain([f"upsampler_r{r}"], (f"upsampler_r{r}_{k}" for k in itertools.count(2)))
-    stem = next(s for s in names if not any((directory / s).with_suffix(x).exists() for x in (".json", ".safetensors")))
+    stem = free_stem(directory, f"upsampler_r{r}")
     m.save_pretrained(directory / stem)
     ups = dict(spec.get("upsamplers") or {}, **{str(r): stem})
     spec["upsamplers"] = {k: ups[k] for k in sorted(ups, key=int)}
@@ -827,8 +832,7 @@ def add_eagle_to_set(model_set: str | Path, head: str | Path) -> Path:
     m = EagleHead.from_pretrained(head)
     m.check(GPT.from_pretrained(_manifest_spec(directory)["target"]))
     spec = manifest(directory)
-    names = itertools.chain(["eagle_head"], (f"eagle_head_{k}" for k in itertools.count(2)))
-    stem = next(s for s in names if not any((directory / s).with_suffix(x).exists() for x in (".json", ".safetensors")))
+    stem = free_stem(directory, "eagle_head")
     m.save_pretrained(directory / stem)
     spec["eagle"] = stem
     write_manifest(directory, spec)
