@@ -211,9 +211,7 @@ def lowres_prior_parts(pipe: "Pipeline", r: float | None, upsampler: str):
         raise MulosdError(f"init_r={given:g}: model set {pipe.name} has no low-resolution drafter for it; allowed "
                           f"init_r: {', '.join(f'{x:g}' for x in ratios)}")
     ratio = H // h if H % h == 0 else H / h
-    kind = upsampler
-    if kind == "auto":
-        kind = "learned" if isinstance(ratio, int) and ratio in pipe.upsamplers else "pixel"
+    kind = Mulo.resampler_kind(pipe, ratio, upsampler)
     if kind == "learned" and not isinstance(ratio, int):
         raise MulosdError(f"init_upsampler=learned needs an integer ratio, got init_r={ratio:g}; allowed: pixel, auto")
     up = pipe.resampler(kind, ratio)
@@ -359,10 +357,8 @@ class Mulo(Method):
                               f"(or name one with drafter=ROLE)")
         drafter = check_drafter(pipe, self.drafter_role, h)
         rows = drafter.config.grid_size if p.rows is None else p.rows
-        # auto: the learned up-/down-sampler when the model set ships one for this (integer) r, else pixel
-        auto = "learned" if isinstance(r, int) and r in pipe.upsamplers else "pixel"
-        self.upsampler = auto if p.upsampler == "auto" else p.upsampler
-        self.downsampler = auto if p.downsampler == "auto" else p.downsampler
+        self.upsampler = self.resampler_kind(pipe, r, p.upsampler)
+        self.downsampler = self.resampler_kind(pipe, r, p.downsampler)
         up = pipe.resampler(self.upsampler, r, p.resize)
         down = up if self.downsampler == self.upsampler else pipe.resampler(self.downsampler, r, p.resize)
         resamplers = Resamplers(up=up, down=down, lo=h, hi=H)
@@ -372,6 +368,14 @@ class Mulo(Method):
                                 window=p.window)
         self._parts = (pipe.target, drafter, resamplers, settings)
         self.drafter = drafter
+
+    @staticmethod
+    def resampler_kind(pipe, r: float, kind: str) -> str:
+        """``kind`` with auto resolved: the learned up-/down-sampler when the model set ships one for this (integer)
+        r, else pixel."""
+        if kind != "auto":
+            return kind
+        return "learned" if isinstance(r, int) and r in pipe.upsamplers else "pixel"
 
     @staticmethod
     def low_grid(H: int, r: float) -> int | None:
