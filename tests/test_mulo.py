@@ -79,6 +79,73 @@ def test_always_reject_with_the_whole_suffix_is_plain_target_sampling(cfg, radiu
     assert stats.accepted == 0 and stats.resampled == 3 * 16
 
 
+@pytest.mark.parametrize("extra", [{"reverify": 3}, {"commit": "target"}, {"acceptance": "soft"},
+                                   {"tau_peaked": 0.9, "reverify": 2, "commit": "target", "acceptance": "soft"}])
+def test_always_reject_stays_plain_target_sampling_with_every_quality_option(extra):
+    """tau = inf with re-verification, target-drawn commits, soft acceptance or an adaptive threshold: nothing is
+    ever kept, so nothing is re-verified or drawn from a pooling set, and the verifier's own streams never shift
+    the target's: still AR token for token."""
+    target, mulo = make(grid=4, tau=float("inf"), radius=None, resampling="serial", **extra)
+    labels = torch.tensor([0, 1, 1])
+    cfg = SamplingConfig(cfg_scale=2.0)
+    ar, _ = generate_ar(target, labels, cfg, RandomStreams.from_seed(3, range(3)))
+    out, stats = mulo.generate(labels, cfg, RandomStreams.from_seed(3, range(3)))
+    assert torch.equal(out, ar)
+    assert stats.accepted == 0 and stats.reverified == 0
+
+
+def final_distributions(target, labels, tokens, cfg):
+    """The target's sampling distribution of every cell given the finished image [B, N] -> [B, N, V]."""
+    with torch.no_grad():
+        null = torch.full_like(labels, target.null_class)
+        logits = target(torch.cat([labels, null]) if cfg.uses_cfg else labels,
+                        torch.cat([tokens, tokens]) if cfg.uses_cfg else tokens)
+    return process_logits(logits, cfg)
+
+
+@pytest.mark.parametrize("resampling", ["serial", "parallel"])
+def test_reverification_to_a_fixed_point_leaves_every_kept_cell_passing_in_its_final_context(resampling):
+    """With rounds to spare, re-verification stops only when every kept cell passes the rule given the image as
+    committed: checked against one teacher-forced target pass over the finished images. Without it some kept cells
+    fail in their final context (their acceptance was judged next to rejected drafts): the test can fail."""
+    tau, cfg, labels = 0.45, SamplingConfig(), torch.tensor([0, 1, 0, 1])
+    failures = {}
+    for rounds in (0, 64):
+        trace = []
+        target, mulo = make(grid=8, vocab=8, k=2, tau=tau, radius=0, rows=4, drafting="parallel",
+                            resampling=resampling, reverify=rounds, seed=4)
+        out, stats = mulo.generate(labels, cfg, RandomStreams.from_seed(1, range(4)), trace=trace)
+        (rec,) = trace
+        kept = (rec["accept"] & ~rec["region"]).flatten(1)
+        nb = mulo.args[3]
+        p = final_distributions(target, labels, out, cfg)
+        passes = p.gather(-1, nb[out]).sum(-1) >= tau
+        failures[rounds] = int((kept & ~passes).sum())
+        if rounds:
+            assert stats.reverified > 0 and stats.rerejected > 0
+    assert failures[64] == 0 and failures[0] > 0
+
+
+def test_target_drawn_commits_with_the_whole_codebook_pooled_sample_from_the_target_given_the_drafts():
+    """commit=target with k = V: every pooling set holds all the mass, so every candidate passes and each cell
+    commits a draw from the target's p given the up-sampled drafts before it (the verification forward's context),
+    with the verifier's own uniforms."""
+    from mulosd.decoding.state import VERIFIER_STREAM
+    from mulosd.decoding.sampling import sample
+
+    trace = []
+    target, mulo = make(grid=8, vocab=8, k=8, tau=0.5, rows=4, drafting="parallel", commit="target", seed=6)
+    labels, cfg = torch.tensor([1, 0]), SamplingConfig()
+    streams = RandomStreams.from_seed(2, range(2))
+    out, stats = mulo.generate(labels, cfg, streams, trace=trace)
+    (rec,) = trace
+    assert stats.resampled == 0 and bool(rec["accept"].all())
+    draft = rec["draft"]
+    p = final_distributions(target, labels, draft, cfg)  # context: the drafts themselves
+    u = RandomStreams.from_seed(2, range(2)).fork(VERIFIER_STREAM).uniform(64)
+    assert torch.equal(out, sample(p, u))
+
+
 def test_radius_infinity_is_raster_rejection():
     for resampling in ("serial", "parallel"):
         outs = []
@@ -312,7 +379,11 @@ def test_mulo_always_reject_is_ar_on_fmnist(pipe):
     ({"r": 1.6, "upsampler": "pixel", "downsampler": "learned"}, "downsampler=learned needs an integer r"),
     ({"rejection": "global"}, "rejection must be one of raster, naive_local, local; got 'global'"),
     ({"resampling": "random"}, "resampling must be one of serial, parallel"),
-    ({"acceptance": "lossless"}, "acceptance must be one of threshold, exact"),
+    ({"acceptance": "lossless"}, "acceptance must be one of threshold, soft, exact"),
+    ({"commit": "argmax"}, "commit must be one of candidate, target"),
+    ({"reverify": -1}, "reverify must be an integer >= 0"),
+    ({"tau_peaked": 1.5}, "tau_peaked must be a number in (0.0, 1.0]"),
+    ({"preset": "fast"}, "preset must be one of ours, paper"),
     ({"rows": 0}, "rows must be an integer >= 1, got 0"),
 ])
 def test_mulo_bad_parameters(pipe, params, msg):

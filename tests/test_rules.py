@@ -141,3 +141,67 @@ def test_pooled_threshold_acceptance():
     d = torch.randint(0, 12, (3, 5), generator=g)
     all_codes = codebook_neighbours(torch.randn(12, 2, generator=g), 12, include_self=True)
     assert pooled_threshold_accept(big, d, all_codes, 0.999).all()  # pooling every code gives mass 1
+
+
+def test_soft_pooled_acceptance_keeps_a_passing_set_and_accepts_the_rest_in_proportion():
+    """acceptance=soft: accept with probability min(1, p(B_k(x)) / tau). A set at or over tau passes for every
+    uniform (the hard rule's acceptances are kept), tau = inf rejects everything, and over a fine grid of uniforms
+    a set under tau passes in exactly the share p(B_k(x)) / tau."""
+    from mulosd.decoding.rules import pooled_mass, pooled_threshold_accept
+
+    book = torch.tensor([[0.0], [1.0], [3.0], [3.5]])
+    p = torch.tensor([0.10, 0.30, 0.25, 0.35])
+    nb2 = codebook_neighbours(book, 2, include_self=True)  # masses 0.4, 0.4, 0.6, 0.6
+    n = 1000
+    u = (torch.arange(n) + 0.5) / n
+    draft = torch.arange(4)[:, None].expand(-1, n)
+    pp = p.expand(4, n, -1)
+    soft = pooled_threshold_accept(pp, draft, nb2, 0.5, u[None].expand(4, -1))
+    assert soft[2:].all()  # 0.6 >= 0.5: always
+    assert soft[:2].float().mean(1).tolist() == pytest.approx([0.8, 0.8], abs=1e-3)  # 0.4 / 0.5
+    assert not pooled_threshold_accept(pp, draft, nb2, float("inf"), u[None].expand(4, -1)).any()
+    hard = pooled_threshold_accept(pp, draft, nb2, 0.5)
+    assert (soft | ~hard).all()
+    assert pooled_mass(pp, draft, nb2)[:, 0].tolist() == pytest.approx([0.4, 0.4, 0.6, 0.6])
+
+
+def test_restricted_sample_is_p_on_the_pooling_set_and_plain_sampling_when_the_set_is_everything():
+    from mulosd.decoding.rules import restricted_sample
+    from mulosd.decoding.sampling import sample
+
+    g = torch.Generator().manual_seed(3)
+    V = 12
+    p = random_dist(g, 4, 6, V).float()
+    draft = torch.randint(0, V, (4, 6), generator=g)
+    u = torch.rand(4, 6, generator=g)
+    everything = codebook_neighbours(torch.randn(V, 2, generator=g), V, include_self=True)
+    assert torch.equal(restricted_sample(p, draft, everything, u), sample(p, u))  # k = V: token for token
+    # k = 3: the draws follow p restricted to B_3(x) and renormalised, exactly (a fine grid of uniforms)
+    nb = codebook_neighbours(torch.randn(V, 2, generator=g), 3, include_self=True)
+    n = 3000
+    grid = ((torch.arange(n) + 0.5) / n)
+    x = torch.tensor(5)
+    drawn = restricted_sample(p[0, 0].expand(n, -1), x.expand(n), nb, grid)
+    freq = torch.bincount(drawn, minlength=V).float() / n
+    want = torch.zeros(V)
+    want[nb[5]] = p[0, 0, nb[5]] / p[0, 0, nb[5]].sum()
+    assert torch.allclose(freq, want, atol=2 / n)
+    outside = next(c for c in range(V) if c not in nb[5].tolist())
+    lone = torch.zeros(1, V)
+    lone[0, outside] = 1.0  # no mass on B_3(5): the candidate is kept
+    assert restricted_sample(lone, x[None], nb, torch.tensor([0.3])).item() == 5
+
+
+def test_entropy_adaptive_threshold_runs_from_tau_peaked_to_tau():
+    from mulosd.decoding.rules import entropy_tau
+
+    V, k = 16, 4
+    point = torch.zeros(V)
+    point[3] = 1.0
+    spread = torch.zeros(V)
+    spread[:k] = 1.0 / k  # entropy log k
+    wide = torch.full((V,), 1.0 / V)
+    half = torch.tensor([0.5, 0.5] + [0.0] * (V - 2))  # entropy log 2 = half of log 4
+    got = entropy_tau(torch.stack([point, spread, wide, half]), 0.1, 0.5, k)
+    assert got.tolist() == pytest.approx([0.5, 0.1, 0.1, 0.3])
+    assert entropy_tau(wide[None], 0.2, 0.2, k).item() == pytest.approx(0.2)  # tau_peaked = tau: constant

@@ -130,11 +130,13 @@ def _generation_stats(decoder, n: int, g: int, sampling: SamplingConfig, seed: i
         "acceptance_rate": round(totals["accepted"] / totals["drafted"], 4) if totals.get("drafted") else None,
         "resampled_per_image": round(totals.get("resampled", 0) / n, 3),
         "refreshed_per_image": round(totals.get("refreshed", 0) / n, 3),
+        "reverified_per_image": round(totals.get("reverified", 0) / n, 3),
+        "rerejected_per_image": round(totals.get("rerejected", 0) / n, 3),
         "time_breakdown_s": {k: round(v, 4) for k, v in totals.get("time_s", {}).items()},
         # accepted_length_histogram[n]: verifications (per image) that accepted exactly n drafted tokens
         "accepted_length_histogram": totals.get("accept_hist", []),
         "counts": {k: totals.get(k, 0) for k in ("active_forwards", "tokens", "accepted", "drafted", "resampled", "refreshed",
-                                                 "residual_tries", "fallbacks")},
+                                                 "reverified", "rerejected", "residual_tries", "fallbacks")},
     }
 
 

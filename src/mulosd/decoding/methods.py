@@ -365,7 +365,7 @@ class Mulo(Method):
         settings = MuloSettings(rows=rows, drafting=p.drafting, draft_window=p.draft_window,
                                 acceptance=p.acceptance, tau=p.tau, radius=p.resample_radius,
                                 resampling=p.resampling, island_window=p.island_window, candidates=p.candidates,
-                                window=p.window)
+                                window=p.window, tau_peaked=p.tau_peaked, commit=p.commit, reverify=p.reverify)
         self._parts = (pipe.target, drafter, resamplers, settings)
         self.drafter = drafter
 

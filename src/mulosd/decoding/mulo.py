@@ -41,6 +41,7 @@ verification), never in a forward of its own; such re-feeds are counted (``refre
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -49,11 +50,11 @@ import torch.nn.functional as F
 from mulosd.decoding.engine import Parts, Proposal
 from mulosd.decoding.grid import label_islands, resample_region
 from mulosd.decoding.proposers import JacobiProposer, LowResPrior
-from mulosd.decoding.rules import pooled_threshold_accept, verify_exact
+from mulosd.decoding.rules import entropy_tau, pooled_threshold_accept, restricted_sample, verify_exact
 from mulosd.decoding.window import TruncateRepairer, WindowScorer, WindowVerifier
 from mulosd.decoding.sampling import process_logits, sample
 from mulosd.decoding.schedule import ScheduledSampler, island_ready
-from mulosd.decoding.state import DRAFTER_STREAM, PHASES, DecodeState, cfg_labels, double, model_rows
+from mulosd.decoding.state import DRAFTER_STREAM, PHASES, VERIFIER_STREAM, DecodeState, cfg_labels, double, model_rows
 from mulosd.models.gpt import GPT
 from mulosd.models.upsample import LatentResampler, PixelResampler, covered_rows
 
@@ -63,8 +64,11 @@ class MuloSettings:
     rows: int = 8  # low-resolution rows drafted per cycle (the drafter's grid size = the whole image at once)
     drafting: str = "parallel"  # serial | parallel (ZipAR next-set decoding inside the drafted rows)
     draft_window: int = 2  # ZipAR window for parallel drafting
-    acceptance: str = "threshold"  # threshold | exact
+    acceptance: str = "threshold"  # threshold | soft | exact
     tau: float = 0.1  # pooled-mass threshold; inf rejects everything
+    tau_peaked: float | None = None  # entropy-adaptive threshold: tau at a point-mass target (None: tau everywhere)
+    commit: str = "candidate"  # what a passing cell commits: the candidate, or a target draw from its pooling set
+    reverify: int = 0  # re-verification rounds after local resampling
     radius: int | None = 1  # neighbourhood radius l; None = infinity (raster rejection), 0 = naive local
     resampling: str = "parallel"  # serial | parallel
     island_window: int = 2  # ZipAR window inside a rejection island
@@ -310,53 +314,141 @@ class CellScorer:
 # ---- verifiers ------------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class ThresholdVerdict:
+    accept: torch.Tensor  # [B, M] bool: the candidate's pooling set passed
+    tokens: torch.Tensor  # [B, M] the code a passing cell commits: its candidate, or a target draw from B_k(x)
+
+
 class ThresholdVerifier:
-    """Pooled threshold acceptance: no uniforms, no q."""
+    """Pooled threshold acceptance (``threshold``, the paper's rule, no uniforms, no q) or its soft form (``soft``:
+    accept with probability min(1, p(B_k(x)) / tau)); tau fixed or entropy-adaptive (``tau_peaked``). With
+    ``commit="target"`` a passing cell commits a draw from the target's p restricted to B_k(x) instead of the
+    candidate. Its uniforms come from streams forked from the target's, so the target's own draws (resampling)
+    never depend on them."""
 
-    def __init__(self, neighbours: torch.Tensor, tau: float):
-        self.neighbours, self.tau = neighbours, tau
+    def __init__(self, neighbours: torch.Tensor, settings: MuloSettings):
+        self.neighbours, self.s, self.streams = neighbours, settings, None
 
-    def __call__(self, state, proposal, scores) -> torch.Tensor:
-        return pooled_threshold_accept(scores[0], proposal.tokens, self.neighbours, self.tau)
+    def __call__(self, state, proposal, scores) -> ThresholdVerdict:
+        return self.judge(state, scores[0], proposal.tokens)
+
+    def judge(self, state: DecodeState, p: torch.Tensor, draft: torch.Tensor) -> ThresholdVerdict:
+        """The rule on p [B, M, V] and codes ``draft`` [B, M] (one uniform per cell and option drawn whatever the
+        outcome, so the streams stay aligned)."""
+        s, nb = self.s, self.neighbours
+        if self.streams is None:
+            self.streams = state.streams.fork(VERIFIER_STREAM)
+        M = draft.shape[1]
+        tau = s.tau
+        if s.tau_peaked is not None and math.isfinite(s.tau):
+            tau = entropy_tau(p, s.tau, s.tau_peaked, nb.shape[1])
+        u = self.streams.uniform(M) if s.acceptance == "soft" else None
+        accept = pooled_threshold_accept(p, draft, nb, tau, u)
+        tokens = draft
+        if s.commit == "target":
+            tokens = torch.where(accept, restricted_sample(p, draft, nb, self.streams.uniform(M)), draft)
+        return ThresholdVerdict(accept, tokens)
 
 
 # ---- repairers ------------------------------------------------------------------------------------------------------
 
 
 class LocalRepairer:
-    """Threshold acceptance's repair: regenerate the rejected cells' neighbourhoods, then commit the block."""
+    """Threshold acceptance's repair: commit the passing cells' codes, regenerate the rejected cells'
+    neighbourhoods, optionally re-verify (below), then commit the block.
+
+    Re-verification (``reverify`` rounds): a kept cell after the block's first change (rejection or target-drawn
+    code) was judged with other codes in its context than the ones committed. One target forward over every stale
+    slot gives the kept cells their distribution in the committed context; the same rule judges them again (their
+    committed code as the candidate; a passing cell keeps its code), and the failures' neighbourhoods are
+    regenerated as before. Rounds stop early when nothing is left to check or nothing fails."""
 
     phase = "resampling"
 
-    def __init__(self, settings: MuloSettings, grid: int):
-        self.s, self.H = settings, grid
+    def __init__(self, settings: MuloSettings, grid: int, verifier: ThresholdVerifier | None = None):
+        self.s, self.H, self.verifier = settings, grid, verifier
 
-    def repair(self, state: DecodeState, proposal: Proposal, scores, accept: torch.Tensor) -> None:
+    def repair(self, state: DecodeState, proposal: Proposal, scores, verdict: ThresholdVerdict) -> None:
         (start, end), (_, fed) = proposal.extra["block"], scores
+        accept = verdict.accept
         B, N, M = state.batch, state.num_cells, end - start
+        state.tokens[:, start:end] = torch.where(accept, verdict.tokens, state.tokens[:, start:end])
         rejected = torch.zeros(B, N, dtype=torch.bool, device=state.device)
         rejected[:, start:end] = ~accept
-        region = resample_region(rejected.view(B, self.H, self.H), self.s.radius).flatten(1)
-        region[:, :start] = False
-        region[:, end:] = False  # windows never reach rows that have not been drafted
-        end_t = torch.full((B,), end, device=state.device)
-        first = torch.where(rejected.any(1), rejected.float().argmax(1), end_t)
-        state.cells.confirm(fed, first)  # candidates fed before the first rejection saw only accepted drafts
+        changed = rejected.clone()
+        changed[:, start:end] |= accept & (verdict.tokens != proposal.tokens)
+        region = self._region(rejected, start, end)
+        first = self._first(changed, end)
+        state.cells.confirm(fed, first)  # candidates fed before the first change saw only their committed codes
         s = state.stats
         s.drafted += B * M
         s.accepted += accept.sum()
         s.add_accepted(accept.sum(1), M)
+        self._resample(state, region)
+        s.resampled += region.sum()
+        kept = torch.zeros_like(rejected)
+        kept[:, start:end] = accept
+        kept &= ~region
+        for _ in range(self.s.reverify):
+            failed = self._reverify(state, kept, first, end)
+            if failed is None:
+                break
+            again = self._region(failed, start, end)
+            first = self._first(failed, end)
+            self._resample(state, again)
+            s.resampled += again.sum()
+            kept &= ~again
+            region |= again
+            rejected |= failed
+        s.tokens += B * M
+        state.frontier = torch.maximum(state.frontier, torch.full((B,), end, device=state.device))
+        if state.trace is not None:
+            rows = M // self.H
+            state.trace.append({"block": (start, end), "draft": proposal.tokens.clone(),
+                                "accept": ~rejected[:, start:end].view(B, rows, self.H),
+                                "region": region[:, start:end].view(B, rows, self.H)})
+
+    def _region(self, rejected: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """The rejected cells [B, N] grown to (2l+1)^2 windows, clipped to the block and to cells at or after the
+        first rejection (:func:`~mulosd.decoding.grid.resample_region`)."""
+        B = rejected.shape[0]
+        region = resample_region(rejected.view(B, self.H, self.H), self.s.radius).flatten(1)
+        region[:, :start] = False
+        region[:, end:] = False  # windows never reach rows that have not been drafted
+        return region
+
+    @staticmethod
+    def _first(changed: torch.Tensor, end: int) -> torch.Tensor:
+        """[B] the first changed cell per sample, ``end`` where none changed."""
+        end_t = torch.full((changed.shape[0],), end, device=changed.device)
+        return torch.where(changed.any(1), changed.float().argmax(1), end_t)
+
+    def _resample(self, state: DecodeState, region: torch.Tensor) -> None:
         if self.s.resampling == "serial":
             resample_serial(state, region)
         else:
             resample_parallel(state, region, self.s.island_window, self.H)
-        s.resampled += region.sum()
-        s.tokens += B * M
-        state.frontier = torch.maximum(state.frontier, end_t)
-        if state.trace is not None:
-            rows = M // self.H
-            state.trace.append({"block": (start, end), "draft": proposal.tokens.clone(),
-                                "accept": accept.view(B, rows, self.H), "region": region[:, start:end].view(B, rows, self.H)})
+
+    def _reverify(self, state: DecodeState, kept: torch.Tensor, first: torch.Tensor, end: int) -> torch.Tensor | None:
+        """One re-verification forward: the kept cells after the first change [B, N] judged again in the committed
+        context. Returns the cells that fail now, or None when there was nothing to check or nothing failed."""
+        cf, cell = state.cells, state.cells.cell
+        check = kept & (cell[None] > first[:, None])
+        if not bool(check.any()):
+            return None
+        last = torch.where(check, cell[None], -1).max(1).values
+        below = cell[None] < last[:, None]  # slots up to the last checked cell's query
+        query = torch.cat([check[:, 1:], check.new_zeros(check.shape[0], 1)], dim=1)  # cell c - 1 of each c
+        feed = (~cf.fresh & below) | query
+        cells, probs = cf.forward(feed)
+        state.stats.reverified += check.sum()
+        p = cf.p_cells(cells, probs, cell[None].expand(check.shape[0], -1))
+        codes = state.tokens[:, : cf.N]
+        failed = check & ~self.verifier.judge(state, p, codes).accept
+        cf.confirm(feed, self._first(failed, end))
+        state.stats.rerejected += failed.sum()
+        return failed if bool(failed.any()) else None
 
 
 def resample_serial(state: DecodeState, region: torch.Tensor) -> None:
@@ -443,4 +535,5 @@ def mulo_parts(target: GPT, drafter: GPT, resamplers: Resamplers, neighbours: to
         jacobi = JacobiProposer(V, settings.window, "lowres", "maximal", prior)
         return Parts(WindowScorer(target, settings.window), jacobi, WindowVerifier(verify_exact), JacobiTraceRepairer(H))
     proposer = MultiScaleProposer(drafter, resamplers, settings, target.config.vocab_size)
-    return Parts(CellScorer(target), proposer, ThresholdVerifier(neighbours, settings.tau), LocalRepairer(settings, H))
+    verifier = ThresholdVerifier(neighbours, settings)
+    return Parts(CellScorer(target), proposer, verifier, LocalRepairer(settings, H, verifier))

@@ -387,6 +387,12 @@ class MuloParams(Params):
     one cycle, learned up-sampler (when the set has one; else pixel), pooled threshold 0.1 over 32 codes, windows of radius 1, parallel islands."""
 
     method = "mulo"
+    # what preset=paper fixes for every option left unset (None); preset=ours takes OURS
+    PAPER: ClassVar[dict] = {"commit": "candidate", "reverify": 0}
+    OURS: ClassVar[dict] = {"commit": "target", "reverify": 0}
+    preset: str = param("ours", "ours: mulosd's measured defaults (target-drawn commits); paper: the paper's rule "
+                                "as published (the candidate itself is committed, no re-verification) for every "
+                                "option not given", choices=("ours", "paper"))
     r: float | None = param(None, "resolution ratio H / h between the target's grid and the low-res drafter's (2 "
                                   "or 4 for fmnist-32; 1.5 for a 16x16 drafter under a 24x24 target): the target's "
                                   "grid over r must be whole, and a ratio that is not an integer needs "
@@ -411,13 +417,23 @@ class MuloParams(Params):
     candidates: str = param("argmax", "learned up-sampler with threshold acceptance: its most likely code per cell "
                                       "(argmax) or a draw from its distribution (sample)", choices=("argmax", "sample"))
     resize: str = param("bicubic", "pixel up-sampler's resize filter", choices=("bicubic", "bilinear", "lanczos"))
-    acceptance: str = param("threshold", "threshold (pooled target mass >= tau; lossy, the paper's rule) or exact "
+    acceptance: str = param("threshold", "threshold (pooled target mass >= tau; lossy, the paper's rule), soft "
+                                         "(accept with probability min(1, pooled mass / tau); lossy) or exact "
                                          "(lossless: a coupled Jacobi window whose first drafts come from the low-res "
                                          "image and the up-sampler's distribution, verified by speculative sampling)",
-                            choices=("threshold", "exact"))
+                            choices=("threshold", "soft", "exact"))
     window: int = param(16, "acceptance=exact: the Jacobi window verified per target forward", low=1)
     tau: float = param(0.1, "acceptance threshold on the pooled target mass; inf rejects every candidate", low=0,
                        high=1, low_open=True, inf=True)
+    tau_peaked: float | None = param(None, "entropy-adaptive threshold: the threshold where the target is certain "
+                                           "(entropy 0), falling linearly to tau at entropy log k", low=0, high=1,
+                                     low_open=True, none="tau everywhere")
+    commit: str | None = param(None, "what a passing cell commits: its candidate (the paper) or target (a draw from "
+                                     "the target's p restricted to the candidate's pooling set)",
+                               choices=("candidate", "target"), none="the preset's: target (ours), candidate (paper)")
+    reverify: int | None = param(None, "re-verification rounds after local resampling: kept cells whose context "
+                                       "changed are judged again in one target forward and the failures' "
+                                       "neighbourhoods regenerated", low=0, none="the preset's: 0 (ours and paper)")
     k: int = param(32, "size of the pooling set, the candidate included (at most the vocabulary size; 1: no "
                        "pooling)", low=1)
     rejection: str = param("local", "what a rejection regenerates: local (windows of radius `radius`), naive_local "
@@ -430,8 +446,12 @@ class MuloParams(Params):
     island_window: int = param(2, "parallel resampling: ZipAR window inside an island", low=1)
 
     def __post_init__(self):
-        """Validate, then keep a whole ratio an integer: drafter role r2 (not r2.0), "r": 2 in recorded params."""
+        """Validate, fill the options left unset from the preset, then keep a whole ratio an integer: drafter role
+        r2 (not r2.0), "r": 2 in recorded params."""
         super().__post_init__()
+        for name, value in (self.PAPER if self.preset == "paper" else self.OURS).items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
         if self.r is not None and float(self.r).is_integer():
             object.__setattr__(self, "r", int(self.r))
 

@@ -10,6 +10,7 @@ Shapes: p [B, G + 1, V], q [B, G, V], draft [B, G], u_accept [B, G], u_resample 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -152,13 +153,47 @@ def verify_grouped(p, q, draft, u_accept, u_resample, codebook: torch.Tensor, gr
     return _truncate_and_resample(p, q, draft, accept, u_resample)
 
 
-def pooled_threshold_accept(p: torch.Tensor, draft: torch.Tensor, neighbours: torch.Tensor, tau: float) -> torch.Tensor:
-    """MuLo-SD's deterministic acceptance: draft x at a cell is accepted when the target probability pooled over
-    its k nearest codes, x included (``neighbours`` [V, k] from ``codebook_neighbours(..., include_self=True)``),
-    reaches ``tau``. No draft distribution is involved. p [..., V], draft [...] -> accept [...] bool.
-    k = 1 tests p(x) >= tau alone; tau > 1 rejects everything."""
-    pooled = p.gather(-1, neighbours[draft]).sum(-1)
-    return pooled >= tau
+def pooled_mass(p: torch.Tensor, draft: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+    """p(B_k(x)): the target probability pooled over draft x's k nearest codes, x included (``neighbours`` [V, k]
+    from ``codebook_neighbours(..., include_self=True)``). p [..., V], draft [...] -> [...]."""
+    return p.gather(-1, neighbours[draft]).sum(-1)
+
+
+def pooled_threshold_accept(p: torch.Tensor, draft: torch.Tensor, neighbours: torch.Tensor, tau: float | torch.Tensor,
+                            u: torch.Tensor | None = None) -> torch.Tensor:
+    """MuLo-SD's acceptance: draft x at a cell is accepted when p(B_k(x)) (:func:`pooled_mass`) reaches ``tau``
+    (a number, or one per cell [...]). No draft distribution is involved. p [..., V], draft [...] -> accept [...]
+    bool. k = 1 tests p(x) >= tau alone; tau > 1 rejects everything.
+
+    With uniforms ``u`` [...] the test is soft: x is accepted with probability min(1, p(B_k(x)) / tau), so a
+    neighbourhood just under the threshold is sometimes kept and one just over it sometimes regenerated (tau = inf
+    still rejects everything, and p(B_k(x)) >= tau still always accepts)."""
+    pooled = pooled_mass(p, draft, neighbours)
+    if u is None:
+        return pooled >= tau
+    return u * tau < pooled
+
+
+def entropy_tau(p: torch.Tensor, tau: float, tau_peaked: float, k: int) -> torch.Tensor:
+    """An entropy-adaptive threshold per cell: ``tau_peaked`` where the target's distribution p [..., V] is a
+    point mass (entropy 0), falling linearly in the entropy H(p) to ``tau`` at H = log k (the entropy of a
+    uniform spread over a pooling set) and staying there above it. A peaked target is then held to its few likely
+    codes; a spread-out one is pooled as the paper does. tau_peaked = tau is the constant threshold."""
+    h = -(p * p.clamp_min(1e-30).log()).sum(-1)
+    share = (h / max(math.log(k), 1e-6)).clamp(max=1.0)
+    return tau_peaked + (tau - tau_peaked) * share
+
+
+def restricted_sample(p: torch.Tensor, draft: torch.Tensor, neighbours: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """A draw from the target's p restricted to the pooling set B_k(x) of draft x and renormalised: the code a
+    passing neighbourhood commits under target-distributed acceptance. p [..., V], draft [...], u [...] -> [...].
+    The set is walked in code order, so with k = V (B_k(x) is the whole codebook) it is :func:`sample` (p, u)
+    token for token; a set without mass keeps x."""
+    members = neighbours[draft].sort(-1).values  # [..., k]
+    mass = p.gather(-1, members)
+    pick = sample(mass, u)
+    drawn = members.gather(-1, pick[..., None]).squeeze(-1)
+    return torch.where(mass.sum(-1) > 0, drawn, draft)
 
 
 # ---- draft trees (EAGLE-2) ------------------------------------------------------------------------------------------
