@@ -146,6 +146,22 @@ def test_target_drawn_commits_with_the_whole_codebook_pooled_sample_from_the_tar
     assert torch.equal(out, sample(p, u))
 
 
+@pytest.mark.parametrize("extra", [{}, {"commit": "target", "acceptance": "soft", "tau_peaked": 0.6}])
+def test_continuous_batching_gives_each_image_its_solo_tokens(extra):
+    """batching=continuous: 7 images through 3 slots (images leave the pool as they finish and the next enter, in
+    groups) get the tokens each gets alone with the same seed, and the work counts add up to the solo runs'."""
+    from mulosd.decoding.mulo import decode_continuous
+
+    target, mulo = make(grid=8, vocab=8, k=2, tau=0.4, rows=4, drafting="parallel", seed=7, **extra)
+    labels, cfg = torch.tensor([0, 1, 1, 0, 1, 0, 0]), SamplingConfig(cfg_scale=1.5)
+    solo = [mulo.generate(labels[i : i + 1], cfg, RandomStreams.from_seed(5, [i])) for i in range(7)]
+    out, stats = decode_continuous(*mulo.args, labels, cfg, RandomStreams.from_seed(5, range(7)), slots=3)
+    assert torch.equal(out, torch.cat([t for t, _ in solo]))
+    for key in ("accepted", "drafted", "resampled", "tokens", "active_forwards"):
+        assert getattr(stats, key) == sum(getattr(st, key) for _, st in solo), key
+    assert stats.resampled > 0 and stats.target_forwards < sum(st.target_forwards for _, st in solo)
+
+
 def test_radius_infinity_is_raster_rejection():
     for resampling in ("serial", "parallel"):
         outs = []
@@ -353,6 +369,21 @@ def test_mulo_on_fmnist_decodes_each_image_as_if_alone(pipe, params):
     assert set(three.stats["time_breakdown_s"]) == {"drafting", "upsampling", "verification", "resampling", "downsampling"}
 
 
+def test_mulo_continuous_batching_on_fmnist_is_solo_decoding(pipe):
+    """Pipeline.generate hands a continuously batched method every image at once with batch_size in flight: 5
+    images through 2 slots equal 5 batches of 1; acceptance maps need static batches."""
+    kw = dict(classes=[0, 3, 5, 6, 9], num_per_class=1, method="mulo", seed=6)
+    one = pipe(batch_size=1, **kw)
+    cont = pipe(batch_size=2, batching="continuous", **kw)
+    assert torch.equal(one.tokens, cont.tokens)
+    assert cont.stats["resampled_per_image"] == one.stats["resampled_per_image"] > 0
+    assert cont.stats["params"]["batching"] == "continuous"
+    with pytest.raises(MulosdError, match="acceptance maps record the cycles of static batches"):
+        pipe(batch_size=2, batching="continuous", trace=True, **kw)
+    auto = pipe(batch_size=2, trace=True, **kw)  # batching=auto: static batches when maps are drawn
+    assert torch.equal(auto.tokens, one.tokens) and len(auto.traces) == 5
+
+
 def test_mulo_always_reject_is_ar_on_fmnist(pipe):
     kw = dict(classes=[2, 8], num_per_class=1, batch_size=2, seed=4)
     ar = pipe(method="ar", **kw)
@@ -384,6 +415,12 @@ def test_mulo_always_reject_is_ar_on_fmnist(pipe):
     ({"reverify": -1}, "reverify must be an integer >= 0"),
     ({"tau_peaked": 1.5}, "tau_peaked must be a number in (0.0, 1.0]"),
     ({"preset": "fast"}, "preset must be one of ours, paper"),
+    ({"batching": "continuous", "resampling": "serial"}, "batching=continuous runs threshold or soft acceptance with "
+                                                         "parallel resampling and no re-verification; got "
+                                                         "resampling=serial (use batching=static)"),
+    ({"batching": "continuous", "reverify": 1}, "got reverify=1 (use batching=static)"),
+    ({"batching": "continuous", "rows": 2}, "batching=continuous needs whole-image cycles (rows unset or 8, the "
+                                            "low-res grid), got rows=2"),
     ({"rows": 0}, "rows must be an integer >= 1, got 0"),
 ])
 def test_mulo_bad_parameters(pipe, params, msg):

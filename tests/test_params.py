@@ -25,9 +25,12 @@ DEFAULTS = {
     "zipar": {"window": 8},
     # r and upsampler resolve per model set (None: its smallest low-res ratio; auto: learned when it has one for r),
     # which on fmnist-32 is r = 2 with the learned up-sampler, as before (tests/test_mulo.py checks the resolution)
-    "mulo": {"r": None, "drafter": None, "rows": None, "drafting": "parallel", "draft_window": 2, "upsampler": "auto",
-             "downsampler": "auto", "candidates": "argmax", "resize": "bicubic", "acceptance": "threshold", "window": 16, "tau": 0.1,
-             "k": 32, "rejection": "local", "radius": 1, "resampling": "parallel", "island_window": 2},
+    # commit and reverify take the preset's values when unset (ours: target, 0; paper: candidate, 0)
+    "mulo": {"preset": "ours", "r": None, "drafter": None, "rows": None, "drafting": "parallel", "draft_window": 2,
+             "upsampler": "auto", "downsampler": "auto", "candidates": "argmax", "resize": "bicubic",
+             "acceptance": "threshold", "window": 16, "tau": 0.1, "tau_peaked": None, "commit": None, "reverify": None,
+             "k": 32, "rejection": "local", "radius": 1, "resampling": "parallel", "island_window": 2,
+             "batching": "auto"},
     "car": {"model": "target"},
     "cspd": {"gamma": 4, "drafter": "small", "prefill": 0.05, "align": True, "relax": 1.0, "independent": False,
              "max_tries": 100},
@@ -76,7 +79,8 @@ def test_registry_order_and_every_method_has_its_own_schema():
 @pytest.mark.parametrize("name,schema", SCHEMAS)
 def test_defaults_are_unchanged_declared_with_help_and_inside_their_range(name, schema):
     assert schema.defaults() == DEFAULTS[name]
-    assert schema.parse({}).to_dict() == DEFAULTS[name]
+    resolved = {**DEFAULTS[name], **({"commit": "target", "reverify": 0} if name == "mulo" else {})}  # the preset's
+    assert schema.parse({}).to_dict() == resolved
     assert dict(REGISTRY[name].defaults) == DEFAULTS[name]
     for key, spec in schema.specs().items():
         assert spec.help.strip() and spec.name == key

@@ -81,8 +81,11 @@ def _check_batch_size(batch_size: int) -> None:
 
 
 def _decode_batch(decoder, labels: torch.Tensor, sampling: SamplingConfig, streams: RandomStreams,
-                  traces: list | None):
-    """One batch through ``decoder.generate``; with ``traces`` (a list) every image's cycles are appended to it."""
+                  traces: list | None, slots: int | None = None):
+    """One batch through ``decoder.generate``; with ``traces`` (a list) every image's cycles are appended to it.
+    ``slots``: a continuously batched method's images in flight."""
+    if slots is not None:
+        return decoder.generate(labels, sampling, streams, trace=traces, slots=slots)
     if traces is None:
         return decoder.generate(labels, sampling, streams)
     cycles: list[dict] = []
@@ -578,10 +581,13 @@ class Pipeline:
         all_tokens, totals = [], {}
         synchronize(decoder.device)  # a CUDA clock is read only with the device's queue empty, here and below
         t0 = time.perf_counter()
-        for start in tqdm(range(0, len(labels), batch_size), desc=f"generate {decoder.name}", disable=not progress):
-            stop = min(start + batch_size, len(labels))
+        # a continuously batched method takes every image at once, batch_size of them in flight
+        step = len(labels) if getattr(decoder, "continuous", False) and not trace else batch_size
+        for start in tqdm(range(0, len(labels), step), desc=f"generate {decoder.name}", disable=not progress):
+            stop = min(start + step, len(labels))
             streams = RandomStreams.from_seed(seed, range(first_index + start, first_index + stop), decoder.device)
-            tokens, stats = _decode_batch(decoder, labels[start:stop].to(decoder.device), sampling, streams, traces)
+            tokens, stats = _decode_batch(decoder, labels[start:stop].to(decoder.device), sampling, streams, traces,
+                                          batch_size if step != batch_size else None)
             all_tokens.append(tokens)
             _add_stats(totals, stats)
         synchronize(decoder.device)

@@ -357,6 +357,13 @@ class Mulo(Method):
                               f"(or name one with drafter=ROLE)")
         drafter = check_drafter(pipe, self.drafter_role, h)
         rows = drafter.config.grid_size if p.rows is None else p.rows
+        if p.batching == "continuous" and rows < h:
+            raise MulosdError(f"batching=continuous needs whole-image cycles (rows unset or {h}, the low-res grid), "
+                              f"got rows={rows}")
+        self.batching = p.batching
+        if p.batching == "auto":
+            able = rows >= h and not p.exact and p.resampling == "parallel" and not p.reverify
+            self.batching = "continuous" if able else "static"
         self.upsampler = self.resampler_kind(pipe, r, p.upsampler)
         self.downsampler = self.resampler_kind(pipe, r, p.downsampler)
         up = pipe.resampler(self.upsampler, r, p.resize)
@@ -411,7 +418,7 @@ class Mulo(Method):
     def params(self) -> dict:
         """The parameters, with the drafter role and the up- and down-sampler kinds resolved."""
         return {**super().params(), "drafter": self.drafter_role, "upsampler": self.upsampler,
-                "downsampler": self.downsampler}
+                "downsampler": self.downsampler, "batching": self.batching}
 
     def parts(self):
         from mulosd.decoding.mulo import mulo_parts
@@ -420,6 +427,27 @@ class Mulo(Method):
         # the pooling sets, looked up at the first decode (seconds for a 16384-code book; not when merely built)
         return mulo_parts(target, drafter, resamplers, self.pipe.codebook_neighbours(self.p.k, include_self=True),
                           settings)
+
+    @property
+    def continuous(self) -> bool:
+        """Whether ``Pipeline.generate`` hands this method every image at once, ``batch_size`` of them in flight
+        (batching=continuous, or auto where it applies; a call that records acceptance maps runs static batches)."""
+        return self.batching == "continuous"
+
+    def generate(self, labels, sampling, streams, trace=None, slots: int | None = None):
+        """One batch through the one loop; with continuous batching, any number of images with ``slots`` of them
+        in flight (:func:`~mulosd.decoding.mulo.decode_continuous`)."""
+        if not self.continuous or (trace is not None and self.p.batching == "auto"):
+            return super().generate(labels, sampling, streams, trace=trace)
+        from mulosd.decoding.mulo import decode_continuous
+
+        if trace is not None:
+            raise MulosdError("acceptance maps record the cycles of static batches; use batching=static (or auto) "
+                              "with --acceptance-map / --acceptance-gif")
+        target, drafter, resamplers, settings = self._parts
+        neighbours = self.pipe.codebook_neighbours(self.p.k, include_self=True)
+        return decode_continuous(target, drafter, resamplers, neighbours, settings, labels, sampling, streams,
+                                 slots or len(labels))
 
 
 class _Continuous(Method):

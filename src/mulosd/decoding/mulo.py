@@ -54,7 +54,8 @@ from mulosd.decoding.rules import entropy_tau, pooled_threshold_accept, restrict
 from mulosd.decoding.window import TruncateRepairer, WindowScorer, WindowVerifier
 from mulosd.decoding.sampling import process_logits, sample
 from mulosd.decoding.schedule import ScheduledSampler, island_ready
-from mulosd.decoding.state import DRAFTER_STREAM, PHASES, VERIFIER_STREAM, DecodeState, cfg_labels, double, model_rows
+from mulosd.decoding.state import (DRAFTER_STREAM, PHASES, VERIFIER_STREAM, DecodeState, DecodeStats, cfg_labels, double,
+                                   model_rows)
 from mulosd.models.gpt import GPT
 from mulosd.models.upsample import LatentResampler, PixelResampler, covered_rows
 
@@ -369,7 +370,10 @@ class LocalRepairer:
     def __init__(self, settings: MuloSettings, grid: int, verifier: ThresholdVerifier | None = None):
         self.s, self.H, self.verifier = settings, grid, verifier
 
-    def repair(self, state: DecodeState, proposal: Proposal, scores, verdict: ThresholdVerdict) -> None:
+    def settle(self, state: DecodeState, proposal: Proposal, scores, verdict: ThresholdVerdict):
+        """The verdict applied, before any resampling: passing cells hold their committed codes, the cache slots
+        that saw only final codes are fresh, acceptance is counted. Returns (rejected, region, first change) [B, N],
+        [B, N], [B]."""
         (start, end), (_, fed) = proposal.extra["block"], scores
         accept = verdict.accept
         B, N, M = state.batch, state.num_cells, end - start
@@ -378,17 +382,23 @@ class LocalRepairer:
         rejected[:, start:end] = ~accept
         changed = rejected.clone()
         changed[:, start:end] |= accept & (verdict.tokens != proposal.tokens)
-        region = self._region(rejected, start, end)
         first = self._first(changed, end)
         state.cells.confirm(fed, first)  # candidates fed before the first change saw only their committed codes
         s = state.stats
         s.drafted += B * M
         s.accepted += accept.sum()
         s.add_accepted(accept.sum(1), M)
+        return rejected, self._region(rejected, start, end), first
+
+    def repair(self, state: DecodeState, proposal: Proposal, scores, verdict: ThresholdVerdict) -> None:
+        (start, end) = proposal.extra["block"]
+        B, M = state.batch, end - start
+        rejected, region, first = self.settle(state, proposal, scores, verdict)
+        s = state.stats
         self._resample(state, region)
         s.resampled += region.sum()
         kept = torch.zeros_like(rejected)
-        kept[:, start:end] = accept
+        kept[:, start:end] = verdict.accept
         kept &= ~region
         for _ in range(self.s.reverify):
             failed = self._reverify(state, kept, first, end)
@@ -477,26 +487,35 @@ def resample_parallel(state: DecodeState, region: torch.Tensor, window: int, H: 
     """Regenerate ``region`` island by island, all islands at once (ZipAR's rule inside each island). Pending
     cells are masked out of every query; the slots written here stay stale until the next verification refreshes
     them."""
-    cf, B, N = state.cells, state.batch, state.num_cells
     pending = region.clone()
-    islands = label_islands(region.view(B, H, H))
+    islands = label_islands(region.view(state.batch, H, H))
     unwritten = torch.zeros_like(pending)  # regenerated cells whose slot still holds the rejected draft
     while bool(pending.any()):
-        ready = island_ready(pending.view(B, H, H), islands * pending.view(B, H, H), window).flatten(1)
-        query = torch.cat([ready[:, 1:], ready.new_zeros(B, 1)], dim=1)  # cell c - 1 for each ready cell c
-        feed = query | unwritten
-        visible = ~pending & (~unwritten | feed)
-        active = ready.any(1)
-        if bool(feed.any()):
-            cells, probs = cf.forward(feed, visible)
-            unwritten &= ~feed
-        u = state.streams.uniform(N, rows=active)
-        want = torch.where(ready, cf.cell, 0)
-        p = cf.p_cells(cells, probs, want) if bool(feed.any()) else state.first[:, None].expand(-1, N, -1)
-        new = sample(p, u)
-        state.tokens[:, :N] = torch.where(ready, new, state.tokens[:, :N])
-        pending &= ~ready
-        unwritten |= ready
+        island_step(state, pending, unwritten, islands, window, H)
+
+
+def island_step(state: DecodeState, pending: torch.Tensor, unwritten: torch.Tensor, islands: torch.Tensor,
+                window: int, H: int) -> None:
+    """One forward of island-parallel resampling, in place on ``pending`` / ``unwritten`` [B, N] (islands [B, H, H]
+    from :func:`~mulosd.decoding.grid.label_islands`): every island's ready cells are sampled from the target, each
+    query seeing the committed cells and every cell already regenerated, never a pending one. A sample with nothing
+    pending takes no part (and draws no uniforms)."""
+    cf, B, N = state.cells, state.batch, state.num_cells
+    ready = island_ready(pending.view(B, H, H), islands * pending.view(B, H, H), window).flatten(1)
+    query = torch.cat([ready[:, 1:], ready.new_zeros(B, 1)], dim=1)  # cell c - 1 for each ready cell c
+    feed = query | unwritten
+    visible = ~pending & (~unwritten | feed)
+    active = ready.any(1)
+    if bool(feed.any()):
+        cells, probs = cf.forward(feed, visible)
+        unwritten &= ~feed
+    u = state.streams.uniform(N, rows=active)
+    want = torch.where(ready, cf.cell, 0)
+    p = cf.p_cells(cells, probs, want) if bool(feed.any()) else state.first[:, None].expand(-1, N, -1)
+    new = sample(p, u)
+    state.tokens[:, :N] = torch.where(ready, new, state.tokens[:, :N])
+    pending &= ~ready
+    unwritten |= ready
 
 
 class JacobiTraceRepairer(TruncateRepairer):
@@ -537,3 +556,135 @@ def mulo_parts(target: GPT, drafter: GPT, resamplers: Resamplers, neighbours: to
     proposer = MultiScaleProposer(drafter, resamplers, settings, target.config.vocab_size)
     verifier = ThresholdVerifier(neighbours, settings)
     return Parts(CellScorer(target), proposer, verifier, LocalRepairer(settings, H, verifier))
+
+
+# ---- continuous batching (image level) -------------------------------------------------------------------------------
+
+
+def _merge_stats(total: DecodeStats, part: DecodeStats) -> None:
+    """Add one stage's counts, phase times and accepted-length histograms into ``total`` (device counts allowed)."""
+    for f in dataclasses.fields(DecodeStats):
+        value = getattr(part, f.name)
+        if f.name == "time_s":
+            for name, t in value.items():
+                total.time_s[name] = total.time_s.get(name, 0.0) + t
+        elif not isinstance(value, list):
+            setattr(total, f.name, getattr(total, f.name) + value)
+    total._pending_hist().extend(part.__dict__.get("_hist", []))
+
+
+def decode_continuous(target: GPT, drafter: GPT, resamplers: Resamplers, neighbours: torch.Tensor,
+                      settings: MuloSettings, labels: torch.Tensor, cfg, streams, slots: int
+                      ) -> tuple[torch.Tensor, DecodeStats]:
+    """Threshold MuLo-SD over many images with ``slots`` images in flight, as LLM servers batch requests: an image
+    that finishes leaves the batch and the next one takes its place, so a batch never waits for its busiest image.
+
+    An image's work has two stages. Stage 1 is the same for every image (the prefill, the low-res drafter's whole
+    image, up-sampling, one verification forward and the acceptance decisions) and runs for a *group* of up to
+    ``slots`` waiting images at once, with the one-loop parts of :func:`mulo_parts`. Stage 2, island-parallel
+    resampling of the rejected neighbourhoods, takes a different number of forwards per image; it runs in a *pool*
+    of ``slots`` rows, one :func:`island_step` forward per tick over every image in the pool. A group's images enter
+    free pool rows as they free up (their target cache rows copied across, :meth:`GPT.copy_cache_rows`); the next
+    group starts once the last one has fully entered. The target keeps two caches side by side
+    (:meth:`GPT.swap_cache`).
+
+    Every image draws from its own random streams in both stages, and its queries see only its own cache rows, so
+    it gets the tokens it gets alone with the same seed (``tests/test_mulo.py``). Supported: whole-image cycles
+    (``rows`` = the low-res grid), ``resampling="parallel"``, no re-verification; :class:`MuloParams` refuses the
+    rest. Returns (tokens [n, N], stats summed over both stages)."""
+    n, N, H = len(labels), target.config.num_tokens, target.config.grid_size
+    device = labels.device
+    out = torch.zeros(n, N, dtype=torch.long, device=device)
+    total = DecodeStats()
+    for name in MULO_PHASES:
+        total.time_s.setdefault(name, 0.0)
+    half = model_rows(slots, cfg) // slots  # cache rows per image: 2 with guidance ([cond ; uncond] halves)
+    queue = list(range(n))
+    try:
+        target.setup_cache(model_rows(slots, cfg), slack=N + 1)
+        pool_cache = target.swap_cache(None)
+        # the pool's stream rows are placeholders, re-pointed at each entering image's generator; a free row never draws
+        pool = DecodeState.new(torch.zeros(slots, dtype=torch.long, device=device), cfg, streams.select([0] * slots),
+                               N, slack=N + 1)
+        pool.cells = CellForwards(target, pool)
+        pool.first = torch.zeros(slots, target.config.vocab_size, device=device)
+        image = [-1] * slots  # which image each pool row holds (-1: free)
+        pending = torch.zeros(slots, N, dtype=torch.bool, device=device)
+        unwritten = torch.zeros_like(pending)
+        islands = torch.zeros(slots, H, H, dtype=torch.long, device=device)
+        staged: list[tuple[int, int]] = []  # (row in the group, image) waiting for a pool row
+        group = None
+        while queue or staged or any(i >= 0 for i in image):
+            if not staged and queue and -1 in image:  # stage 1 for the next group
+                take, queue = queue[:slots], queue[slots:]
+                group = _stage_one(target, drafter, resamplers, neighbours, settings, labels[take], cfg,
+                                   streams.select(take), total)
+                staged = list(zip(range(len(take)), take))
+            free = [s for s in range(slots) if image[s] < 0]
+            if staged and free:
+                target.swap_cache(pool_cache)
+                moved = list(zip(free, staged))
+                staged = staged[len(moved):]
+                _enter(target, pool, group, moved, image, pending, unwritten, islands, half, slots, H)
+                pool_cache = target.swap_cache(None)
+            busy = pending.any(1)
+            if bool(busy.any()):
+                target.swap_cache(pool_cache)
+                with pool.phase("resampling"):
+                    island_step(pool, pending, unwritten, islands, settings.island_window, H)
+                pool_cache = target.swap_cache(None)
+            for s in range(slots):  # images with nothing pending are finished
+                if image[s] >= 0 and not bool(pending[s].any()):
+                    out[image[s]] = pool.tokens[s, :N]
+                    image[s] = -1
+                    unwritten[s] = False
+        _merge_stats(total, pool.stats)
+    finally:
+        target.clear_cache()
+        drafter.clear_cache()
+    return out, total.finish()
+
+
+def _stage_one(target, drafter, resamplers, neighbours, settings, labels, cfg, streams, total: DecodeStats) -> dict:
+    """Stage 1 of :func:`decode_continuous` for one group: prefill, draft, up-sample, verify and settle, with the
+    one loop's parts. Returns the group's state, its target cache, the regions to resample and their islands."""
+    parts = mulo_parts(target, drafter, resamplers, neighbours, settings)
+    state = parts.scorer.start(labels, cfg, streams)
+    try:
+        parts.proposer.start(state)
+        proposal = parts.proposer.propose(state)
+        with state.phase("verification"):
+            scores = parts.scorer.score(state, proposal)
+            verdict = parts.verifier(state, proposal, scores)
+            _, region, _ = parts.repairer.settle(state, proposal, scores, verdict)
+    finally:
+        parts.proposer.finish()
+    B = state.batch
+    state.stats.drafter_forwards += proposal.forwards
+    state.stats.tokens += B * state.num_cells
+    state.stats.resampled += region.sum()
+    _merge_stats(total, state.stats)
+    H = target.config.grid_size
+    return {"state": state, "cache": target.swap_cache(None), "region": region,
+            "islands": label_islands(region.view(B, H, H))}
+
+
+def _enter(target, pool, group, moved, image, pending, unwritten, islands, half, slots, H) -> None:
+    """Move staged images into free pool rows: cache rows (both guidance halves), tokens, the first token's
+    distribution, freshness, random stream and the region still to resample."""
+    st = group["state"]
+    B = st.batch
+    dst = torch.tensor([s for s, _ in moved], device=pool.device)
+    src = torch.tensor([g for _, (g, _) in moved], device=pool.device)
+    rows_dst = torch.cat([dst + h * slots for h in range(half)])
+    rows_src = torch.cat([src + h * B for h in range(half)])
+    target.copy_cache_rows(group["cache"], rows_src, rows_dst)
+    pool.tokens[dst] = st.tokens[src]
+    pool.first[dst] = st.first[src]
+    pool.cells.fresh[dst] = st.cells.fresh[src]
+    pending[dst] = group["region"][src]
+    unwritten[dst] = False
+    islands[dst] = group["islands"][src]
+    for s, (g, i) in moved:
+        pool.streams.generators[s] = st.streams.generators[g]
+        image[s] = i

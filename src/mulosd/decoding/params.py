@@ -444,19 +444,33 @@ class MuloParams(Params):
     resampling: str = param("parallel", "serial (raster, one cell per forward) or parallel (rejection islands at "
                                         "once)", choices=("serial", "parallel"))
     island_window: int = param(2, "parallel resampling: ZipAR window inside an island", low=1)
+    batching: str = param("auto", "static: a batch of images decodes together and waits for its busiest image; "
+                                  "continuous: batch-size images in flight, an image that finishes leaves and the "
+                                  "next one enters (whole-image cycles, parallel resampling, no re-verification); "
+                                  "auto: continuous where those hold and no acceptance map is drawn, else static",
+                          choices=("auto", "static", "continuous"))
 
     def __post_init__(self):
         """Validate, fill the options left unset from the preset, then keep a whole ratio an integer: drafter role
         r2 (not r2.0), "r": 2 in recorded params."""
-        super().__post_init__()
         for name, value in (self.PAPER if self.preset == "paper" else self.OURS).items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
+        super().__post_init__()
         if self.r is not None and float(self.r).is_integer():
             object.__setattr__(self, "r", int(self.r))
 
     def check(self) -> None:
-        """The learned resamplers map each low-res cell to an r x r block: an integer r only."""
+        """Continuous batching covers threshold acceptance with parallel resampling and no re-verification; the
+        learned resamplers map each low-res cell to an r x r block: an integer r only."""
+        if self.batching == "continuous":
+            clash = [f"{name}={value}" for name, value, ok in (
+                ("acceptance", self.acceptance, self.acceptance != "exact"),
+                ("resampling", self.resampling, self.resampling == "parallel"),
+                ("reverify", self.reverify, not self.reverify)) if not ok]
+            if clash:
+                raise MulosdError(f"batching=continuous runs threshold or soft acceptance with parallel resampling and "
+                                  f"no re-verification; got {', '.join(clash)} (use batching=static)")
         if self.r is None or float(self.r).is_integer():  # None: checked once the method has resolved r
             return
         for name in ("upsampler", "downsampler"):

@@ -198,6 +198,13 @@ class RandomStreams:
     def __len__(self) -> int:
         return len(self.generators)
 
+    def select(self, rows) -> "RandomStreams":
+        """The streams of images ``rows`` (indices), sharing their generators: drawing from one draws from both."""
+        out = RandomStreams.__new__(RandomStreams)
+        rows = [int(r) for r in rows]
+        out.seeds, out.generators, out.device = [self.seeds[r] for r in rows], [self.generators[r] for r in rows], self.device
+        return out
+
     def fork(self, salt: int) -> "RandomStreams":
         """Independent per-image streams for another consumer (e.g. a drafter), so its draws never shift the
         target's: the target sees the same uniforms whatever the drafter does. (torch's CPU generator keeps only

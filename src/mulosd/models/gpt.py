@@ -331,6 +331,33 @@ class GPT(Pretrained, nn.Module):
         self._cond_valid = None
         self._rope_cache = torch.cat([self.rope, self.rope.new_zeros(slack, *self.rope.shape[1:])]) if slack else self.rope
 
+    def swap_cache(self, saved: tuple | None) -> tuple | None:
+        """Install a cache that an earlier swap returned (its KVCache per layer and the caption-padding mask of its
+        rows; None: no cache) and return the one in place, so that two decodes can keep their caches side by side
+        on one model (MuLo-SD's continuous batching: a group being drafted and verified, and the resampling pool).
+        Both must have been set up with the same slack."""
+        old = None if not self.cache_batch else ([layer.attention.kv_cache for layer in self.layers], self._cond_valid)
+        caches, valid = saved if saved is not None else (None, None)
+        for i, layer in enumerate(self.layers):
+            layer.attention.kv_cache = None if caches is None else caches[i]
+        self.cache_batch = 0 if caches is None else caches[0].k.shape[0]
+        self._cond_valid = valid
+        return old
+
+    def copy_cache_rows(self, saved: tuple, src_rows: torch.Tensor, dst_rows: torch.Tensor) -> None:
+        """Copy every slot of rows ``src_rows`` of a cache :meth:`swap_cache` returned into rows ``dst_rows`` of the
+        installed one (keys, values and caption-padding mask)."""
+        caches, valid = saved
+        for layer, cache in zip(self.layers, caches):
+            mine = layer.attention.kv_cache
+            mine.k[dst_rows] = cache.k[src_rows]
+            mine.v[dst_rows] = cache.v[src_rows]
+        if valid is not None or self._cond_valid is not None:
+            T0 = self.config.cls_token_num
+            if self._cond_valid is None:
+                self._cond_valid = torch.ones(self.cache_batch, T0, dtype=torch.bool, device=valid.device)
+            self._cond_valid[dst_rows] = valid[src_rows] if valid is not None else True
+
     def clear_cache(self) -> None:
         for layer in self.layers:
             layer.attention.kv_cache = None
