@@ -84,6 +84,7 @@ def test_bad_settings(methods, sweeps, msg):
     (["--methods", "ar,nope"], "unknown method 'nope'"),
     (["--sweep", "mulo.tau=0.1,2"], "tau must be a number in (0.0, 1.0], got 2"),
     (["--num-images", "0"], "--num-images must be an integer >= 1, got 0"),
+    (["--batch-size", "4", "--round-images", "6"], "--round-images must be a positive multiple of --batch-size (4), got 6"),
 ])
 def test_bad_bench_input_fails_before_work(tmp_path, args, msg):
     r = CliRunner().invoke(main, ["bench", "--methods", "ar,mulo", "--out", str(tmp_path / "b"), "--no-progress", *args])
@@ -355,6 +356,20 @@ def test_bench_builds_each_method_once_and_classifies_each_batch_once(tmp_path, 
         assert r["step_compression"] == 1.0 and "mean_accepted_length" not in r and r["error"] is None
     assert res["config"]["speedup_references"] == {"fake_ar": "fake_ar"} and rows["fake_ar"]["speedup_vs_ar"] == 1.0
     assert "mean_accepted_length" not in (tmp_path / "b" / "results.csv").read_text().splitlines()[0]
+
+
+def test_rounds_of_several_batches(tmp_path, monkeypatch):
+    """--round-images: every setting decodes a round of several batches before any decodes the next (one generate
+    call per round, which a continuously batched method spreads over its slots); the config records it."""
+    from mulosd.evaluation.bench import BenchConfig, run_bench
+
+    pipe, log = _fake_pipe_and_methods(monkeypatch)
+    settings = parse_settings("fake_ar,fake_sd")
+    cfg = BenchConfig(num_images=10, batch_size=2, round_images=4, warmup=False)
+    res = run_bench(pipe, settings, cfg, tmp_path / "b", progress=False, save_samples=False, plots=False)
+    assert res["config"]["round_images"] == 4 and res["config"]["rounds_total"] == 3  # 4 + 4 + 2 images
+    assert [n for _, _, n in log["decoded"]] == [2] * 10  # static fakes: 2 + 2 + 1 batches of 2 per setting
+    assert all(r["num_images"] == 10 for r in res["methods"])
 
 
 def test_bench_resume_builds_once_and_decodes_only_the_missing_rounds(tmp_path, monkeypatch):

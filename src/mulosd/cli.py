@@ -419,6 +419,10 @@ def _generate(model, method, conditions, num_per_class, batch_size, seed, sampli
               help="Images per setting (>= 1); image i has class i mod C (a c2i set of C classes) or caption i mod P "
                    "(a t2i set, P captions). Default: 100.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images decoded together. Default: 1.")
+@click.option("--round-images", type=int, default=None,
+              help="Images per round, a multiple of --batch-size (default: one batch). Every setting decodes a round "
+                   "before any decodes the next; a continuously batched method (mulo batching=continuous/auto) keeps "
+                   "batch-size images in flight across a round, refilling slots as images finish.")
 @click.option("--seed", type=SEED, default=0, help="Image i uses random stream (seed, i) in every setting.")
 @caption_options
 @sampling_options
@@ -438,9 +442,9 @@ def _generate(model, method, conditions, num_per_class, batch_size, seed, sampli
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 @device_options
 @threads_option
-def bench(model, preset, methods_, sweeps, params, extra, num_images, batch_size, seed, prompts, caption_features,
-          t5_path, sampling, inception, reference_images, out, resume, force, warmup, data_dir, progress, device,
-          dtype, threads):
+def bench(model, preset, methods_, sweeps, params, extra, num_images, batch_size, round_images, seed, prompts,
+          caption_features, t5_path, sampling, inception, reference_images, out, resume, force, warmup, data_dir,
+          progress, device, dtype, threads):
     """Speed and quality of decoding methods side by side, in one process on the same images.
 
     Rounds are interleaved (every setting decodes batch b before any decodes batch b+1, in a rotated order) and
@@ -463,18 +467,19 @@ def bench(model, preset, methods_, sweeps, params, extra, num_images, batch_size
     conditions = {"prompts": prompts, "features": caption_features, "t5_path": t5_path}
     _run(_bench, model, chosen["methods"], sweeps, params, extra, chosen["num_images"], chosen["batch_size"], seed,
          sampling, chosen["inception"], reference_images, out, resume, warmup, data_dir, progress, force, device,
-         dtype, conditions)
+         dtype, conditions, round_images)
 
 
 def _bench(model, methods_, sweeps, params, extra, num_images, batch_size, seed, sampling, inception,
-           reference_images, out, resume, warmup, data_dir, progress, force, device, dtype, conditions):
+           reference_images, out, resume, warmup, data_dir, progress, force, device, dtype, conditions,
+           round_images=None):
     """``mulosd bench``'s work; ``conditions`` holds --prompt, --caption-features and --t5-path as
     ``bench_captions`` takes them (a t2i set's captions)."""
     from mulosd.evaluation.bench import BenchConfig, bench_captions, parse_settings, run_bench
     from mulosd.pipeline import Pipeline
 
     cfg = BenchConfig(num_images=num_images, batch_size=batch_size, seed=seed, **sampling, warmup=warmup,
-                      inception=inception, reference_images=reference_images)
+                      inception=inception, reference_images=reference_images, round_images=round_images)
     cfg.validate()
     settings = parse_settings(methods_, sweeps, params, extra)
     device, dtype = _device_dtype(device, dtype)

@@ -430,10 +430,10 @@ class MuloParams(Params):
                                      low_open=True, none="tau everywhere")
     commit: str | None = param(None, "what a passing cell commits: its candidate (the paper) or target (a draw from "
                                      "the target's p restricted to the candidate's pooling set)",
-                               choices=("candidate", "target"), none="the preset's: target (ours), candidate (paper)")
+                               choices=("candidate", "target"), none="by preset: ours target, paper candidate")
     reverify: int | None = param(None, "re-verification rounds after local resampling: kept cells whose context "
                                        "changed are judged again in one target forward and the failures' "
-                                       "neighbourhoods regenerated", low=0, none="the preset's: 0 (ours and paper)")
+                                       "neighbourhoods regenerated", low=0, none="by preset: 0 in ours and paper")
     k: int = param(32, "size of the pooling set, the candidate included (at most the vocabulary size; 1: no "
                        "pooling)", low=1)
     rejection: str = param("local", "what a rejection regenerates: local (windows of radius `radius`), naive_local "

@@ -187,12 +187,21 @@ class BenchConfig(SamplingSettings):
     warmup: bool = True
     inception: bool = False  # also FID with the standard Inception-v3 (about 0.13 s per image on 2 cores)
     reference_images: int = 10000  # test-split images behind the Inception reference statistics
+    round_images: int | None = None  # images per round (a multiple of batch_size); None: one batch
+
+    @property
+    def round_size(self) -> int:
+        """Images every setting decodes before any decodes the next ones: one batch, or ``round_images``."""
+        return self.round_images or self.batch_size
 
     def validate(self) -> None:
         if isinstance(self.num_images, bool) or not isinstance(self.num_images, int) or self.num_images < 1:
             raise MulosdError(f"--num-images must be an integer >= 1, got {self.num_images!r}")
         if self.batch_size < 1:
             raise MulosdError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.round_images is not None and (self.round_images < 1 or self.round_images % self.batch_size):
+            raise MulosdError(f"--round-images must be a positive multiple of --batch-size ({self.batch_size}), "
+                              f"got {self.round_images}")
         self.sampling()
         if not isinstance(self.reference_images, int) or not 2 <= self.reference_images <= 10000:
             raise MulosdError(f"--reference-images must be an integer in [2, 10000] (the test split), "
@@ -277,8 +286,10 @@ def _fmnist_like(pipe) -> bool:
 
 # ---- scheduling and resume --------------------------------------------------------------------------------
 def _batches(cfg: BenchConfig) -> list[tuple[int, int]]:
-    """Round b decodes images [lo, hi) of every setting."""
-    return [(b, min(b + cfg.batch_size, cfg.num_images)) for b in range(0, cfg.num_images, cfg.batch_size)]
+    """Round b decodes images [lo, hi) of every setting: one batch, or ``round_images`` (several batches; a
+    continuously batched method keeps batch-size images in flight across the round)."""
+    n = cfg.round_size
+    return [(b, min(b + n, cfg.num_images)) for b in range(0, cfg.num_images, n)]
 
 
 def _round_order(settings: list[Setting], b: int) -> list[Setting]:
@@ -296,6 +307,7 @@ def _run_config(pipe, settings: list[Setting], cfg: BenchConfig, captions: Bench
     return {"model": pipe.name, "num_images": cfg.num_images, "batch_size": cfg.batch_size, "seed": cfg.seed,
             "sampling": cfg.sampling().record(), "settings": [[s.label, s.method, s.params] for s in settings],
             "inception": cfg.inception, **({"reference_images": cfg.reference_images} if cfg.inception else {}),
+            **({"round_images": cfg.round_images} if cfg.round_images else {}),
             **({"dtype": dtype} if dtype != "float32" else {}),
             **({"conditions": _conditions_record(pipe, captions, cfg.num_images)} if captions is not None else {})}
 
