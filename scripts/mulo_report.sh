@@ -5,6 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/bench_lib.sh  # bench NAME ARGS...: run once, resume if killed
+# These runs (2026-11-24 .. 2026-12-05) measured the paper's rule, mulo's default until mulosd's own defaults
+# replaced it (scripts/quality_report.sh); it is preset=paper now: add preset=paper to every mulo setting below to
+# measure the same method again.
 N_MAIN=${N_MAIN:-100}   # images per setting: batch-1 comparison
 N_SWEEP=${N_SWEEP:-40}  # images per setting: sweeps and ablations
 N_B8=${N_B8:-48}        # images per setting: batch 8

@@ -19,3 +19,8 @@ bench quality_b8 --methods ar,lantern,zipar,mulo --setting mulo:r=4 --setting mu
   --num-images "$N_B8" --batch-size 8 --round-images 40
 bench quality_b1 --preset full --methods ar,lantern,zipar,mulo --setting mulo:r=4 --setting mulo:preset=paper \
   --setting mulo:preset=paper,r=4 --num-images "$N" --batch-size 1
+.venv/bin/python scripts/bench_tables.py --marker levers docs/MULOSD.md "$O" quality_levers \
+  "The levers one by one (r = 2, batch 1, N = 200, Inception on)"
+.venv/bin/python scripts/bench_tables.py --marker mulo_quality docs/RESULTS.md "$O" quality_b1 \
+  "MuLo-SD ours and the paper's rule, batch 1" quality_b8 "MuLo-SD ours and the paper's rule, batch 8"
+.venv/bin/python scripts/measured.py

@@ -94,6 +94,27 @@ def test_always_reject_stays_plain_target_sampling_with_every_quality_option(ext
     assert stats.accepted == 0 and stats.reverified == 0
 
 
+def test_an_adaptive_threshold_with_tau_peaked_equal_to_tau_is_the_fixed_threshold():
+    kw = dict(grid=8, vocab=8, k=6, tau=0.6, rows=4, drafting="parallel", seed=3)
+    labels, cfg = torch.tensor([0, 1]), SamplingConfig()
+    _, fixed = make(**kw)
+    _, adaptive = make(tau_peaked=0.6, **kw)
+    _, strict = make(tau_peaked=0.99, **kw)
+    a, sa = fixed.generate(labels, cfg, RandomStreams.from_seed(2, range(2)))
+    b, sb = adaptive.generate(labels, cfg, RandomStreams.from_seed(2, range(2)))
+    _, sc = strict.generate(labels, cfg, RandomStreams.from_seed(2, range(2)))
+    assert torch.equal(a, b) and sa.accepted == sb.accepted
+    assert sc.accepted < sa.accepted  # stricter where the target is certain: fewer candidates pass
+
+
+def test_presets_fill_only_what_is_not_given():
+    from mulosd.decoding.params import MuloParams
+
+    assert MuloParams.parse({}).commit == "target" and MuloParams.parse({"preset": "paper"}).commit == "candidate"
+    assert MuloParams.parse({"preset": "paper", "commit": "target"}).commit == "target"
+    assert MuloParams.parse({"preset": "paper"}).reverify == 0 == MuloParams.parse({}).reverify
+
+
 def final_distributions(target, labels, tokens, cfg):
     """The target's sampling distribution of every cell given the finished image [B, N] -> [B, N, V]."""
     with torch.no_grad():
