@@ -73,19 +73,21 @@ def rows(run: Path) -> list[dict]:
 
 def build() -> dict:
     methods: dict[str, list] = {}
-    machine = None
+    machines: list[str] = []
     for run in RUNS:
         path = ROOT / run
         if not (path / "results.json").exists() or not json.loads((path / "results.json").read_text())["config"]["complete"]:
             continue  # a run not made yet, or still under way
-        machine = machine or json.loads((path / "results.json").read_text())["config"].get("machine")
         earlier = {(m, r["variant"], r["batch_size"]) for m, rs in methods.items() for r in rs}
-        for row in rows(path):
-            if (row["method"], row["variant"], row["batch_size"]) not in earlier:
-                methods.setdefault(row["method"], []).append(row)
+        kept = [row for row in rows(path) if (row["method"], row["variant"], row["batch_size"]) not in earlier]
+        for row in kept:
+            methods.setdefault(row["method"], []).append(row)
+        here = json.loads((path / "results.json").read_text())["config"].get("machine")
+        if kept and here and here not in machines:  # the runs quoted were made on these machines, in this order
+            machines.append(here)
     runs = [run for run in RUNS if (ROOT / run / "results.json").exists()
             and json.loads((ROOT / run / "results.json").read_text())["config"]["complete"]]
-    return {"model_set": "fmnist-32", "machine": machine, "runs": runs, "methods": methods}
+    return {"model_set": "fmnist-32", "machine": "; ".join(machines) or None, "runs": runs, "methods": methods}
 
 
 def main() -> int:
