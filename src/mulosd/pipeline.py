@@ -85,7 +85,7 @@ def _decode_batch(decoder, labels: torch.Tensor, sampling: SamplingConfig, strea
     """One batch through ``decoder.generate``; with ``traces`` (a list) every image's cycles are appended to it.
     ``slots``: a continuously batched method's images in flight."""
     if slots is not None:
-        return decoder.generate(labels, sampling, streams, trace=traces, slots=slots)
+        return decoder.generate(labels, sampling, streams, slots=slots)
     if traces is None:
         return decoder.generate(labels, sampling, streams)
     cycles: list[dict] = []
@@ -581,13 +581,15 @@ class Pipeline:
         all_tokens, totals = [], {}
         synchronize(decoder.device)  # a CUDA clock is read only with the device's queue empty, here and below
         t0 = time.perf_counter()
-        # a continuously batched method takes every image at once, batch_size of them in flight
-        step = len(labels) if getattr(decoder, "continuous", False) and not trace else batch_size
+        # a continuously batched method takes every image at once, batch_size of them in flight (acceptance maps
+        # record static batches)
+        continuous = getattr(decoder, "continuous", False) and not trace
+        step = len(labels) if continuous else batch_size
         for start in tqdm(range(0, len(labels), step), desc=f"generate {decoder.name}", disable=not progress):
             stop = min(start + step, len(labels))
             streams = RandomStreams.from_seed(seed, range(first_index + start, first_index + stop), decoder.device)
             tokens, stats = _decode_batch(decoder, labels[start:stop].to(decoder.device), sampling, streams, traces,
-                                          batch_size if step != batch_size else None)
+                                          batch_size if continuous else None)
             all_tokens.append(tokens)
             _add_stats(totals, stats)
         synchronize(decoder.device)

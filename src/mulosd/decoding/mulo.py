@@ -374,7 +374,7 @@ class LocalRepairer:
 
     phase = "resampling"
 
-    def __init__(self, settings: MuloSettings, grid: int, verifier: ThresholdVerifier | None = None):
+    def __init__(self, settings: MuloSettings, grid: int, verifier: ThresholdVerifier):
         self.s, self.H, self.verifier = settings, grid, verifier
 
     def settle(self, state: DecodeState, proposal: Proposal, scores, verdict: ThresholdVerdict):

@@ -652,49 +652,6 @@ class ContinuousARRecipe:
         return {"test_noise_mse": round(sum(mses) / len(mses), 5), "test_images": n}
 
 
-def target_samples(pipe, model: str, samples_dir: str | Path, num_samples: int, cfg, data_seed: int, chunk: int,
-                   what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``num_samples`` images sampled by a model set's target alone (plain AR with sampling settings ``cfg``;
-    image i has class i mod C and random stream (``data_seed``, i)) -> (tokens [S, N], labels [S]). They are
-    written to ``samples_dir`` in chunks of ``chunk`` (each atomically) beside a samples.json of the settings, so a
-    killed run keeps what it sampled and a folder made with other settings is refused."""
-    from safetensors.torch import save_file
-    from tqdm import tqdm
-
-    from mulosd.decoding.methods import get_method
-    from mulosd.decoding.sampling import RandomStreams
-    from mulosd.errors import MulosdError
-    from mulosd.io import atomic_write, atomic_write_json, read_json, read_safetensors
-    from mulosd.models.eagle import target_fingerprint
-
-    folder = Path(samples_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    meta = {"model": str(model), "target": target_fingerprint(pipe.target), "cfg_scale": cfg.cfg_scale,
-            "temperature": cfg.temperature, "data_seed": data_seed, "chunk": chunk}
-    meta_path = folder / "samples.json"
-    if meta_path.exists() and read_json(meta_path) != meta:
-        raise MulosdError(f"{folder} holds samples made with other settings ({read_json(meta_path)}); use another --out")
-    atomic_write_json(meta_path, meta)
-    ar = get_method("ar")(pipe)
-    C = pipe.target.config.num_classes
-    tokens, labels = [], []
-    for start in tqdm(range(0, num_samples, chunk), desc=f"{what}: target samples", leave=False):
-        path = folder / f"chunk_{start:06d}.safetensors"
-        if path.exists():
-            data = read_safetensors(path)
-        else:
-            idx = list(range(start, min(start + chunk, num_samples)))
-            lab = torch.tensor([i % C for i in idx])
-            with torch.inference_mode():
-                tok, _ = ar.generate(lab, cfg, RandomStreams.from_seed(data_seed, idx))
-            data = {"tokens": tok.cpu().contiguous(), "labels": lab}
-            atomic_write(path, lambda tmp, d=data: save_file(d, tmp))
-        n = min(chunk, num_samples - start)
-        tokens.append(data["tokens"][:n])
-        labels.append(data["labels"][:n])
-    return torch.cat(tokens).long(), torch.cat(labels).long()
-
-
 @dataclass
 class EagleRecipe:
     """EAGLE's draft head for a model set's target, trained on the target's own samples.
@@ -752,8 +709,45 @@ class EagleRecipe:
 
     def _samples(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The target's own samples, generated in chunks that are kept on disk (resumable)."""
-        return target_samples(self.pipe, self.model, self.samples_dir, self.num_samples, self.cfg, self.data_seed,
-                              self.sample_batch, "eagle")
+        from tqdm import tqdm
+
+        from mulosd.decoding.methods import get_method
+        from mulosd.decoding.sampling import RandomStreams
+        from safetensors.torch import save_file
+
+        from mulosd.io import atomic_write, atomic_write_json, read_json, read_safetensors
+        from mulosd.models.eagle import target_fingerprint
+
+        folder = Path(self.samples_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {"model": str(self.model), "target": target_fingerprint(self.target),
+                "cfg_scale": self.cfg_scale, "temperature": self.temperature, "data_seed": self.data_seed,
+                "chunk": self.sample_batch}
+        meta_path = folder / "samples.json"
+        if meta_path.exists() and read_json(meta_path) != meta:
+            from mulosd.errors import MulosdError
+
+            raise MulosdError(f"{folder} holds samples made with other settings ({read_json(meta_path)}); use another --out")
+        atomic_write_json(meta_path, meta)
+        ar = get_method("ar")(self.pipe)
+        C = self.target.config.num_classes
+        tokens, labels = [], []
+        chunks = range(0, self.num_samples, self.sample_batch)
+        for start in tqdm(chunks, desc="eagle: target samples", leave=False):
+            path = folder / f"chunk_{start:06d}.safetensors"
+            if path.exists():
+                data = read_safetensors(path)
+            else:
+                idx = list(range(start, min(start + self.sample_batch, self.num_samples)))
+                lab = torch.tensor([i % C for i in idx])
+                with torch.inference_mode():
+                    tok, _ = ar.generate(lab, self.cfg, RandomStreams.from_seed(self.data_seed, idx))
+                data = {"tokens": tok.cpu().contiguous(), "labels": lab}
+                atomic_write(path, lambda tmp, d=data: save_file(d, tmp))
+            n = min(self.sample_batch, self.num_samples - start)
+            tokens.append(data["tokens"][:n])
+            labels.append(data["labels"][:n])
+        return torch.cat(tokens).long(), torch.cat(labels).long()
 
     @torch.no_grad()
     def _features(self) -> torch.Tensor:
