@@ -9,12 +9,12 @@ cd "$(dirname "$0")/.."
 . scripts/bench_lib.sh  # bench NAME ARGS...: run once, resume if killed
 N=${N_FULL:-1000}   # images per setting at batch 1
 N_B8=${N_B8:-400}   # images per setting at batch 8 (the same distribution; this table is about speed)
-DISCRETE=ar,sd,sjd,mcsjd,lantern,gsd,zipar,mulo
-
-# mulo in these two runs was the paper's rule, the default until 2026-12-05 (now preset=paper; mulosd's own
-# defaults are measured by scripts/quality_report.sh)
-bench full_b1 --preset full --methods $DISCRETE --param mulo.preset=paper --num-images "$N" --batch-size 1
-bench full_b8 --preset full --methods $DISCRETE --param mulo.preset=paper --num-images "$N_B8" --batch-size 8
+DISCRETE=ar,sd,sjd,mcsjd,lantern,gsd,zipar,pjd,eagle2,mulo
+# MuLo-SD's default (preset=ours) beside the paper's rule and r = 4; at batch 8 in rounds of 40 images, so that
+# continuous batching refills its 8 slots within a round (every other method decodes batches of 8 as before)
+MULO=(--setting mulo:preset=paper --setting mulo:r=4)
+bench full_b8 --preset full --methods $DISCRETE "${MULO[@]}" --num-images "$N_B8" --batch-size 8 --round-images 40
+bench full_b1 --preset full --methods $DISCRETE "${MULO[@]}" --num-images "$N" --batch-size 1
 # cspd twice: the paper's method (defaults) and the public code's approximate relaxation + bookkeeping; the short
 # batch-8 run first (the batch-1 run takes over two hours)
 PUBLIC=(--setting cspd:relax=42,independent=true)

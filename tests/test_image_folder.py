@@ -180,3 +180,71 @@ def test_bad_train_upsampler_input_is_one_line_and_no_run(tmp_path, folder, rgb_
     assert r.exit_code == 1 and message in r.output, r.output
     assert r.output.startswith("Error: ") and len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+# ---- the perceptual objective -------------------------------------------------------------------------------------
+@pytest.fixture
+def rgb_classifier(tmp_path):
+    """A random 3-channel classifier at 8 px, saved as a stem (BatchNorm statistics made non-trivial)."""
+    from mulosd.models.classifier import Classifier, ClassifierConfig
+
+    torch.manual_seed(1)
+    net = Classifier(ClassifierConfig(in_channels=3, width=4, num_features=8, image_size=8))
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+    net.save_pretrained(tmp_path / "clf")
+    return tmp_path / "clf"
+
+
+def test_perceptual_distance_is_zero_on_equal_images_per_image_and_differentiable(rgb_classifier):
+    from mulosd.models.classifier import Classifier
+
+    net = Classifier.from_pretrained(rgb_classifier).eval()
+    x, y = torch.rand(2, 4, 3, 8, 8) * 2 - 1
+    assert torch.allclose(net.perceptual_distance(x, x), torch.zeros(4), atol=1e-6)
+    d = net.perceptual_distance(x, y)
+    assert (d > 0).all() and torch.allclose(d, net.perceptual_distance(y, x), atol=1e-6)
+    alone = torch.stack([net.perceptual_distance(x[i : i + 1], y[i : i + 1])[0] for i in range(4)])
+    assert torch.allclose(d, alone, atol=1e-6)  # eval mode: one image's distance does not depend on the batch
+    z = x.clone().requires_grad_(True)
+    net.perceptual_distance(z, y).sum().backward()
+    assert z.grad.abs().sum() > 0
+    maps = net.feature_maps(x)  # three blocks at H/2, H/4, H/8
+    assert [m.shape[-1] for m in maps] == [4, 2, 1]
+
+
+def test_perceptual_weight_adds_exactly_its_term_to_the_stage_two_loss(folder, rgb_set, rgb_classifier):
+    from mulosd.training.recipes import UpsamplerRecipe
+
+    kw = dict(model=str(rgb_set), data=str(folder), ce_steps=0, dim=8, n_blocks=1)
+    plain = UpsamplerRecipe(**kw)
+    with_features = UpsamplerRecipe(**kw, perceptual_weight=2.5, features=str(rgb_classifier))
+    assert plain.feature_net is None and "features" in with_features.describe()
+    torch.manual_seed(0)
+    model = plain.build_model()
+    index = torch.arange(4)
+    base, m0 = plain.loss(model, index, step=0, gen=None)
+    total, m1 = with_features.loss(model, index, step=0, gen=None)
+    assert "perceptual" not in m0 and m1["perceptual"] > 0
+    assert torch.isclose(total - base, torch.tensor(2.5 * m1["perceptual"]), rtol=1e-4)
+    out = with_features.evaluate(model)  # evaluation reports the distance for the learned and pixel paths
+    assert out["learned"]["up_perceptual"] > 0 and out["tokenizer_perceptual"] >= 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--perceptual-weight", "1"], "has no classifier for the perceptual loss"),
+    (["--perceptual-weight", "1", "--features", "{mono}"], "takes 1-channel 32 px images; the up-sampler's images "
+                                                           "are 3-channel 8 px"),
+])
+def test_bad_perceptual_input_is_one_line_and_no_run(tmp_path, folder, rgb_set, args, message):
+    from mulosd.zoo import resolve
+
+    mono = resolve("fmnist-32") / "classifier"
+    args = ["--model", str(rgb_set), "--data", str(folder), *[a.format(mono=mono) for a in args]]
+    r = _train([*args, "--out", str(tmp_path / "run"), "--steps", "1"])
+    assert r.exit_code == 1 and message in r.output, r.output
+    assert r.output.startswith("Error: ") and len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()

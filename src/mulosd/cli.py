@@ -1006,9 +1006,15 @@ def train_classifier(out, steps, batch_size, lr, warmup, seed, checkpoint_every,
               help="Steps of stage 1 (cross-entropy on codes only); the remaining steps add the pixel loss.")
 @click.option("--pixel-weight", type=click.FloatRange(min=0), default=10.0, help="Weight of the stage-2 pixel MSE.")
 @click.option("--ce-weight", type=click.FloatRange(min=0), default=0.5, help="Weight of the up-sampler cross-entropy in stage 2.")
+@click.option("--perceptual-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Weight of the stage-2 perceptual loss (LPIPS-style distance in a classifier's feature space, "
+                   "through the frozen VQ decoder; the paper's objective beside pixel MSE). 0: pixel MSE alone.")
+@click.option("--features", default=None, type=click.Path(dir_okay=False), metavar="STEM",
+              help="Classifier stem whose features the perceptual loss compares (default: the --model set's "
+                   "classifier); it must take the tokenizer's channels at the training image size.")
 def train_upsampler(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype, data_dir, limit,
                     tokenizer, model_set, data, eval_data, eval_images, add_to_set, r, dim, blocks, ce_steps,
-                    pixel_weight, ce_weight):
+                    pixel_weight, ce_weight, perceptual_weight, features):
     """Learned latent up-/down-sampler for MuLo-SD (row-causal masked conv + pixel-shuffle), one per factor r: for
     the tokenizer of a model set (--model) on a folder of images (--data), or for a tokenizer on Fashion-MNIST."""
     from mulosd.training.recipes import UpsamplerRecipe
@@ -1016,7 +1022,8 @@ def train_upsampler(out, steps, batch_size, lr, warmup, seed, checkpoint_every, 
     def recipe():
         return UpsamplerRecipe(tokenizer=tokenizer, r=r, dim=dim, n_blocks=blocks, ce_steps=ce_steps,
                                pixel_weight=pixel_weight, ce_weight=ce_weight, data_dir=data_dir, limit=limit,
-                               model=model_set, data=data, eval_data=eval_data, eval_images=eval_images)
+                               model=model_set, data=data, eval_data=eval_data, eval_images=eval_images,
+                               perceptual_weight=perceptual_weight, features=features)
 
     _run(_train_upsampler, recipe, model_set, add_to_set, out, steps, batch_size, lr, warmup, seed, checkpoint_every,
          resume, device, dtype)

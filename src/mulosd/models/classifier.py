@@ -48,6 +48,29 @@ class Classifier(Pretrained, nn.Module):
         """images [B, 1, 32, 32] in [-1, 1] -> penultimate features [B, num_features]."""
         return F.relu(self.fc(self.body(images).flatten(1)))
 
+    def feature_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """images [B, C, H, W] in [-1, 1] -> the activations after each of the three conv blocks (at H/2, H/4 and
+        H/8), the layers a perceptual distance compares."""
+        maps, h = [], images
+        for block in self.body:
+            h = block(h)
+            maps.append(h)
+        return maps
+
+    def perceptual_distance(self, images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """LPIPS-style distance [B] between two image batches in this network's feature space: at each block's
+        output, every spatial position's channel vector is scaled to unit length, the squared difference is summed
+        over channels and averaged over positions; the blocks' terms are added with equal weights (LPIPS learns
+        per-channel weights on human judgements; none exist for these images). Zero iff the normalised features
+        agree; differentiable in ``images`` (run the network in eval mode so BatchNorm uses its running
+        statistics)."""
+        total = images.new_zeros(images.shape[0])
+        for a, b in zip(self.feature_maps(images), self.feature_maps(reference)):
+            a = a / (a.norm(dim=1, keepdim=True) + 1e-10)
+            b = b / (b.norm(dim=1, keepdim=True) + 1e-10)
+            total = total + (a - b).pow(2).sum(1).mean((1, 2))
+        return total
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.features(images)))
 

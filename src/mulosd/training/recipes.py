@@ -312,6 +312,12 @@ class UpsamplerRecipe:
     ``ce_weight``) so the output remains a calibrated distribution over codes. Stage 2 needs the tokenizer's
     ``decode_latent`` (code vectors [B, D, h, w] -> images, differentiable) beside the ``codebook``.
 
+    Perceptual objective (the paper's pixel MSE + LPIPS-style feature loss): ``perceptual_weight`` > 0 adds, in
+    stage 2, that weight times ``Classifier.perceptual_distance`` between the decoded up-sampled codes and the P px
+    image, in the frozen feature space of ``features`` (a classifier stem; default: the ``model`` set's
+    classifier). The classifier must take the tokenizer's channels at P px. Default 0: pixel MSE alone, the
+    objective the shipped up-samplers were trained with.
+
     Evaluation: the first ``eval_images`` (default 2000) Fashion-MNIST test images, or for a folder the first
     ``eval_images`` (default 200) of ``eval_data``, else of the training folder (then not held out)."""
 
@@ -328,6 +334,8 @@ class UpsamplerRecipe:
     data: str | None = None
     eval_data: str | None = None
     eval_images: int | None = None
+    perceptual_weight: float = 0.0
+    features: str | None = None
     name: str = "upsampler"
 
     def __post_init__(self):
@@ -375,6 +383,7 @@ class UpsamplerRecipe:
         if px % f:
             raise MulosdError(f"{px} px images do not divide into the tokenizer's {f} x {f} px cells")
         self.px, self.grid = px, px // f
+        self.feature_net = self._feature_net(channels) if self.perceptual_weight > 0 else None
         if self.grid % self.r:
             raise MulosdError(f"r={self.r} does not divide the {self.grid} x {self.grid} code grid; allowed r: "
                               f"{', '.join(str(k) for k in range(2, self.grid + 1) if self.grid % k == 0)}")
@@ -386,9 +395,36 @@ class UpsamplerRecipe:
         self.lo: torch.Tensor | None = None
         self._pixels: dict[int, torch.Tensor] = {}
 
+    def _feature_net(self, channels: int) -> Classifier:
+        """The frozen classifier whose features the perceptual term compares (``features``, else the set's)."""
+        from mulosd.errors import MulosdError
+        from mulosd.pipeline import _manifest_spec
+
+        if self.perceptual_weight < 0 or not math.isfinite(self.perceptual_weight):
+            raise MulosdError(f"--perceptual-weight must be a finite number >= 0, got {self.perceptual_weight}")
+        if self.features is None and self.model is not None:
+            stem = _manifest_spec(Path(self.model))["classifier"]
+            if stem is None:
+                raise MulosdError(f"model set {self.model} has no classifier for the perceptual loss: give one with "
+                                  "--features STEM, or --perceptual-weight 0")
+            self.features = str(stem)
+        if self.features is None:
+            raise MulosdError("--perceptual-weight needs a feature network: --features STEM (a classifier) or "
+                              "--model SET with a classifier")
+        net = Classifier.from_pretrained(self.features).eval()
+        cfg = net.config
+        if cfg.in_channels != channels or cfg.image_size != self.px:
+            raise MulosdError(f"classifier {self.features} takes {cfg.in_channels}-channel {cfg.image_size} px "
+                              f"images; the up-sampler's images are {channels}-channel {self.px} px")
+        self.features = str(Path(self.features).resolve())
+        for p in net.parameters():
+            p.requires_grad_(False)
+        return net
+
     def describe(self) -> dict:
         return {"tokenizer": self.tokenizer, "r": self.r, "dim": self.dim, "n_blocks": self.n_blocks,
                 "ce_steps": self.ce_steps, "pixel_weight": self.pixel_weight, "ce_weight": self.ce_weight,
+                "perceptual_weight": self.perceptual_weight, "features": self.features,
                 "limit": self.limit, "model": self.model, "data": self.data and str(Path(self.data).resolve()),
                 "eval_data": self.eval_data and str(Path(self.eval_data).resolve()), "eval_images": self.eval_images}
 
@@ -452,9 +488,14 @@ class UpsamplerRecipe:
 
     def _frozen_tokenizer(self, device: torch.device) -> VQModel:
         """The frozen tokenizer, moved to ``device`` (the model's) on first use there."""
-        if model_device(self.vq) != device:
-            self.vq.to(device)
-        return self.vq
+        return self._moved(self.vq, device)
+
+    @staticmethod
+    def _moved(net, device: torch.device):
+        """A frozen network, moved to ``device`` on first use there."""
+        if model_device(net) != device:
+            net.to(device)
+        return net
 
     def loss(self, model, index, step, gen):
         device = model_device(model)
@@ -470,9 +511,16 @@ class UpsamplerRecipe:
         weights = hard + soft - soft.detach()  # forward: the argmax code; backward: through the softmax
         vq = self._frozen_tokenizer(device)
         codes = torch.einsum("bvhw,vd->bdhw", weights, vq.codebook)
-        mse = F.mse_loss(vq.decode_latent(codes), self._target_images(index).to(device))
+        decoded, images = vq.decode_latent(codes), self._target_images(index).to(device)
+        mse = F.mse_loss(decoded, images)
         metrics["mse"] = mse.item()
-        return self.pixel_weight * mse + self.ce_weight * ce_up + ce_down, metrics
+        loss = self.pixel_weight * mse + self.ce_weight * ce_up + ce_down
+        if self.feature_net is not None:
+            net = self._moved(self.feature_net, device)
+            perceptual = net.perceptual_distance(decoded, images).mean()
+            metrics["perceptual"] = perceptual.item()
+            loss = loss + self.perceptual_weight * perceptual
+        return loss, metrics
 
     def after_step(self, model, step):
         pass
@@ -480,7 +528,8 @@ class UpsamplerRecipe:
     def evaluate(self, model) -> dict:
         """On the evaluation images (see the class docstring), a chunk at a time: exact-code accuracy of U_r and
         D_r, how often the true code is among the up-sampler's 5 most likely, PSNR of the decoded up-sampled codes,
-        and the same for the pixel resampler."""
+        and the same for the pixel resampler; with a perceptual feature net, also the mean perceptual distance of
+        the decoded codes (learned, pixel, and the tokenizer's own) to the images."""
         from mulosd.data.image_folder import ImageFolder
         from mulosd.models.upsample import PixelResampler
 
@@ -496,6 +545,8 @@ class UpsamplerRecipe:
         pix = PixelResampler(vq, self.r)
         counts = dict.fromkeys(("images", "pixels", "up", "top5", "down", "pix_up", "pix_down"), 0)
         sse = dict.fromkeys(("learned", "pixel", "tokenizer"), 0.0)
+        lp = dict.fromkeys(sse, 0.0)
+        net = self._moved(self.feature_net, device) if self.feature_net is not None else None
         with torch.no_grad():
             for x in self._chunks(folder, images):
                 x = x.to(device)
@@ -510,7 +561,10 @@ class UpsamplerRecipe:
                 counts["pix_up"] += (pix_up == hi).sum().item()
                 counts["pix_down"] += (pix.down(hi) == lo).sum().item()
                 for key, tokens in (("learned", up), ("pixel", pix_up), ("tokenizer", hi)):
-                    sse[key] += (vq.decode(tokens) - x).pow(2).sum().item()
+                    decoded = vq.decode(tokens)
+                    sse[key] += (decoded - x).pow(2).sum().item()
+                    if net is not None:
+                        lp[key] += net.perceptual_distance(decoded, x).sum().item()
         hi_cells = counts["images"] * self.grid * self.grid
         lo_cells = hi_cells // (self.r * self.r)
 
@@ -528,6 +582,10 @@ class UpsamplerRecipe:
                       "down_token_acc": share("pix_down", lo_cells)},
             "tokenizer_psnr_db": psnr("tokenizer"),
         }
+        if net is not None:
+            out["learned"]["up_perceptual"] = round(lp["learned"] / counts["images"], 5)
+            out["pixel"]["up_perceptual"] = round(lp["pixel"] / counts["images"], 5)
+            out["tokenizer_perceptual"] = round(lp["tokenizer"] / counts["images"], 5)
         if folder is not None:
             out["eval_data"] = {"folder": str(folder.root.resolve()), "held_out": self.eval_data is not None}
         return out
