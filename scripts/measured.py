@@ -20,19 +20,17 @@ sys.path.insert(0, str(ROOT / "src"))
 from mulosd.io import atomic_write_json  # noqa: E402
 from mulosd.zoo import ZOO_DIR  # noqa: E402
 
-# MuLo-SD's quality runs first (the newest rows of mulo, ar, lantern and zipar, with mulo's current defaults and the
-# paper's preset), then the runs behind docs/RESULTS.md's full tables (whose mulo row is the paper's rule, the
-# default then: it is skipped, the quality runs having measured it as preset=paper), then the lossless runs behind
-# docs/METHODS.md's (which add pjd, eagle2 and the lossless variants). A method already measured by an earlier run
-# keeps that run's rows.
-RUNS = ["docs/bench/quality_b1", "docs/bench/quality_b8", "docs/bench/full_b1", "docs/bench/full_b8",
+# The runs behind docs/RESULTS.md's full tables first (every discrete method at its defaults in one process, mulo
+# beside preset=paper and r=4; 2026-12-05), then MuLo-SD's quality runs (quoted only where the full runs lack a
+# row), the continuous runs, and the lossless runs behind docs/METHODS.md's (the lossless variants). A method
+# already measured by an earlier run in this list keeps that run's rows.
+RUNS = ["docs/bench/full_b1", "docs/bench/full_b8", "docs/bench/quality_b1", "docs/bench/quality_b8",
         "docs/bench/full_cont_b1", "docs/bench/full_cont_b8", "docs/bench/lossless_b1", "docs/bench/lossless_b8"]
 # Rows measured under other defaults than today's: run -> labels to leave out.
-STALE = {"docs/bench/full_b1": {"mulo"}, "docs/bench/full_b8": {"mulo"}}
+STALE: dict[str, set] = {}
 # Non-default rows worth quoting: label in the run -> what it is called in `mulosd methods`.
 VARIANTS = {
     "mulo[preset=paper]": "preset=paper",
-    "mulo[preset=paper,batching=static]": "preset=paper",  # batch 8: the paper batches statically
     "mulo[r=4]": "r=4",
     "mulo[acceptance=exact]": "acceptance=exact",
     "mcsjd[init=lowres]": "init=lowres",
