@@ -1093,6 +1093,59 @@ def train_eagle(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resu
     _run(run)
 
 
+DIVERGENCE_CHOICES = ("fkl", "tvd")  # DistillRecipe's divergences (recipes.DIVERGENCES; a test keeps them equal)
+
+
+@train.command("distill")
+@_train_options
+@click.option("--model", "model_set", default="fmnist-32", show_default=True, metavar="SET",
+              help="Model set whose target teaches and whose drafter is distilled (class-conditional, discrete tokens).")
+@click.option("--drafter", "role", default="small", show_default=True, metavar="ROLE",
+              help="Drafter role to start from and to replace with --add-to-set; it must share the target's grid and "
+                   "vocabulary (sd's drafter).")
+@click.option("--samples", type=click.IntRange(min=2), default=4000, show_default=True,
+              help="Target samples to distil on (the last tenth, at most 200, are held out for the evaluation); sampled "
+                   "once and kept in OUT/samples, so a resumed run does not sample again.")
+@click.option("--cfg-scale", type=click.FloatRange(0, 50), default=3.0, show_default=True,
+              help="Guidance scale of the target's samples and of the guided distributions compared (use the scale "
+                   "you decode with).")
+@click.option("--temperature", type=click.FloatRange(0, 10, min_open=True), default=1.0, show_default=True,
+              help="Temperature of the target's samples and of the distributions compared.")
+@click.option("--divergence", type=click.Choice(DIVERGENCE_CHOICES), default="fkl", show_default=True,
+              help="fkl: KL(target || drafter) of the guided distributions; tvd: total variation, exactly one minus "
+                   "sd's expected acceptance (sparse gradients: for fine-tuning).")
+@click.option("--half-weight", type=click.FloatRange(min=0), default=0.1, show_default=True,
+              help="Weight of the KL of the conditional and null-condition halves, which keeps each half a usable "
+                   "model.")
+@click.option("--add-to-set/--no-add-to-set", default=None,
+              help="Also write the distilled drafter into the --model set's directory under --drafter's role "
+                   "(manifest.json updated atomically, the earlier drafter of that role replaced). Default: on for a "
+                   "set directory; a shipped set is never written (use `mulosd pack --from SET --drafter ROLE=OUT/model`).")
+def train_distill(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype, data_dir, limit,
+                  model_set, role, samples, cfg_scale, temperature, divergence, half_weight, add_to_set):
+    """Distil a drafter from its target for `--method sd`: per-token divergence between the target's and the
+    drafter's guided distributions, teacher-forced on the target's own samples (why those: docs/METHODS.md)."""
+    from mulosd.training.recipes import DistillRecipe, add_drafter_to_set, user_set_directory
+
+    def run():
+        if data_dir is not None or limit is not None:
+            raise MulosdError("--data-dir and --limit do not apply to mulosd train distill: the drafter trains on the "
+                              "target's own samples (--samples)")
+        if add_to_set and user_set_directory(model_set) is None:
+            raise MulosdError(f"model set {model_set} is shipped with mulosd and is not written; after training add "
+                              f"the drafter to a copy: mulosd pack --from {model_set} --out DIR --drafter "
+                              f"{role}={Path(out) / 'model'}")
+        recipe = lambda: DistillRecipe(model=model_set, drafter=role, samples_dir=str(Path(out) / "samples"),  # noqa: E731
+                                       num_samples=samples, cfg_scale=cfg_scale, temperature=temperature,
+                                       divergence=divergence, half_weight=half_weight)
+        _train(recipe, out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype)
+        if add_to_set is not False and user_set_directory(model_set) is not None:
+            stem = add_drafter_to_set(model_set, Path(out) / "model", role)
+            click.echo(f"added {stem.name} as drafter {role!r} to model set {model_set} (manifest.json updated)")
+
+    _run(run)
+
+
 @train.command("kl-tokenizer")
 @_train_options
 @click.option("--channels", type=click.IntRange(min=4), default=32, help="Base conv width.")

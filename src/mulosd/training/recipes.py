@@ -710,6 +710,48 @@ class ContinuousARRecipe:
         return {"test_noise_mse": round(sum(mses) / len(mses), 5), "test_images": n}
 
 
+def target_samples(pipe, model: str, folder: Path, num_samples: int, cfg, data_seed: int, chunk: int,
+                   desc: str = "target samples") -> tuple[torch.Tensor, torch.Tensor]:
+    """``num_samples`` images sampled by the target of ``pipe`` alone (plain AR with the sampling settings ``cfg``;
+    image i has class i mod C and random stream (``data_seed``, i)) as (tokens [n, N], labels [n]). They are
+    written to ``folder`` in chunks of ``chunk`` images, each atomically, so a killed run keeps what it sampled and
+    a resumed one reads them back; a folder holding samples made with other settings is refused."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    from mulosd.decoding.methods import get_method
+    from mulosd.decoding.sampling import RandomStreams
+    from mulosd.errors import MulosdError
+    from mulosd.io import atomic_write, atomic_write_json, read_json, read_safetensors
+    from mulosd.models.eagle import target_fingerprint
+
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"model": str(model), "target": target_fingerprint(pipe.target), "cfg_scale": cfg.cfg_scale,
+            "temperature": cfg.temperature, "data_seed": data_seed, "chunk": chunk}
+    meta_path = folder / "samples.json"
+    if meta_path.exists() and read_json(meta_path) != meta:
+        raise MulosdError(f"{folder} holds samples made with other settings ({read_json(meta_path)}); use another --out")
+    atomic_write_json(meta_path, meta)
+    ar = get_method("ar")(pipe)
+    C = pipe.target.config.num_classes
+    tokens, labels = [], []
+    for start in tqdm(range(0, num_samples, chunk), desc=desc, leave=False):
+        path = folder / f"chunk_{start:06d}.safetensors"
+        if path.exists():
+            data = read_safetensors(path)
+        else:
+            idx = list(range(start, min(start + chunk, num_samples)))
+            lab = torch.tensor([i % C for i in idx])
+            with torch.inference_mode():
+                tok, _ = ar.generate(lab, cfg, RandomStreams.from_seed(data_seed, idx))
+            data = {"tokens": tok.cpu().contiguous(), "labels": lab}
+            atomic_write(path, lambda tmp, d=data: save_file(d, tmp))
+        n = min(chunk, num_samples - start)
+        tokens.append(data["tokens"][:n])
+        labels.append(data["labels"][:n])
+    return torch.cat(tokens).long(), torch.cat(labels).long()
+
+
 @dataclass
 class EagleRecipe:
     """EAGLE's draft head for a model set's target, trained on the target's own samples.
@@ -766,46 +808,8 @@ class EagleRecipe:
                 "ce_weight": self.ce_weight, "noise": self.noise}
 
     def _samples(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The target's own samples, generated in chunks that are kept on disk (resumable)."""
-        from tqdm import tqdm
-
-        from mulosd.decoding.methods import get_method
-        from mulosd.decoding.sampling import RandomStreams
-        from safetensors.torch import save_file
-
-        from mulosd.io import atomic_write, atomic_write_json, read_json, read_safetensors
-        from mulosd.models.eagle import target_fingerprint
-
-        folder = Path(self.samples_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        meta = {"model": str(self.model), "target": target_fingerprint(self.target),
-                "cfg_scale": self.cfg_scale, "temperature": self.temperature, "data_seed": self.data_seed,
-                "chunk": self.sample_batch}
-        meta_path = folder / "samples.json"
-        if meta_path.exists() and read_json(meta_path) != meta:
-            from mulosd.errors import MulosdError
-
-            raise MulosdError(f"{folder} holds samples made with other settings ({read_json(meta_path)}); use another --out")
-        atomic_write_json(meta_path, meta)
-        ar = get_method("ar")(self.pipe)
-        C = self.target.config.num_classes
-        tokens, labels = [], []
-        chunks = range(0, self.num_samples, self.sample_batch)
-        for start in tqdm(chunks, desc="eagle: target samples", leave=False):
-            path = folder / f"chunk_{start:06d}.safetensors"
-            if path.exists():
-                data = read_safetensors(path)
-            else:
-                idx = list(range(start, min(start + self.sample_batch, self.num_samples)))
-                lab = torch.tensor([i % C for i in idx])
-                with torch.inference_mode():
-                    tok, _ = ar.generate(lab, self.cfg, RandomStreams.from_seed(self.data_seed, idx))
-                data = {"tokens": tok.cpu().contiguous(), "labels": lab}
-                atomic_write(path, lambda tmp, d=data: save_file(d, tmp))
-            n = min(self.sample_batch, self.num_samples - start)
-            tokens.append(data["tokens"][:n])
-            labels.append(data["labels"][:n])
-        return torch.cat(tokens).long(), torch.cat(labels).long()
+        return target_samples(self.pipe, self.model, Path(self.samples_dir), self.num_samples, self.cfg,
+                              self.data_seed, self.sample_batch, desc="eagle: target samples")
 
     @torch.no_grad()
     def _features(self) -> torch.Tensor:
@@ -893,5 +897,183 @@ def add_eagle_to_set(model_set: str | Path, head: str | Path) -> Path:
     stem = free_stem(directory, "eagle_head")
     m.save_pretrained(directory / stem)
     spec["eagle"] = stem
+    write_manifest(directory, spec)
+    return directory / stem
+
+
+DIVERGENCES = ("fkl", "tvd")
+
+
+@dataclass
+class DistillRecipe:
+    """A same-grid drafter of a model set distilled from the set's target (discrete tokens; ``sd``'s drafter).
+
+    Data: ``num_samples`` images sampled by the target alone with the decode-time sampling settings (CFG
+    ``cfg_scale``, temperature ``temperature``; :func:`target_samples`, kept on disk in chunks), the last
+    ``held_out`` of them for the evaluation. Why the target's samples and not the drafter's own or the data set's:
+    exact speculative sampling commits target-distributed tokens, so every prefix the drafter proposes from at
+    decode time is a target sample (followed by at most gamma - 1 of the drafter's own tokens); the data set's
+    images are not what the target draws at CFG 3, and the drafter's own samples are prefixes it never sees.
+
+    Loss per position, teacher-forced on a sample: the divergence between the target's and the drafter's guided
+    distributions, ``process_logits`` of each model's [cond; null] logits (CFG and temperature: the p and q that
+    ``sd``'s acceptance compares, sum_x min(p, q)). ``divergence``: ``fkl`` (default), KL(p || q) = sum p log(p / q),
+    smooth and mode-covering (a draft q that covers p's support is what min(p, q) rewards), or ``tvd``, the total
+    variation 1 - sum min(p, q), which is exactly one minus the expected acceptance (sparse gradients; a
+    fine-tuning objective). Plus ``half_weight`` x KL(p_half || q_half) for the conditional and the null-condition
+    halves, so each half stays a usable model (the guided mix alone does not pin them down). The target's
+    distributions are computed at every step by a frozen forward (caching them would take 2 x 256 x V numbers
+    per sample).
+
+    The student starts from the set's ``drafter`` role (same grid and vocabulary as the target) in float32.
+    Evaluation, on the held-out samples, for the trained drafter and for the one it started from: mean KL(p || q)
+    per token of the guided distributions, the expected acceptance sum_x min(p, q), and top-1 agreement."""
+
+    model: str = "fmnist-32"
+    drafter: str = "small"
+    samples_dir: str = ""
+    num_samples: int = 4000
+    held_out: int | None = None  # default: a tenth of the samples, at most 200
+    cfg_scale: float = 3.0
+    temperature: float = 1.0
+    data_seed: int = 1
+    divergence: str = "fkl"
+    half_weight: float = 0.1
+    sample_batch: int = 50
+    name: str = "distill"
+
+    def __post_init__(self):
+        from mulosd.decoding.sampling import SamplingConfig
+        from mulosd.errors import MulosdError
+        from mulosd.pipeline import Pipeline
+
+        if self.divergence not in DIVERGENCES:
+            raise MulosdError(f"--divergence must be one of {', '.join(DIVERGENCES)}, got {self.divergence!r}")
+        if self.held_out is None:
+            self.held_out = max(1, min(200, self.num_samples // 10))
+        if self.held_out < 1 or self.num_samples <= self.held_out:
+            raise MulosdError(f"--samples must exceed the {self.held_out} held-out samples, got {self.num_samples}")
+        self.pipe = Pipeline.from_pretrained(self.model)
+        target = self.pipe.target
+        if target.config.condition != "class":
+            raise MulosdError("mulosd train distill supports class-conditional (c2i) targets")
+        if self.drafter not in self.pipe.drafters:
+            raise MulosdError(f"model set {self.model} has no drafter {self.drafter!r}; allowed: "
+                              f"{', '.join(sorted(self.pipe.drafters)) or '(none)'}")
+        start = self.pipe.drafters[self.drafter]
+        tc, dc = target.config, start.config
+        if (dc.grid_size, dc.vocab_size, dc.num_classes) != (tc.grid_size, tc.vocab_size, tc.num_classes):
+            raise MulosdError(f"drafter {self.drafter!r} has grid {dc.grid_size}, {dc.vocab_size} codes and "
+                              f"{dc.num_classes} classes; distillation needs the target's ({tc.grid_size}, "
+                              f"{tc.vocab_size}, {tc.num_classes}): a low-resolution drafter is not token-aligned")
+        for p in target.parameters():
+            p.requires_grad_(False)
+        self.target = target.float().eval()
+        self.start = start.float().eval()
+        self.cfg = SamplingConfig(cfg_scale=self.cfg_scale, temperature=self.temperature)
+        self.tokens, self.labels = target_samples(self.pipe, self.model, Path(self.samples_dir), self.num_samples,
+                                                  self.cfg, self.data_seed, self.sample_batch,
+                                                  desc="distill: target samples")
+
+    def describe(self) -> dict:
+        return {"model": str(self.model), "drafter": self.drafter, "num_samples": self.num_samples,
+                "held_out": self.held_out, "cfg_scale": self.cfg_scale, "temperature": self.temperature,
+                "data_seed": self.data_seed, "divergence": self.divergence, "half_weight": self.half_weight}
+
+    def build_model(self):
+        """A float32 copy of the starting drafter (config and weights), trainable."""
+        from mulosd.models.gpt import GPT
+
+        model = GPT(self.start.config)
+        model.load_state_dict(self.start.state_dict())
+        return model.train()
+
+    def num_examples(self) -> int:
+        return self.num_samples - self.held_out
+
+    def _distributions(self, model, index) -> dict:
+        """Guided (p, q) [b, N, V] and the halves' log-probabilities of target and drafter on samples ``index``."""
+        from mulosd.decoding.sampling import process_logits
+
+        device = model_device(model)
+        tokens, labels = self.tokens[index].to(device), self.labels[index].to(device)
+        cond = self.target.with_null(labels)
+        both = torch.cat([tokens, tokens])
+        target = self._moved(self.target, device)
+        with torch.no_grad():
+            lp = target(cond, both).float()
+        lq = model(cond, both).float()
+        predicts = torch.arange(tokens.shape[1], device=device)
+        return {"p": process_logits(lp, self.cfg, predicts=predicts), "q": process_logits(lq, self.cfg, predicts=predicts),
+                "lp": (lp / self.temperature).log_softmax(-1), "lq": (lq / self.temperature).log_softmax(-1)}
+
+    @staticmethod
+    def _moved(net, device):
+        if model_device(net) != device:
+            net.to(device)
+        return net
+
+    @staticmethod
+    def kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """Per-position KL(p || q) of two probability tensors [..., V] (0 log 0 = 0)."""
+        return torch.where(p > 0, p * (p.clamp_min(1e-30).log() - q.clamp_min(1e-30).log()), 0.0).sum(-1)
+
+    def loss(self, model, index, step, gen):
+        d = self._distributions(model, index)
+        mix = self.kl(d["p"], d["q"]).mean()
+        tv = 1 - torch.minimum(d["p"], d["q"]).sum(-1).mean()
+        halves = (d["lp"].exp() * (d["lp"] - d["lq"])).sum(-1).mean()
+        main = mix if self.divergence == "fkl" else tv
+        return main + self.half_weight * halves, {"kl_mix": round(mix.item(), 4), "accept": round(1 - tv.item(), 4)}
+
+    def after_step(self, model, step):
+        pass
+
+    @torch.no_grad()
+    def _held_out(self, model) -> dict:
+        kl, accept, agree, n = 0.0, 0.0, 0.0, 0
+        for i in range(self.num_examples(), self.num_samples, 25):
+            d = self._distributions(model, torch.arange(i, min(i + 25, self.num_samples)))
+            p, q = d["p"], d["q"]
+            kl += self.kl(p, q).sum().item()
+            accept += torch.minimum(p, q).sum(-1).sum().item()
+            agree += (p.argmax(-1) == q.argmax(-1)).float().sum().item()
+            n += p.shape[0] * p.shape[1]
+        return {"kl_per_token": round(kl / n, 4), "expected_acceptance": round(accept / n, 4),
+                "top1_agreement": round(agree / n, 4)}
+
+    def evaluate(self, model) -> dict:
+        """Held-out KL, expected acceptance and top-1 agreement of the distilled drafter and of its start."""
+        was = model.training
+        model.eval()
+        out = {"held_out_samples": self.held_out, "distilled": self._held_out(model),
+               "start": self._held_out(self._moved(self.start, model_device(model)))}
+        model.train(was)
+        return out
+
+
+def add_drafter_to_set(model_set: str | Path, drafter: str | Path, role: str) -> Path:
+    """Add the drafter at stem ``drafter`` to the user model set ``model_set`` (a directory) under ``role``,
+    replacing the role's earlier drafter: checked against the set's target (grid, vocabulary, classes) first,
+    written under a stem the set does not use yet (``drafter_<role>``, ``drafter_<role>_2``, ...), then
+    ``manifest.json`` rewritten atomically. Returns the new stem."""
+    from mulosd.errors import MulosdError
+    from mulosd.models.gpt import GPT
+    from mulosd.pipeline import _manifest_spec
+    from mulosd.zoo import manifest, write_manifest
+
+    directory = user_set_directory(str(model_set))
+    if directory is None:
+        raise MulosdError(f"model set {model_set} is shipped with mulosd and is not written; add the drafter to a "
+                          f"copy: mulosd pack --from {model_set} --out DIR --drafter {role}={drafter}")
+    m = GPT.from_pretrained(drafter)
+    t = GPT.from_pretrained(_manifest_spec(directory)["target"]).config
+    if (m.config.grid_size, m.config.vocab_size) != (t.grid_size, t.vocab_size):
+        raise MulosdError(f"drafter {drafter} has grid {m.config.grid_size} and {m.config.vocab_size} codes; the set's "
+                          f"target has {t.grid_size} and {t.vocab_size}")
+    spec = manifest(directory)
+    stem = free_stem(directory, f"drafter_{role}")
+    m.save_pretrained(directory / stem)
+    spec.setdefault("drafters", {})[role] = stem
     write_manifest(directory, spec)
     return directory / stem
