@@ -102,3 +102,85 @@ def test_bad_train_distill_input_is_one_line_and_no_run(tmp_path, tiny_set, args
     r = _distill([*args, "--out", str(tmp_path / "run"), "--steps", "1"])
     assert r.exit_code != 0 and message in r.output, r.output
     assert not (tmp_path / "run").exists()
+
+
+# ---- the continuous family (cspd's drafter) ------------------------------------------------------------------------
+def _cmodel(dim, layers, seed, tokenizer_id, clip=5.0, variance="fixed_small"):
+    from mulosd.models.cgpt import ContinuousGPT, ContinuousGPTConfig
+
+    torch.manual_seed(seed)
+    cfg = ContinuousGPTConfig(grid_size=4, dim=dim, n_layer=layers, n_head=2, token_dim=2, head_width=16,
+                              head_depth=1, diffusion_steps=60, sample_steps=5, tokenizer_id=tokenizer_id,
+                              num_classes=2, clip_x0=clip, variance=variance)
+    m = ContinuousGPT(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # random heads start with zero outputs: shake them so each is its own function
+        for p in m.head.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return m.eval()
+
+
+def test_trajectory_kl_follows_the_teachers_chain_and_measures_a_known_offset():
+    import copy
+
+    from mulosd.models.diffusion import trajectory_kl
+
+    teacher = _cmodel(16, 1, 0, "", clip=0.0).head
+    student = copy.deepcopy(teacher)
+    z = torch.randn(6, 16)
+    noise = torch.randn(len(teacher.sampling) + 1, 3, 2)
+    same = trajectory_kl(teacher, student, z, z, noise, cfg_scale=2.0)
+    assert torch.allclose(same["kl"], torch.zeros(3), atol=1e-6) and torch.allclose(same["last_gap"], torch.zeros(3))
+    delta = 0.05  # a student whose predicted noise is off by delta in every dimension at every step
+    net = student.net
+    student.net = lambda x, t, zz: (net(x, t, zz)[0] + delta, net(x, t, zz)[1])
+    got = trajectory_kl(teacher, student, z, z, noise, cfg_scale=2.0)["kl"]
+    s = teacher.sampling  # guidance keeps the offset (delta + s (delta - delta)); mean moves by c0 k_inv k_noise delta
+    want = sum(2 * (s.c0[i] * s.k_inv[i] * s.k_noise[i] * delta) ** 2 / (2 * s.post_var[i].item()) for i in range(len(s)))
+    assert torch.allclose(got, torch.full((3,), want), rtol=1e-3)
+
+
+@pytest.fixture
+def continuous_set(tmp_path):
+    """fmnist-32's discrete family with a tiny continuous one: a random target and a smaller random drafter."""
+    from mulosd.models.kl import KLAutoencoder, KLConfig
+
+    kl = KLAutoencoder(KLConfig(channels=8, z_channels=8, token_dim=2)).eval()
+    kl.save_pretrained(tmp_path / "kl")
+    _cmodel(32, 2, 0, kl.fingerprint()).save_pretrained(tmp_path / "t")
+    _cmodel(16, 1, 1, kl.fingerprint()).save_pretrained(tmp_path / "d")
+    r = CliRunner().invoke(main, ["pack", "--from", "fmnist-32", "--out", str(tmp_path / "set"), "--dtype", "fp32",
+                                  "--continuous-tokenizer", str(tmp_path / "kl"), "--continuous-target",
+                                  str(tmp_path / "t"), "--continuous-drafter", f"small={tmp_path / 'd'}"])
+    assert r.exit_code == 0, r.output
+    return tmp_path / "set"
+
+
+def test_continuous_distillation_lowers_the_path_kl_resumes_and_joins_the_set(tmp_path, continuous_set):
+    from mulosd.models.cgpt import ContinuousGPT
+    from mulosd.pipeline import Pipeline
+
+    common = ["--model", str(continuous_set), "--continuous", "--positions", "4", "--samples", "12"]
+    r = _distill([*common, "--out", str(tmp_path / "long"), "--steps", "40", "--lr", "3e-3", "--no-add-to-set"])
+    assert r.exit_code == 0, r.output
+    ev = json.loads((tmp_path / "long" / "summary.json").read_text())["eval"]
+    before, after = ev["start"], ev["distilled"]
+    assert after["path_kl_per_token"] < 0.8 * before["path_kl_per_token"]  # held-out samples
+    assert after["median_last_gap_sigmas"] < before["median_last_gap_sigmas"]
+    assert 0 <= before["expected_acceptance"] <= after["expected_acceptance"] <= 1
+    r = _distill([*common, "--out", str(tmp_path / "run"), "--steps", "2", "--no-add-to-set"])
+    assert r.exit_code == 0, r.output
+    r = _distill([*common, "--out", str(tmp_path / "run"), "--steps", "4", "--resume"])
+    assert r.exit_code == 0, r.output
+    assert "added continuous_drafter_small as continuous drafter 'small'" in r.output
+    r = _distill([*common, "--out", str(tmp_path / "straight"), "--steps", "4", "--no-add-to-set"])
+    assert r.exit_code == 0, r.output
+    resumed = ContinuousGPT.from_pretrained(tmp_path / "run" / "model").state_dict()
+    straight = ContinuousGPT.from_pretrained(tmp_path / "straight" / "model").state_dict()
+    assert all(torch.equal(w, straight[k]) for k, w in resumed.items())
+    pipe = Pipeline.from_pretrained(str(continuous_set))
+    car = pipe([1, 0], method="car", seed=0, cfg_scale=2.0)  # cspd with the distilled drafter is still exact:
+    full = pipe([1, 0], method="cspd", prefill=1.0, seed=0, cfg_scale=2.0)  # prefill 1 is the target alone
+    assert torch.equal(car.tokens, full.tokens)
+    out = pipe([1, 0], method="cspd", gamma=2, seed=0, cfg_scale=2.0)
+    assert out.tokens.shape == (2, 4, 4, 2)

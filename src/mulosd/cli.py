@@ -1115,33 +1115,50 @@ DIVERGENCE_CHOICES = ("fkl", "tvd")  # DistillRecipe's divergences (recipes.DIVE
               help="fkl: KL(target || drafter) of the guided distributions; tvd: total variation, exactly one minus "
                    "sd's expected acceptance (sparse gradients: for fine-tuning).")
 @click.option("--half-weight", type=click.FloatRange(min=0), default=0.1, show_default=True,
-              help="Weight of the KL of the conditional and null-condition halves, which keeps each half a usable "
-                   "model.")
+              help="Weight of the divergence of the conditional and null-condition halves, which keeps each half a "
+                   "usable model.")
+@click.option("--continuous", is_flag=True,
+              help="Distil a drafter of the set's continuous family (cspd's: transformer + diffusion head) from the "
+                   "continuous target: the KL between the two reverse chains along the target's own denoising "
+                   "trajectories (the drafter's noise prediction matched to the target's). --divergence does not apply.")
+@click.option("--positions", type=click.IntRange(min=1), default=32, show_default=True,
+              help="--continuous: cells per image whose denoising chains are compared at each step.")
 @click.option("--add-to-set/--no-add-to-set", default=None,
               help="Also write the distilled drafter into the --model set's directory under --drafter's role "
                    "(manifest.json updated atomically, the earlier drafter of that role replaced). Default: on for a "
                    "set directory; a shipped set is never written (use `mulosd pack --from SET --drafter ROLE=OUT/model`).")
 def train_distill(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype, data_dir, limit,
-                  model_set, role, samples, cfg_scale, temperature, divergence, half_weight, add_to_set):
-    """Distil a drafter from its target for `--method sd`: per-token divergence between the target's and the
-    drafter's guided distributions, teacher-forced on the target's own samples (why those: docs/METHODS.md)."""
-    from mulosd.training.recipes import DistillRecipe, add_drafter_to_set, user_set_directory
+                  model_set, role, samples, cfg_scale, temperature, divergence, half_weight, continuous, positions,
+                  add_to_set):
+    """Distil a drafter from its target: for `--method sd`, the per-token divergence between the target's and the
+    drafter's guided distributions; with --continuous, for `--method cspd`, the KL between the two diffusion
+    heads' reverse chains. Both teacher-forced on the target's own samples (why those: docs/DISTILL.md)."""
+    from mulosd.training.recipes import (ContinuousDistillRecipe, DistillRecipe, add_drafter_to_set,
+                                         user_set_directory)
 
     def run():
         if data_dir is not None or limit is not None:
             raise MulosdError("--data-dir and --limit do not apply to mulosd train distill: the drafter trains on the "
                               "target's own samples (--samples)")
+        flag = "--continuous-drafter" if continuous else "--drafter"
         if add_to_set and user_set_directory(model_set) is None:
             raise MulosdError(f"model set {model_set} is shipped with mulosd and is not written; after training add "
-                              f"the drafter to a copy: mulosd pack --from {model_set} --out DIR --drafter "
+                              f"the drafter to a copy: mulosd pack --from {model_set} --out DIR {flag} "
                               f"{role}={Path(out) / 'model'}")
-        recipe = lambda: DistillRecipe(model=model_set, drafter=role, samples_dir=str(Path(out) / "samples"),  # noqa: E731
-                                       num_samples=samples, cfg_scale=cfg_scale, temperature=temperature,
-                                       divergence=divergence, half_weight=half_weight)
+        if continuous and divergence != "fkl":
+            raise MulosdError("--divergence does not apply with --continuous: the loss is the KL between the two "
+                              "reverse chains")
+        common = dict(model=model_set, drafter=role, samples_dir=str(Path(out) / "samples"), num_samples=samples,
+                      cfg_scale=cfg_scale, temperature=temperature, half_weight=half_weight)
+        if continuous:
+            recipe = lambda: ContinuousDistillRecipe(**common, positions=positions)  # noqa: E731
+        else:
+            recipe = lambda: DistillRecipe(**common, divergence=divergence)  # noqa: E731
         _train(recipe, out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype)
         if add_to_set is not False and user_set_directory(model_set) is not None:
-            stem = add_drafter_to_set(model_set, Path(out) / "model", role)
-            click.echo(f"added {stem.name} as drafter {role!r} to model set {model_set} (manifest.json updated)")
+            stem = add_drafter_to_set(model_set, Path(out) / "model", role, continuous)
+            kind = "continuous drafter" if continuous else "drafter"
+            click.echo(f"added {stem.name} as {kind} {role!r} to model set {model_set} (manifest.json updated)")
 
     _run(run)
 

@@ -257,3 +257,44 @@ class DiffusionHead(Pretrained, nn.Module):
         kl = 0.5 * (log_var - post_var.log() + (post_var + (true_mean - model_mean) ** 2) / log_var.exp() - 1)
         vlb = kl.mean()
         return mse + self.config.vlb_weight * vlb, {"mse": mse.item(), "vlb": vlb.item()}
+
+
+def trajectory_kl(teacher: DiffusionHead, student: DiffusionHead, z_teacher: torch.Tensor, z_student: torch.Tensor,
+                  noise: torch.Tensor, cfg_scale: float | None = None, temperature: float = 1.0) -> dict:
+    """How far the student's reverse chain is from the teacher's, along the teacher's own trajectory.
+
+    The teacher's chain is run from ``noise`` (as :meth:`DiffusionHead.sample`: noise[0] is x_T, noise[k] drives
+    step k; guidance on the predicted noise when ``cfg_scale`` is given, z laid out [cond ; uncond]); at every x_k
+    it visits, both heads' reverse Gaussians are formed and their KL summed over steps and dimensions:
+    KL(P || Q) = sum_k E_P KL(p_k(. | x_k) || q_k(. | x_k)), the KL between the two chains' path distributions,
+    which is 0 iff the student predicts the teacher's noise (and variance) at every step of every trajectory. With
+    fixed variances each term is ||mu_p - mu_q||^2 / (2 sigma_k^2), so the last step, whose sigma is smallest,
+    weighs most: it is the step continuous speculative decoding's ratio compares. Gradients reach the student
+    (and z_student) only; the trajectory itself is the teacher's, detached.
+
+    Returns {"kl" [n] nats per token, "last_gap" [n]: ||mu_p - mu_q|| / sigma_p at the last step, in units of the
+    teacher's last std}."""
+    s, sq = teacher.sampling, student.sampling
+    if not torch.equal(s.timesteps, sq.timesteps) or teacher.config.train_steps != student.config.train_steps:
+        raise MulosdError("the two heads must share their schedule (training and sampling timesteps) to be compared "
+                          "step by step")
+    guided = cfg_scale is not None
+    n = len(z_teacher) // 2 if guided else len(z_teacher)
+    S = len(s)
+    x, total = noise[0], 0.0
+    for k, i in enumerate(range(S - 1, -1, -1)):
+        xin = torch.cat([x, x]) if guided else x
+        t = s.timesteps[i].to(x.device).expand(len(xin))
+        with torch.no_grad():
+            ep, vp = teacher.net(xin, t, z_teacher)
+        eq, vq = student.net(xin, t, z_student)
+        if guided:
+            ep, vp = torch.lerp(ep[n:], ep[:n], cfg_scale), vp[:n]
+            eq, vq = torch.lerp(eq[n:], eq[:n], cfg_scale), vq[:n]
+        mp, sp = DiffusionHead._gaussian(x, ep, vp, i, s, teacher.config.clip_x0, teacher.config.variance)
+        mq, sd = DiffusionHead._gaussian(x, eq, vq, i, sq, student.config.clip_x0, student.config.variance)
+        sp, sd = sp * temperature, sd * temperature
+        total = total + (sd.log() - sp.log() + (sp**2 + (mp - mq) ** 2) / (2 * sd**2) - 0.5).sum(-1)
+        x = (mp + sp * noise[k + 1]).detach()
+    gap = ((mp - mq) / sp).pow(2).sum(-1).sqrt()
+    return {"kl": total, "last_gap": gap}

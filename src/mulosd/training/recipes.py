@@ -8,6 +8,7 @@ the same draws on every device.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 from dataclasses import asdict, dataclass, field
@@ -711,11 +712,12 @@ class ContinuousARRecipe:
 
 
 def target_samples(pipe, model: str, folder: Path, num_samples: int, cfg, data_seed: int, chunk: int,
-                   desc: str = "target samples") -> tuple[torch.Tensor, torch.Tensor]:
+                   desc: str = "target samples", continuous: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``num_samples`` images sampled by the target of ``pipe`` alone (plain AR with the sampling settings ``cfg``;
-    image i has class i mod C and random stream (``data_seed``, i)) as (tokens [n, N], labels [n]). They are
-    written to ``folder`` in chunks of ``chunk`` images, each atomically, so a killed run keeps what it sampled and
-    a resumed one reads them back; a folder holding samples made with other settings is refused."""
+    image i has class i mod C and random stream (``data_seed``, i)) as (tokens [n, N] codes, or [n, N, d] with
+    ``continuous``: the set's continuous target, ``car``; labels [n]). They are written to ``folder`` in chunks of
+    ``chunk`` images, each atomically, so a killed run keeps what it sampled and a resumed one reads them back; a
+    folder holding samples made with other settings is refused."""
     from safetensors.torch import save_file
     from tqdm import tqdm
 
@@ -726,14 +728,23 @@ def target_samples(pipe, model: str, folder: Path, num_samples: int, cfg, data_s
     from mulosd.models.eagle import target_fingerprint
 
     folder.mkdir(parents=True, exist_ok=True)
-    meta = {"model": str(model), "target": target_fingerprint(pipe.target), "cfg_scale": cfg.cfg_scale,
+    if continuous:
+        from mulosd.decoding.continuous import generate_car
+
+        target = pipe.continuous_models().target
+        generate = functools.partial(generate_car, target)
+        fingerprint = weights_fingerprint(target.tok_embeddings.weight, target.head.out.weight)
+    else:
+        target = pipe.target
+        generate = get_method("ar")(pipe).generate
+        fingerprint = target_fingerprint(target)
+    meta = {"model": str(model), "target": fingerprint, "cfg_scale": cfg.cfg_scale,
             "temperature": cfg.temperature, "data_seed": data_seed, "chunk": chunk}
     meta_path = folder / "samples.json"
     if meta_path.exists() and read_json(meta_path) != meta:
         raise MulosdError(f"{folder} holds samples made with other settings ({read_json(meta_path)}); use another --out")
     atomic_write_json(meta_path, meta)
-    ar = get_method("ar")(pipe)
-    C = pipe.target.config.num_classes
+    C = target.config.num_classes
     tokens, labels = [], []
     for start in tqdm(range(0, num_samples, chunk), desc=desc, leave=False):
         path = folder / f"chunk_{start:06d}.safetensors"
@@ -743,13 +754,24 @@ def target_samples(pipe, model: str, folder: Path, num_samples: int, cfg, data_s
             idx = list(range(start, min(start + chunk, num_samples)))
             lab = torch.tensor([i % C for i in idx])
             with torch.inference_mode():
-                tok, _ = ar.generate(lab, cfg, RandomStreams.from_seed(data_seed, idx))
+                tok, _ = generate(lab, cfg, RandomStreams.from_seed(data_seed, idx))
             data = {"tokens": tok.cpu().contiguous(), "labels": lab}
             atomic_write(path, lambda tmp, d=data: save_file(d, tmp))
         n = min(chunk, num_samples - start)
         tokens.append(data["tokens"][:n])
         labels.append(data["labels"][:n])
-    return torch.cat(tokens).long(), torch.cat(labels).long()
+    tokens = torch.cat(tokens)
+    return (tokens.float() if continuous else tokens.long()), torch.cat(labels).long()
+
+
+def weights_fingerprint(*tensors: torch.Tensor) -> str:
+    """A short hash of some weights, rounded to fp16 (an fp32 run and an fp16 copy of the same model agree)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for w in tensors:
+        h.update(w.detach().to(torch.float16).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 @dataclass
@@ -1052,28 +1074,202 @@ class DistillRecipe:
         return out
 
 
-def add_drafter_to_set(model_set: str | Path, drafter: str | Path, role: str) -> Path:
-    """Add the drafter at stem ``drafter`` to the user model set ``model_set`` (a directory) under ``role``,
-    replacing the role's earlier drafter: checked against the set's target (grid, vocabulary, classes) first,
-    written under a stem the set does not use yet (``drafter_<role>``, ``drafter_<role>_2``, ...), then
-    ``manifest.json`` rewritten atomically. Returns the new stem."""
+
+@dataclass
+class ContinuousDistillRecipe:
+    """A continuous-token drafter (transformer + diffusion head, CSpD's) distilled from the set's continuous target.
+
+    Data: ``num_samples`` images sampled by the target alone (``car`` with the decode-time sampling settings,
+    :func:`target_samples`), the last ``held_out`` for the evaluation; the same reason as :class:`DistillRecipe`:
+    CSpD commits target-distributed tokens, so the contexts the drafter drafts from are the target's samples.
+
+    Loss: for ``positions`` random cells per image (teacher-forced contexts), both transformers give the cell's
+    condition z; the target's guided reverse chain is run from fresh noise and, at every x_k it visits, the KL
+    between the target's and the drafter's reverse Gaussians is summed over the steps
+    (:func:`mulosd.models.diffusion.trajectory_kl`: the KL between the two chains' path distributions, i.e. the
+    drafter's noise prediction matched to the target's along the target's own denoising trajectories, each step
+    weighted by 1 / (2 sigma_k^2)); plus ``half_weight`` x the same for the conditional and the null-condition
+    chains unguided, so each half stays usable at other guidance scales.
+
+    Evaluation on the held-out samples, for the distilled drafter and the one it started from, at every cell: the
+    path KL per token, the median gap between the two last-step means in units of the target's last std, and the
+    expected acceptance of CSpD's exact surrogate ratio, mean min(1, r~), with trajectory alignment (the target's
+    chain re-run with the drafter's noises; one step ahead of a target-sampled context)."""
+
+    model: str = "fmnist-32"
+    drafter: str = "small"
+    samples_dir: str = ""
+    num_samples: int = 2000
+    held_out: int | None = None  # default: a tenth of the samples, at most 100
+    cfg_scale: float = 3.0
+    temperature: float = 1.0
+    data_seed: int = 1
+    positions: int = 32
+    half_weight: float = 0.1
+    sample_batch: int = 50
+    name: str = "distill_continuous"
+
+    def __post_init__(self):
+        from mulosd.decoding.continuous import check_pair
+        from mulosd.decoding.sampling import SamplingConfig
+        from mulosd.errors import MulosdError
+        from mulosd.pipeline import Pipeline
+
+        if self.held_out is None:
+            self.held_out = max(1, min(100, self.num_samples // 10))
+        if self.held_out < 1 or self.num_samples <= self.held_out:
+            raise MulosdError(f"--samples must exceed the {self.held_out} held-out samples, got {self.num_samples}")
+        if self.positions < 1:
+            raise MulosdError(f"--positions must be >= 1, got {self.positions}")
+        self.pipe = Pipeline.from_pretrained(self.model)
+        if self.pipe.continuous is None:
+            raise MulosdError(f"model set {self.model} has no continuous family (continuous target and drafters)")
+        family = self.pipe.continuous_models()
+        drafters = family.drafters
+        if self.drafter not in drafters:
+            raise MulosdError(f"model set {self.model} has no continuous drafter {self.drafter!r}; allowed: "
+                              f"{', '.join(sorted(drafters)) or '(none)'}")
+        check_pair(family.target, drafters[self.drafter])
+        for p in family.target.parameters():
+            p.requires_grad_(False)
+        self.target = family.target.float().eval()
+        self.start = drafters[self.drafter].float().eval()
+        self.cfg = SamplingConfig(cfg_scale=self.cfg_scale, temperature=self.temperature)
+        self.tokens, self.labels = target_samples(self.pipe, self.model, Path(self.samples_dir), self.num_samples,
+                                                  self.cfg, self.data_seed, self.sample_batch,
+                                                  desc="distill: car samples", continuous=True)
+
+    def describe(self) -> dict:
+        return {"model": str(self.model), "drafter": self.drafter, "num_samples": self.num_samples,
+                "held_out": self.held_out, "cfg_scale": self.cfg_scale, "temperature": self.temperature,
+                "data_seed": self.data_seed, "positions": self.positions, "half_weight": self.half_weight,
+                "continuous": True}
+
+    def build_model(self):
+        from mulosd.models.cgpt import ContinuousGPT
+
+        model = ContinuousGPT(self.start.config)
+        model.load_state_dict(self.start.state_dict())
+        return model.train()
+
+    def num_examples(self) -> int:
+        return self.num_samples - self.held_out
+
+    def _rows(self, model, index, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Conditions of the target and the drafter for cells [b, M] of samples ``index``, [cond ; null] rows."""
+        device = model_device(model)
+        tokens, labels = self.tokens[index].to(device), self.labels[index].to(device)
+        cond = self.target.with_null(labels)
+        both = torch.cat([tokens, tokens])
+        pick = torch.cat([cells, cells]).to(device)
+        target = DistillRecipe._moved(self.target, device)
+        with torch.no_grad():
+            zt = target(cond, both)
+        zs = model(cond, both)
+        rows = torch.arange(len(both), device=device)[:, None]
+        return zt[rows, pick].reshape(-1, zt.shape[-1]).float(), zs[rows, pick].reshape(-1, zs.shape[-1]).float()
+
+    def _path(self, model, zt, zs, noise) -> dict:
+        from mulosd.models.diffusion import trajectory_kl
+
+        target = DistillRecipe._moved(self.target, zt.device)
+        scale = self.cfg.cfg_scale if self.cfg.uses_cfg else None
+        return trajectory_kl(target.head, model.head, zt, zs, noise, scale, self.temperature)
+
+    def loss(self, model, index, step, gen):
+        N, d = self.tokens.shape[1], self.tokens.shape[2]
+        cells = torch.stack([torch.randperm(N, generator=gen)[: self.positions] for _ in range(len(index))])
+        zt, zs = self._rows(model, index, cells)
+        n = len(zt) // 2
+        S = len(self.target.head.sampling)
+        noise = torch.randn(S + 1, n, d, generator=gen).to(zt.device)
+        guided = self._path(model, zt, zs, noise)
+        loss = guided["kl"].mean()
+        metrics = {"path_kl": round(loss.item(), 3), "last_gap": round(guided["last_gap"].median().item(), 3)}
+        if self.half_weight > 0:
+            from mulosd.models.diffusion import trajectory_kl
+
+            halves = sum(trajectory_kl(self.target.head, model.head, zt[h], zs[h], noise, None, self.temperature)["kl"].mean()
+                         for h in (slice(0, n), slice(n, 2 * n)))
+            loss = loss + self.half_weight * halves
+        return loss, metrics
+
+    def after_step(self, model, step):
+        pass
+
+    @torch.no_grad()
+    def _held_out(self, model) -> dict:
+        from mulosd.decoding.continuous import head_sample
+        from mulosd.decoding.cspd_rules import surrogate_log_ratio
+
+        device = model_device(model)
+        N, d = self.tokens.shape[1], self.tokens.shape[2]
+        S = len(self.target.head.sampling)
+        gen = torch.Generator().manual_seed(0)  # the same noises for every model evaluated
+        target = DistillRecipe._moved(self.target, device)
+        kl, gaps, accept, n = 0.0, [], 0.0, 0
+        for i in range(self.num_examples(), self.num_samples, 10):
+            index = torch.arange(i, min(i + 10, self.num_samples))
+            cells = torch.arange(N).expand(len(index), N)
+            zt, zs = self._rows(model, index, cells)
+            rows = len(zt) // 2
+            noise = torch.randn(S + 1, rows, d, generator=gen).to(device)
+            path = self._path(model, zt, zs, noise)
+            kl += path["kl"].sum().item()
+            gaps.append(path["last_gap"].cpu())
+            draft = head_sample(model, zs, self.cfg, noise)  # the drafter draws; the target re-runs its noises
+            aligned = head_sample(target, zt, self.cfg, draft["noise"])
+            log_r = surrogate_log_ratio(draft["x"], draft, aligned)
+            accept += log_r.clamp(max=0).exp().sum().item()
+            n += rows
+        return {"path_kl_per_token": round(kl / n, 3), "median_last_gap_sigmas": round(torch.cat(gaps).median().item(), 3),
+                "expected_acceptance": round(accept / n, 4)}
+
+    def evaluate(self, model) -> dict:
+        """Held-out path KL, last-step gap and CSpD's expected acceptance of the distilled drafter and its start."""
+        was = model.training
+        model.eval()
+        out = {"held_out_samples": self.held_out, "distilled": self._held_out(model),
+               "start": self._held_out(DistillRecipe._moved(self.start, model_device(model)))}
+        model.train(was)
+        return out
+
+
+def add_drafter_to_set(model_set: str | Path, drafter: str | Path, role: str, continuous: bool = False) -> Path:
+    """Add the drafter at stem ``drafter`` to the user model set ``model_set`` (a directory) under ``role`` (of the
+    continuous family with ``continuous``), replacing the role's earlier drafter: checked against the set's target
+    first, written under a stem the set does not use yet (``drafter_<role>`` or ``continuous_drafter_<role>``, then
+    ``_2``, ...), then ``manifest.json`` rewritten atomically. Returns the new stem."""
+    from mulosd.decoding.continuous import check_pair
     from mulosd.errors import MulosdError
+    from mulosd.models.cgpt import ContinuousGPT
     from mulosd.models.gpt import GPT
     from mulosd.pipeline import _manifest_spec
     from mulosd.zoo import manifest, write_manifest
 
     directory = user_set_directory(str(model_set))
     if directory is None:
+        flag = "--continuous-drafter" if continuous else "--drafter"
         raise MulosdError(f"model set {model_set} is shipped with mulosd and is not written; add the drafter to a "
-                          f"copy: mulosd pack --from {model_set} --out DIR --drafter {role}={drafter}")
-    m = GPT.from_pretrained(drafter)
-    t = GPT.from_pretrained(_manifest_spec(directory)["target"]).config
-    if (m.config.grid_size, m.config.vocab_size) != (t.grid_size, t.vocab_size):
-        raise MulosdError(f"drafter {drafter} has grid {m.config.grid_size} and {m.config.vocab_size} codes; the set's "
-                          f"target has {t.grid_size} and {t.vocab_size}")
+                          f"copy: mulosd pack --from {model_set} --out DIR {flag} {role}={drafter}")
+    spec_now = _manifest_spec(directory)
     spec = manifest(directory)
-    stem = free_stem(directory, f"drafter_{role}")
-    m.save_pretrained(directory / stem)
-    spec.setdefault("drafters", {})[role] = stem
+    if continuous:
+        if spec_now["continuous"] is None:
+            raise MulosdError(f"model set {model_set} has no continuous family to add a continuous drafter to")
+        m = ContinuousGPT.from_pretrained(drafter)
+        check_pair(ContinuousGPT.from_pretrained(spec_now["continuous"]["target"]), m)
+        stem = free_stem(directory, f"continuous_drafter_{role}")
+        m.save_pretrained(directory / stem)
+        spec["continuous"].setdefault("drafters", {})[role] = stem
+    else:
+        m = GPT.from_pretrained(drafter)
+        t = GPT.from_pretrained(spec_now["target"]).config
+        if (m.config.grid_size, m.config.vocab_size) != (t.grid_size, t.vocab_size):
+            raise MulosdError(f"drafter {drafter} has grid {m.config.grid_size} and {m.config.vocab_size} codes; the "
+                              f"set's target has {t.grid_size} and {t.vocab_size}")
+        stem = free_stem(directory, f"drafter_{role}")
+        m.save_pretrained(directory / stem)
+        spec.setdefault("drafters", {})[role] = stem
     write_manifest(directory, spec)
     return directory / stem
