@@ -1132,7 +1132,7 @@ def train_distill(out, steps, batch_size, lr, warmup, seed, checkpoint_every, re
                   add_to_set):
     """Distil a drafter from its target: for `--method sd`, the per-token divergence between the target's and the
     drafter's guided distributions; with --continuous, for `--method cspd`, the KL between the two diffusion
-    heads' reverse chains. Both teacher-forced on the target's own samples (why those: docs/DISTILL.md)."""
+    heads' reverse chains. Both teacher-forced on the target's own samples (why those: docs/MODELS.md)."""
     from mulosd.training.recipes import (ContinuousDistillRecipe, DistillRecipe, add_drafter_to_set,
                                          user_set_directory)
 
