@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from mulosd.cli import DIVERGENCE_CHOICES, main
 from mulosd.decoding.methods import get_method
-from mulosd.decoding.sampling import RandomStreams, SamplingConfig
+from mulosd.decoding.sampling import RandomStreams, SamplingConfig, process_logits
 
 
 @pytest.fixture
@@ -52,13 +52,13 @@ def test_a_killed_run_resumes_to_the_same_weights_and_the_drafter_joins_the_set_
     from mulosd.pipeline import Pipeline
 
     common = ["--model", str(tiny_set)]
-    r = _distill([*common, "--out", str(tmp_path / "run"), "--steps", "2", "--no-add-to-set"])
-    assert r.exit_code == 0, r.output
-    r = _distill([*common, "--out", str(tmp_path / "run"), "--steps", "4", "--resume"])
-    assert r.exit_code == 0, r.output
-    assert "added drafter_small_2 as drafter 'small'" in r.output
     r = _distill([*common, "--out", str(tmp_path / "straight"), "--steps", "4", "--no-add-to-set"])
     assert r.exit_code == 0, r.output
+    r = _distill([*common, "--out", str(tmp_path / "run"), "--steps", "2", "--no-add-to-set"])
+    assert r.exit_code == 0, r.output
+    r = _distill([*common, "--out", str(tmp_path / "run"), "--steps", "4", "--resume"])  # killed at 2, resumed
+    assert r.exit_code == 0, r.output
+    assert "added drafter_small_2 as drafter 'small'" in r.output
     resumed = GPT.from_pretrained(tmp_path / "run" / "model").state_dict()
     straight = GPT.from_pretrained(tmp_path / "straight" / "model").state_dict()
     assert all(torch.equal(w, straight[k]) for k, w in resumed.items())
@@ -80,13 +80,20 @@ def test_the_losses_are_the_divergences_they_name(tmp_path, tiny_set):
     index = torch.arange(4)
     fkl, m = recipe.loss(model, index, 0, None)
     d = recipe._distributions(model, index)
-    p, q = d["p"], d["q"]
+    p, q = d["lp"].exp(), d["lq"].exp()
+    tokens, labels = recipe.tokens[index], recipe.labels[index]  # the distributions sd samples from, step by step
+    with torch.no_grad():
+        rows = model(recipe.target.with_null(labels), torch.cat([tokens, tokens]))
+    want = process_logits(rows, recipe.cfg, predicts=torch.arange(tokens.shape[1]))
+    assert torch.allclose(q, want, atol=1e-6)
     assert torch.allclose(fkl, (p * (p.log() - q.log())).sum(-1).mean(), atol=1e-5)
     recipe.divergence = "tvd"
     tvd, _ = recipe.loss(model, index, 0, None)
     assert torch.allclose(tvd, 0.5 * (p - q).abs().sum(-1).mean(), atol=1e-5)  # 1 - sum min(p, q)
     assert m["accept"] == pytest.approx(1 - tvd.item(), abs=1e-4)
-    assert torch.equal(DistillRecipe.kl(p, p), torch.zeros_like(p[..., 0]))
+    assert torch.equal(DistillRecipe.kl(d["lp"], d["lp"]), torch.zeros_like(p[..., 0]))
+    plain = DistillRecipe(model=str(tiny_set), samples_dir=str(tmp_path / "s1"), num_samples=6, cfg_scale=1.0)
+    assert plain._distributions(model, index)["lq"].shape == (4, 16, 32)  # no CFG: no null-condition rows
 
 
 @pytest.mark.parametrize("args, message", [
@@ -131,13 +138,19 @@ def test_trajectory_kl_follows_the_teachers_chain_and_measures_a_known_offset():
     noise = torch.randn(len(teacher.sampling) + 1, 3, 2)
     same = trajectory_kl(teacher, student, z, z, noise, cfg_scale=2.0)
     assert torch.allclose(same["kl"], torch.zeros(3), atol=1e-6) and torch.allclose(same["last_gap"], torch.zeros(3))
-    delta = 0.05  # a student whose predicted noise is off by delta in every dimension at every step
+    s = teacher.sampling
     net = student.net
-    student.net = lambda x, t, zz: (net(x, t, zz)[0] + delta, net(x, t, zz)[1])
-    got = trajectory_kl(teacher, student, z, z, noise, cfg_scale=2.0)["kl"]
-    s = teacher.sampling  # guidance keeps the offset (delta + s (delta - delta)); mean moves by c0 k_inv k_noise delta
-    want = sum(2 * (s.c0[i] * s.k_inv[i] * s.k_noise[i] * delta) ** 2 / (2 * s.post_var[i].item()) for i in range(len(s)))
-    assert torch.allclose(got, torch.full((3,), want), rtol=1e-3)
+    for steps, temperature in (([0], 1.0), (list(range(len(s) - 1)), 1.0), (list(range(len(s) - 1)), 0.7)):
+        delta = 0.05  # the student's predicted noise off by delta in every dimension at reverse steps `steps` only
+        offset = torch.zeros(teacher.config.train_steps + 1)
+        offset[s.timesteps[steps]] = delta
+        student.net = lambda x, t, zz: (net(x, t, zz)[0] + offset[t][:, None], net(x, t, zz)[1])
+        got = trajectory_kl(teacher, student, z, z, noise, cfg_scale=2.0, temperature=temperature)["kl"]
+        # guidance keeps the offset (delta + 2 (delta - delta)); the mean moves by c0 k_inv k_noise delta, the fixed
+        # small std is temperature x sqrt(post_var): KL = 2 dimensions x shift^2 / (2 std^2)
+        want = sum(2 * (s.c0[i] * s.k_inv[i] * s.k_noise[i] * delta) ** 2 / (2 * temperature**2 * s.post_var[i].item())
+                   for i in steps)
+        assert torch.allclose(got, torch.full((3,), want), rtol=1e-4), (steps, temperature)
 
 
 @pytest.fixture
@@ -166,15 +179,15 @@ def test_continuous_distillation_lowers_the_path_kl_resumes_and_joins_the_set(tm
     ev = json.loads((tmp_path / "long" / "summary.json").read_text())["eval"]
     before, after = ev["start"], ev["distilled"]
     assert after["path_kl_per_token"] < 0.8 * before["path_kl_per_token"]  # held-out samples
-    assert after["median_last_gap_sigmas"] < before["median_last_gap_sigmas"]
-    assert 0 <= before["expected_acceptance"] <= after["expected_acceptance"] <= 1
+    assert after["median_aligned_gap_sigmas"] < before["median_aligned_gap_sigmas"]
+    assert 0 <= before["expected_acceptance"] <= 1 and 0 <= after["expected_acceptance"] <= 1
+    r = _distill([*common, "--out", str(tmp_path / "straight"), "--steps", "4", "--no-add-to-set"])
+    assert r.exit_code == 0, r.output
     r = _distill([*common, "--out", str(tmp_path / "run"), "--steps", "2", "--no-add-to-set"])
     assert r.exit_code == 0, r.output
     r = _distill([*common, "--out", str(tmp_path / "run"), "--steps", "4", "--resume"])
     assert r.exit_code == 0, r.output
-    assert "added continuous_drafter_small as continuous drafter 'small'" in r.output
-    r = _distill([*common, "--out", str(tmp_path / "straight"), "--steps", "4", "--no-add-to-set"])
-    assert r.exit_code == 0, r.output
+    assert "added continuous_drafter_small_2 as continuous drafter 'small'" in r.output
     resumed = ContinuousGPT.from_pretrained(tmp_path / "run" / "model").state_dict()
     straight = ContinuousGPT.from_pretrained(tmp_path / "straight" / "model").state_dict()
     assert all(torch.equal(w, straight[k]) for k, w in resumed.items())

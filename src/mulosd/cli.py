@@ -1104,8 +1104,8 @@ DIVERGENCE_CHOICES = ("fkl", "tvd")  # DistillRecipe's divergences (recipes.DIVE
               help="Drafter role to start from and to replace with --add-to-set; it must share the target's grid and "
                    "vocabulary (sd's drafter).")
 @click.option("--samples", type=click.IntRange(min=2), default=4000, show_default=True,
-              help="Target samples to distil on (the last tenth, at most 200, are held out for the evaluation); sampled "
-                   "once and kept in OUT/samples, so a resumed run does not sample again.")
+              help="Target samples to distil on (the last tenth, at most 200 (100 with --continuous), are held out "
+                   "for the evaluation); sampled once and kept in OUT/samples, so a resumed run does not sample again.")
 @click.option("--cfg-scale", type=click.FloatRange(0, 50), default=3.0, show_default=True,
               help="Guidance scale of the target's samples and of the guided distributions compared (use the scale "
                    "you decode with).")

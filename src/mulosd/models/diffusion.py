@@ -268,9 +268,12 @@ def trajectory_kl(teacher: DiffusionHead, student: DiffusionHead, z_teacher: tor
     it visits, both heads' reverse Gaussians are formed and their KL summed over steps and dimensions:
     KL(P || Q) = sum_k E_P KL(p_k(. | x_k) || q_k(. | x_k)), the KL between the two chains' path distributions,
     which is 0 iff the student predicts the teacher's noise (and variance) at every step of every trajectory. With
-    fixed variances each term is ||mu_p - mu_q||^2 / (2 sigma_k^2), so the last step, whose sigma is smallest,
-    weighs most: it is the step continuous speculative decoding's ratio compares. Gradients reach the student
-    (and z_student) only; the trajectory itself is the teacher's, detached.
+    fixed variances each term is ||mu_p - mu_q||^2 / (2 sigma_k^2): an error in the mean costs most at the last
+    step, whose sigma is smallest (the step continuous speculative decoding's ratio compares); in units of the
+    predicted noise, the weight (c0 k_inv k_noise)^2 / (2 sigma_k^2) is about 1 at the last step and largest at the
+    noisy end (where clipping x0, if on, cuts the gradient). Computed in float32 outside any autocast (the last
+    step's sigma is below bfloat16's resolution at |x| ~ 1). Gradients reach the student (and z_student) only; the
+    trajectory itself is the teacher's, detached.
 
     Returns {"kl" [n] nats per token, "last_gap" [n]: ||mu_p - mu_q|| / sigma_p at the last step, in units of the
     teacher's last std}."""
@@ -281,6 +284,13 @@ def trajectory_kl(teacher: DiffusionHead, student: DiffusionHead, z_teacher: tor
     guided = cfg_scale is not None
     n = len(z_teacher) // 2 if guided else len(z_teacher)
     S = len(s)
+    with torch.autocast(noise.device.type, enabled=False):
+        return _trajectory_kl(teacher, student, z_teacher.float(), z_student.float(), noise.float(), cfg_scale,
+                              temperature, guided, n, S)
+
+
+def _trajectory_kl(teacher, student, z_teacher, z_student, noise, cfg_scale, temperature, guided, n, S) -> dict:
+    s, sq = teacher.sampling, student.sampling
     x, total = noise[0], 0.0
     for k, i in enumerate(range(S - 1, -1, -1)):
         xin = torch.cat([x, x]) if guided else x

@@ -998,9 +998,12 @@ class DistillRecipe:
                                                   desc="distill: target samples")
 
     def describe(self) -> dict:
+        """The run's settings, the starting drafter's fingerprint included: a resumed run whose set's drafter was
+        replaced meanwhile (e.g. by --add-to-set) is refused instead of reporting the wrong start."""
         return {"model": str(self.model), "drafter": self.drafter, "num_samples": self.num_samples,
                 "held_out": self.held_out, "cfg_scale": self.cfg_scale, "temperature": self.temperature,
-                "data_seed": self.data_seed, "divergence": self.divergence, "half_weight": self.half_weight}
+                "data_seed": self.data_seed, "divergence": self.divergence, "half_weight": self.half_weight,
+                "start": weights_fingerprint(*self.start.state_dict().values())}
 
     def build_model(self):
         """A float32 copy of the starting drafter (config and weights), trainable."""
@@ -1013,21 +1016,31 @@ class DistillRecipe:
     def num_examples(self) -> int:
         return self.num_samples - self.held_out
 
-    def _distributions(self, model, index) -> dict:
-        """Guided (p, q) [b, N, V] and the halves' log-probabilities of target and drafter on samples ``index``."""
-        from mulosd.decoding.sampling import process_logits
+    def _log_probs(self, logits: torch.Tensor, predicts: torch.Tensor) -> torch.Tensor:
+        """Log of ``process_logits``' probabilities (CFG mix, then temperature; this recipe sets no top-k / top-p),
+        computed in log space so that a vanishing q keeps its gradient."""
+        from mulosd.decoding.sampling import cfg_mix, guidance_scale
 
+        logits = logits.float()
+        if self.cfg.uses_cfg:
+            logits = cfg_mix(logits, guidance_scale(self.cfg, predicts))
+        return (logits / self.temperature).log_softmax(-1)
+
+    def _distributions(self, model, index) -> dict:
+        """Log-probabilities [b, N, V] of the guided distributions (``lp``, ``lq``: what sd samples from) and of
+        each model's conditional and null-condition halves (``hp``, ``hq``, [2b, N, V]; the conditional half
+        alone without CFG) on samples ``index``, teacher-forced."""
         device = model_device(model)
         tokens, labels = self.tokens[index].to(device), self.labels[index].to(device)
-        cond = self.target.with_null(labels)
-        both = torch.cat([tokens, tokens])
+        cond = self.target.with_null(labels) if self.cfg.uses_cfg else labels
+        rows = torch.cat([tokens, tokens]) if self.cfg.uses_cfg else tokens
         target = self._moved(self.target, device)
         with torch.no_grad():
-            lp = target(cond, both).float()
-        lq = model(cond, both).float()
+            tp = target(cond, rows).float()
+        tq = model(cond, rows).float()
         predicts = torch.arange(tokens.shape[1], device=device)
-        return {"p": process_logits(lp, self.cfg, predicts=predicts), "q": process_logits(lq, self.cfg, predicts=predicts),
-                "lp": (lp / self.temperature).log_softmax(-1), "lq": (lq / self.temperature).log_softmax(-1)}
+        return {"lp": self._log_probs(tp, predicts), "lq": self._log_probs(tq, predicts),
+                "hp": (tp / self.temperature).log_softmax(-1), "hq": (tq / self.temperature).log_softmax(-1)}
 
     @staticmethod
     def _moved(net, device):
@@ -1036,17 +1049,18 @@ class DistillRecipe:
         return net
 
     @staticmethod
-    def kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """Per-position KL(p || q) of two probability tensors [..., V] (0 log 0 = 0)."""
-        return torch.where(p > 0, p * (p.clamp_min(1e-30).log() - q.clamp_min(1e-30).log()), 0.0).sum(-1)
+    def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+        """Per-position KL(p || q) from log-probabilities [..., V] (terms where p = 0 count 0)."""
+        p = log_p.exp()
+        return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
 
     def loss(self, model, index, step, gen):
         d = self._distributions(model, index)
-        mix = self.kl(d["p"], d["q"]).mean()
-        tv = 1 - torch.minimum(d["p"], d["q"]).sum(-1).mean()
-        halves = (d["lp"].exp() * (d["lp"] - d["lq"])).sum(-1).mean()
+        mix = self.kl(d["lp"], d["lq"]).mean()
+        tv = 1 - torch.minimum(d["lp"].exp(), d["lq"].exp()).sum(-1).mean()
         main = mix if self.divergence == "fkl" else tv
-        return main + self.half_weight * halves, {"kl_mix": round(mix.item(), 4), "accept": round(1 - tv.item(), 4)}
+        loss = (main + self.half_weight * self.kl(d["hp"], d["hq"]).mean()) if self.half_weight > 0 else main
+        return loss, {"kl_mix": round(mix.item(), 4), "accept": round(1 - tv.item(), 4)}
 
     def after_step(self, model, step):
         pass
@@ -1056,8 +1070,8 @@ class DistillRecipe:
         kl, accept, agree, n = 0.0, 0.0, 0.0, 0
         for i in range(self.num_examples(), self.num_samples, 25):
             d = self._distributions(model, torch.arange(i, min(i + 25, self.num_samples)))
-            p, q = d["p"], d["q"]
-            kl += self.kl(p, q).sum().item()
+            p, q = d["lp"].exp(), d["lq"].exp()
+            kl += self.kl(d["lp"], d["lq"]).sum().item()
             accept += torch.minimum(p, q).sum(-1).sum().item()
             agree += (p.argmax(-1) == q.argmax(-1)).float().sum().item()
             n += p.shape[0] * p.shape[1]
@@ -1088,13 +1102,14 @@ class ContinuousDistillRecipe:
     between the target's and the drafter's reverse Gaussians is summed over the steps
     (:func:`mulosd.models.diffusion.trajectory_kl`: the KL between the two chains' path distributions, i.e. the
     drafter's noise prediction matched to the target's along the target's own denoising trajectories, each step
-    weighted by 1 / (2 sigma_k^2)); plus ``half_weight`` x the same for the conditional and the null-condition
+    a mean error weighted by 1 / (2 sigma_k^2)); plus ``half_weight`` x the same for the conditional and the null-condition
     chains unguided, so each half stays usable at other guidance scales.
 
     Evaluation on the held-out samples, for the distilled drafter and the one it started from, at every cell: the
-    path KL per token, the median gap between the two last-step means in units of the target's last std, and the
-    expected acceptance of CSpD's exact surrogate ratio, mean min(1, r~), with trajectory alignment (the target's
-    chain re-run with the drafter's noises; one step ahead of a target-sampled context)."""
+    path KL per token; with trajectory alignment (the drafter's chain, and the target's re-run with the drafter's
+    noises, as ``cspd`` runs them; one step ahead of a target-sampled context), the median gap between the two
+    chains' last-step means in units of the target's last std (docs/CSPD.md's diagnosis: about 14 for the shipped
+    pair) and the expected acceptance of CSpD's exact surrogate ratio, mean min(1, r~)."""
 
     model: str = "fmnist-32"
     drafter: str = "small"
@@ -1130,6 +1145,10 @@ class ContinuousDistillRecipe:
             raise MulosdError(f"model set {self.model} has no continuous drafter {self.drafter!r}; allowed: "
                               f"{', '.join(sorted(drafters)) or '(none)'}")
         check_pair(family.target, drafters[self.drafter])
+        ts, ds = family.target.head, drafters[self.drafter].head
+        if not torch.equal(ts.sampling.timesteps, ds.sampling.timesteps) or ts.config.train_steps != ds.config.train_steps:
+            raise MulosdError("the drafter's diffusion schedule (training and sampling timesteps) differs from the "
+                              "target's: the two chains cannot be compared step by step")
         for p in family.target.parameters():
             p.requires_grad_(False)
         self.target = family.target.float().eval()
@@ -1143,7 +1162,7 @@ class ContinuousDistillRecipe:
         return {"model": str(self.model), "drafter": self.drafter, "num_samples": self.num_samples,
                 "held_out": self.held_out, "cfg_scale": self.cfg_scale, "temperature": self.temperature,
                 "data_seed": self.data_seed, "positions": self.positions, "half_weight": self.half_weight,
-                "continuous": True}
+                "continuous": True, "start": weights_fingerprint(*self.start.state_dict().values())}
 
     def build_model(self):
         from mulosd.models.cgpt import ContinuousGPT
@@ -1156,17 +1175,19 @@ class ContinuousDistillRecipe:
         return self.num_samples - self.held_out
 
     def _rows(self, model, index, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Conditions of the target and the drafter for cells [b, M] of samples ``index``, [cond ; null] rows."""
+        """Conditions z of the target and the drafter for cells [b, M] of samples ``index`` in the head's layout:
+        [cond ; null] rows (each image-major) under CFG, the conditional rows alone without."""
         device = model_device(model)
         tokens, labels = self.tokens[index].to(device), self.labels[index].to(device)
-        cond = self.target.with_null(labels)
-        both = torch.cat([tokens, tokens])
-        pick = torch.cat([cells, cells]).to(device)
+        guided = self.cfg.uses_cfg
+        cond = self.target.with_null(labels) if guided else labels
+        feed = torch.cat([tokens, tokens]) if guided else tokens
+        pick = (torch.cat([cells, cells]) if guided else cells).to(device)
         target = DistillRecipe._moved(self.target, device)
         with torch.no_grad():
-            zt = target(cond, both)
-        zs = model(cond, both)
-        rows = torch.arange(len(both), device=device)[:, None]
+            zt = target(cond, feed)
+        zs = model(cond, feed)
+        rows = torch.arange(len(feed), device=device)[:, None]
         return zt[rows, pick].reshape(-1, zt.shape[-1]).float(), zs[rows, pick].reshape(-1, zs.shape[-1]).float()
 
     def _path(self, model, zt, zs, noise) -> dict:
@@ -1180,13 +1201,13 @@ class ContinuousDistillRecipe:
         N, d = self.tokens.shape[1], self.tokens.shape[2]
         cells = torch.stack([torch.randperm(N, generator=gen)[: self.positions] for _ in range(len(index))])
         zt, zs = self._rows(model, index, cells)
-        n = len(zt) // 2
+        n = len(zt) // 2 if self.cfg.uses_cfg else len(zt)
         S = len(self.target.head.sampling)
         noise = torch.randn(S + 1, n, d, generator=gen).to(zt.device)
         guided = self._path(model, zt, zs, noise)
         loss = guided["kl"].mean()
         metrics = {"path_kl": round(loss.item(), 3), "last_gap": round(guided["last_gap"].median().item(), 3)}
-        if self.half_weight > 0:
+        if self.half_weight > 0 and self.cfg.uses_cfg:
             from mulosd.models.diffusion import trajectory_kl
 
             halves = sum(trajectory_kl(self.target.head, model.head, zt[h], zs[h], noise, None, self.temperature)["kl"].mean()
@@ -1212,17 +1233,17 @@ class ContinuousDistillRecipe:
             index = torch.arange(i, min(i + 10, self.num_samples))
             cells = torch.arange(N).expand(len(index), N)
             zt, zs = self._rows(model, index, cells)
-            rows = len(zt) // 2
+            rows = len(zt) // 2 if self.cfg.uses_cfg else len(zt)
             noise = torch.randn(S + 1, rows, d, generator=gen).to(device)
             path = self._path(model, zt, zs, noise)
             kl += path["kl"].sum().item()
-            gaps.append(path["last_gap"].cpu())
             draft = head_sample(model, zs, self.cfg, noise)  # the drafter draws; the target re-runs its noises
             aligned = head_sample(target, zt, self.cfg, draft["noise"])
+            gaps.append(((draft["last_mean"] - aligned["last_mean"]) / aligned["last_std"]).pow(2).sum(-1).sqrt().cpu())
             log_r = surrogate_log_ratio(draft["x"], draft, aligned)
             accept += log_r.clamp(max=0).exp().sum().item()
             n += rows
-        return {"path_kl_per_token": round(kl / n, 3), "median_last_gap_sigmas": round(torch.cat(gaps).median().item(), 3),
+        return {"path_kl_per_token": round(kl / n, 3), "median_aligned_gap_sigmas": round(torch.cat(gaps).median().item(), 3),
                 "expected_acceptance": round(accept / n, 4)}
 
     def evaluate(self, model) -> dict:
@@ -1245,7 +1266,7 @@ def add_drafter_to_set(model_set: str | Path, drafter: str | Path, role: str, co
     from mulosd.models.cgpt import ContinuousGPT
     from mulosd.models.gpt import GPT
     from mulosd.pipeline import _manifest_spec
-    from mulosd.zoo import manifest, write_manifest
+    from mulosd.zoo import component_stem, manifest, write_manifest
 
     directory = user_set_directory(str(model_set))
     if directory is None:
@@ -1259,16 +1280,19 @@ def add_drafter_to_set(model_set: str | Path, drafter: str | Path, role: str, co
             raise MulosdError(f"model set {model_set} has no continuous family to add a continuous drafter to")
         m = ContinuousGPT.from_pretrained(drafter)
         check_pair(ContinuousGPT.from_pretrained(spec_now["continuous"]["target"]), m)
-        stem = free_stem(directory, f"continuous_drafter_{role}")
+        stem = free_stem(directory, component_stem("continuous_drafter", role))
         m.save_pretrained(directory / stem)
         spec["continuous"].setdefault("drafters", {})[role] = stem
     else:
         m = GPT.from_pretrained(drafter)
         t = GPT.from_pretrained(spec_now["target"]).config
-        if (m.config.grid_size, m.config.vocab_size) != (t.grid_size, t.vocab_size):
-            raise MulosdError(f"drafter {drafter} has grid {m.config.grid_size} and {m.config.vocab_size} codes; the "
-                              f"set's target has {t.grid_size} and {t.vocab_size}")
-        stem = free_stem(directory, f"drafter_{role}")
+        mc = m.config
+        if (mc.grid_size, mc.vocab_size, mc.num_classes, mc.condition) != (t.grid_size, t.vocab_size, t.num_classes,
+                                                                            t.condition):
+            raise MulosdError(f"drafter {drafter} has grid {mc.grid_size}, {mc.vocab_size} codes and {mc.num_classes} "
+                              f"{mc.condition} conditions; the set's target has {t.grid_size}, {t.vocab_size} and "
+                              f"{t.num_classes} {t.condition}")
+        stem = free_stem(directory, component_stem("drafter", role))
         m.save_pretrained(directory / stem)
         spec.setdefault("drafters", {})[role] = stem
     write_manifest(directory, spec)
