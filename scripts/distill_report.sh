@@ -11,9 +11,10 @@ N_B8=${N_B8:-400}
 SET=${SET:-$R/fmnist-32-distilled}
 
 stage distill_small distill --model fmnist-32 --drafter small --samples "${SAMPLES:-4000}" \
-  --steps "${STEPS:-2000}" --batch-size 32 --lr 1e-3 --warmup 100 --checkpoint-every 100
+  --steps "${STEPS:-1000}" --batch-size 32 --lr 1e-3 --warmup 50 --checkpoint-every 100
 [ -f "$SET/manifest.json" ] || $M pack --from fmnist-32 --out "$SET" --dtype fp16 \
   --drafter distilled=$R/distill_small/model
-bench distill_b1 --model "$SET" --methods ar,sd --setting sd:drafter=distilled --num-images "$N" --batch-size 1 \
-  --inception
-bench distill_b8 --model "$SET" --methods ar,sd --setting sd:drafter=distilled --num-images "$N_B8" --batch-size 8
+bench distill_b8 --preset full --model "$SET" --methods ar,sd --setting sd:drafter=distilled --num-images "$N_B8" \
+  --batch-size 8
+bench distill_b1 --preset full --model "$SET" --methods ar,sd --setting sd:drafter=distilled --num-images "$N" \
+  --batch-size 1

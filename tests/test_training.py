@@ -64,6 +64,44 @@ def test_killed_run_resumes_to_the_same_model(tmp_path):
     assert ref["final"]["step"] == 7
 
 
+class RecordingRecipe(ToyRecipe):
+    """ToyRecipe that keeps the initial weights and the weights after every optimiser step."""
+
+    def build_model(self):
+        model = super().build_model()
+        self.seen = [{k: v.clone() for k, v in model.state_dict().items()}]
+        return model
+
+    def after_step(self, model, step):
+        self.seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+
+def test_ema_exports_the_moving_average_and_a_killed_run_resumes_to_it(tmp_path):
+    from mulosd.training.trainer import ema_decay
+
+    rec = RecordingRecipe()
+    train(rec, tmp_path / "ref", TrainConfig(**CFG, ema=0.9), progress=False)
+    want = {k: v.clone() for k, v in rec.seen[0].items()}
+    for step, weights in enumerate(rec.seen[1:]):  # decays 1/10, 2/11, ... capped at 0.9
+        d = ema_decay(step, 0.9)
+        for k, v in weights.items():
+            want[k] = d * want[k] + (1 - d) * v if v.is_floating_point() else v
+    assert [ema_decay(s, 0.9) for s in (0, 1, 79, 80, 10**6)] == [0.1, 2 / 11, 80 / 89, 0.9, 0.9]
+    got = Classifier.from_pretrained(tmp_path / "ref" / "model").state_dict()
+    assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
+    raw = torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=True)["model"]
+    assert any(not torch.allclose(raw[k], got[k]) for k in got)  # the checkpoint keeps the raw weights
+    with pytest.raises(KeyboardInterrupt):
+        train(ToyRecipe(crash_at=5), tmp_path / "run", TrainConfig(**CFG, ema=0.9), progress=False)
+    with pytest.raises(MulosdError, match="--ema"):  # the average cannot be rebuilt for another decay
+        train(ToyRecipe(), tmp_path / "run", TrainConfig(**CFG), resume=True, progress=False)
+    train(ToyRecipe(), tmp_path / "run", TrainConfig(**CFG, ema=0.9), resume=True, progress=False)
+    resumed = Classifier.from_pretrained(tmp_path / "run" / "model").state_dict()
+    assert all(torch.allclose(resumed[k], got[k], atol=1e-6) for k in got)
+    with pytest.raises(MulosdError, match="--ema must be in"):
+        train(ToyRecipe(), tmp_path / "bad", TrainConfig(**CFG, ema=1.0), progress=False)
+
+
 def test_resume_refuses_other_settings_and_missing_checkpoint(tmp_path):
     with pytest.raises(MulosdError, match="does not exist"):
         train(ToyRecipe(), tmp_path / "none", TrainConfig(**CFG), resume=True, progress=False)

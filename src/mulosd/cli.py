@@ -809,6 +809,9 @@ def _train_options(fn):
         click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="float32",
                      help="float32, or mixed precision over float32 weights: the loss under bfloat16 or float16 "
                           "autocast (float16 with loss scaling, CUDA only; on the CPU: float32, bfloat16)."),
+        click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+                     help="Decay of an exponential moving average of the weights, which is then what is evaluated and "
+                          "exported (0: off, the last weights; 0.999 for long runs). A resumed run needs the same value."),
         click.option("--data-dir", type=click.Path(file_okay=False), default=None,
                      help="Directory with the Fashion-MNIST IDX files (default: $MULOSD_DATA, then /usr/share/datasets/fashion-mnist)."),
         click.option("--limit", type=click.IntRange(min=1), default=None, help="Train on the first N images only (quick runs)."),
@@ -824,11 +827,13 @@ def _train_options(fn):
     return threads_option(with_threads)
 
 
-def _train(recipe_fn, out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device="cpu", dtype="float32"):
+def _train(recipe_fn, out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device="cpu", dtype="float32",
+           ema=0.0):
     from mulosd.training import TrainConfig, train
     from mulosd.training.trainer import training_precision
 
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, seed=seed, checkpoint_every=checkpoint_every)
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, seed=seed, checkpoint_every=checkpoint_every,
+                      ema=ema)
     cfg.validate()
     device, dtype = training_precision(device, dtype)  # before the recipe reads its data and before --out exists
     summary = train(recipe_fn(), out, cfg, resume=resume, device=device, dtype=dtype)
@@ -928,14 +933,14 @@ def train():
 @click.option("--z-channels", type=click.IntRange(min=1), default=32, help="Latent channels before quantisation.")
 @click.option("--codebook-size", type=click.IntRange(2, 1024), default=512, help="Number of codes (<= 1024).")
 @click.option("--codebook-dim", type=click.IntRange(min=1), default=8, help="Code vector dimension (L2-normalised).")
-def train_tokenizer(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype, data_dir, limit, channels,
+def train_tokenizer(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype, ema, data_dir, limit, channels,
                     z_channels, codebook_size, codebook_dim):
     """VQ tokenizer (factor 2) trained jointly on 32, 16 and 8 px Fashion-MNIST."""
     from mulosd.models.vq import VQConfig
     from mulosd.training.recipes import TokenizerRecipe
 
     vq = VQConfig(channels=channels, z_channels=z_channels, codebook_size=codebook_size, codebook_dim=codebook_dim)
-    _run(_train, lambda: TokenizerRecipe(vq=vq, data_dir=data_dir, limit=limit), out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype)
+    _run(_train, lambda: TokenizerRecipe(vq=vq, data_dir=data_dir, limit=limit), out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype, ema)
 
 
 @train.command("ar")
@@ -948,7 +953,7 @@ def train_tokenizer(out, steps, batch_size, lr, warmup, seed, checkpoint_every, 
 @click.option("--heads", type=click.IntRange(min=1), default=6, help="Attention heads (head dim must be a multiple of 4).")
 @click.option("--class-dropout", type=click.FloatRange(0, 1), default=0.1, help="Probability of the null class (for CFG).")
 @click.option("--bf16/--fp32", default=False, help="bf16 autocast for the forward pass (weights stay fp32).")
-def train_ar(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype, data_dir, limit, tokenizer, grid, dim,
+def train_ar(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype, ema, data_dir, limit, tokenizer, grid, dim,
              layers, heads, class_dropout, bf16):
     """Class-conditional LlamaGen-style GPT on tokenised Fashion-MNIST."""
     from mulosd.models.gpt import GPTConfig
@@ -961,20 +966,20 @@ def train_ar(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume,
                         class_dropout_prob=class_dropout)
         return ARRecipe(gpt=gpt, tokenizer=tokenizer, data_dir=data_dir, bf16=bf16, limit=limit)
 
-    _run(_train, recipe, out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype)
+    _run(_train, recipe, out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype, ema)
 
 
 @train.command("classifier")
 @_train_options
 @click.option("--width", type=click.IntRange(min=4), default=32, help="Base conv width.")
 @click.option("--features", type=click.IntRange(min=8), default=128, help="Penultimate feature size (the FID space).")
-def train_classifier(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype, data_dir, limit, width, features):
+def train_classifier(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype, ema, data_dir, limit, width, features):
     """Small CNN classifier (evaluation: class accuracy and feature FID)."""
     from mulosd.models.classifier import ClassifierConfig
     from mulosd.training.recipes import ClassifierRecipe
 
     cfg = ClassifierConfig(width=width, num_features=features)
-    _run(_train, lambda: ClassifierRecipe(cfg=cfg, data_dir=data_dir, limit=limit), out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype)
+    _run(_train, lambda: ClassifierRecipe(cfg=cfg, data_dir=data_dir, limit=limit), out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype, ema)
 
 
 @train.command("upsampler")
@@ -1012,7 +1017,7 @@ def train_classifier(out, steps, batch_size, lr, warmup, seed, checkpoint_every,
 @click.option("--features", default=None, type=click.Path(dir_okay=False), metavar="STEM",
               help="Classifier stem whose features the perceptual loss compares (default: the --model set's "
                    "classifier); it must take the tokenizer's channels at the training image size.")
-def train_upsampler(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype, data_dir, limit,
+def train_upsampler(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype, ema, data_dir, limit,
                     tokenizer, model_set, data, eval_data, eval_images, add_to_set, r, dim, blocks, ce_steps,
                     pixel_weight, ce_weight, perceptual_weight, features):
     """Learned latent up-/down-sampler for MuLo-SD (row-causal masked conv + pixel-shuffle), one per factor r: for
@@ -1026,7 +1031,7 @@ def train_upsampler(out, steps, batch_size, lr, warmup, seed, checkpoint_every, 
                                perceptual_weight=perceptual_weight, features=features)
 
     _run(_train_upsampler, recipe, model_set, add_to_set, out, steps, batch_size, lr, warmup, seed, checkpoint_every,
-         resume, device, dtype)
+         resume, device, dtype, ema)
 
 
 def _train_upsampler(recipe, model_set, add_to_set, out, *train_args):
@@ -1069,7 +1074,7 @@ def _train_upsampler(recipe, model_set, add_to_set, out, *train_args):
               help="Also write the trained head into the --model set's directory (component eagle_head, manifest.json "
                    "updated atomically, an earlier head replaced). Default: on for a set directory; a shipped set is "
                    "never written (use `mulosd pack --from SET --eagle OUT/model`).")
-def train_eagle(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype, data_dir, limit,
+def train_eagle(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype, ema, data_dir, limit,
                 model_set, samples, cfg_scale, temperature, ce_weight, noise, add_to_set):
     """EAGLE draft head for `--method eagle2`: one transformer layer on the target's last hidden states, trained on
     the target's own samples (hidden-state regression + token cross-entropy, as EAGLE)."""
@@ -1085,7 +1090,7 @@ def train_eagle(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resu
         recipe = lambda: EagleRecipe(model=model_set, samples_dir=str(Path(out) / "samples"),  # noqa: E731
                                      num_samples=samples, cfg_scale=cfg_scale, temperature=temperature,
                                      ce_weight=ce_weight, noise=noise)
-        _train(recipe, out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype)
+        _train(recipe, out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype, ema)
         if add_to_set is not False and user_set_directory(model_set) is not None:
             stem = add_eagle_to_set(model_set, Path(out) / "model")
             click.echo(f"added {stem.name} to model set {model_set} (manifest.json updated)")
@@ -1127,7 +1132,7 @@ DIVERGENCE_CHOICES = ("fkl", "tvd")  # DistillRecipe's divergences (recipes.DIVE
               help="Also write the distilled drafter into the --model set's directory under --drafter's role "
                    "(manifest.json updated atomically, the earlier drafter of that role replaced). Default: on for a "
                    "set directory; a shipped set is never written (use `mulosd pack --from SET --drafter ROLE=OUT/model`).")
-def train_distill(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype, data_dir, limit,
+def train_distill(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype, ema, data_dir, limit,
                   model_set, role, samples, cfg_scale, temperature, divergence, half_weight, continuous, positions,
                   add_to_set):
     """Distil a drafter from its target: for `--method sd`, the per-token divergence between the target's and the
@@ -1154,7 +1159,7 @@ def train_distill(out, steps, batch_size, lr, warmup, seed, checkpoint_every, re
             recipe = lambda: ContinuousDistillRecipe(**common, positions=positions)  # noqa: E731
         else:
             recipe = lambda: DistillRecipe(**common, divergence=divergence)  # noqa: E731
-        _train(recipe, out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype)
+        _train(recipe, out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype, ema)
         if add_to_set is not False and user_set_directory(model_set) is not None:
             stem = add_drafter_to_set(model_set, Path(out) / "model", role, continuous)
             kind = "continuous drafter" if continuous else "drafter"
@@ -1169,7 +1174,7 @@ def train_distill(out, steps, batch_size, lr, warmup, seed, checkpoint_every, re
 @click.option("--z-channels", type=click.IntRange(min=1), default=32, help="Trunk channels at the latent resolution.")
 @click.option("--token-dim", type=click.IntRange(min=1), default=4, help="Channels of a continuous token.")
 @click.option("--kl-weight", type=click.FloatRange(min=0), default=1e-4, help="Weight of the KL term (per latent element) against the pixel MSE.")
-def train_kl_tokenizer(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype, data_dir, limit, channels,
+def train_kl_tokenizer(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype, ema, data_dir, limit, channels,
                        z_channels, token_dim, kl_weight):
     """Continuous tokenizer: KL autoencoder, factor 2 (32 px -> 16x16 tokens of --token-dim channels), for car / cspd."""
     from mulosd.models.kl import KLConfig
@@ -1177,7 +1182,7 @@ def train_kl_tokenizer(out, steps, batch_size, lr, warmup, seed, checkpoint_ever
 
     kl = KLConfig(channels=channels, z_channels=z_channels, token_dim=token_dim, kl_weight=kl_weight)
     _run(_train, lambda: KLTokenizerRecipe(kl=kl, data_dir=data_dir, limit=limit), out, steps, batch_size, lr, warmup,
-         seed, checkpoint_every, resume, device, dtype)
+         seed, checkpoint_every, resume, device, dtype, ema)
 
 
 @train.command("car")
@@ -1198,7 +1203,7 @@ def train_kl_tokenizer(out, steps, batch_size, lr, warmup, seed, checkpoint_ever
                    "exact std-product term (docs/CSPD.md).")
 @click.option("--class-dropout", type=click.FloatRange(0, 1), default=0.1, help="Probability of the null class (for CFG).")
 @click.option("--bf16/--fp32", default=False, help="bf16 autocast for the transformer's forward (the head stays fp32).")
-def train_car(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype, data_dir, limit, tokenizer, dim, layers,
+def train_car(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype, ema, data_dir, limit, tokenizer, dim, layers,
               heads, head_width, head_depth, diffusion_steps, sample_steps, head_batch_mul, variance, class_dropout, bf16):
     """Continuous-token AR model (transformer + small MLP diffusion head) on KL-tokenised Fashion-MNIST: the target
     and the drafter of cspd."""
@@ -1214,7 +1219,7 @@ def train_car(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume
                                   variance=variance, class_dropout_prob=class_dropout)
         return ContinuousARRecipe(gpt=cfg, tokenizer=tokenizer, data_dir=data_dir, bf16=bf16, limit=limit)
 
-    _run(_train, recipe, out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype)
+    _run(_train, recipe, out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype, ema)
 
 
 # ---------------------------------------------------------------------------------------------- pack

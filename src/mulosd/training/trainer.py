@@ -3,7 +3,9 @@ exact resume.
 
 A run directory holds ``checkpoint.pt`` (model + optimiser + step, written atomically, read back with
 ``weights_only=True``), ``log.jsonl`` (one line per logged step), and at the end the exported model
-(``model.json`` + ``model.safetensors``) and ``summary.json``. Batch order and every random draw are functions of
+(``model.json`` + ``model.safetensors``) and ``summary.json``. With ``ema`` > 0 the trainer also keeps an exponential
+moving average of the weights (in the checkpoint beside the raw ones, which a resumed run continues from); the
+average is what is evaluated and exported. Batch order and every random draw are functions of
 (seed, step), so a run killed at step s and resumed gives the same model as an uninterrupted one.
 
 Device and precision: the model trains on ``device`` (cpu, cuda, cuda:N, auto) with float32 master weights; the
@@ -44,6 +46,8 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 200
     log_every: int = 20
+    ema: float = 0.0  # 0: off; else the decay of an exponential moving average of the weights, exported at the end
+
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
@@ -53,6 +57,8 @@ class TrainConfig:
             raise MulosdError(f"--lr must be > 0, got {self.lr}")
         if self.warmup < 0:
             raise MulosdError(f"--warmup must be >= 0, got {self.warmup}")
+        if not 0 <= self.ema < 1:
+            raise MulosdError(f"--ema must be in [0, 1) (0: off; 0.999 is usual), got {self.ema}")
 
 
 class Recipe(Protocol):
@@ -107,6 +113,23 @@ def training_precision(device: str | torch.device | None = "cpu",
     return device, dtype
 
 
+def ema_decay(step: int, decay: float) -> float:
+    """The EMA's decay after optimiser step ``step`` (0-based): ``decay``, lowered early on as (1 + step) / (10 + step)
+    so that the average forgets the initial weights in a short run."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def update_ema(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * weights, for every floating-point tensor of the state dict (buffers such as
+    integer counters are copied)."""
+    for k, v in model.state_dict().items():
+        if v.is_floating_point():
+            ema[k].mul_(decay).add_(v.detach().float(), alpha=1 - decay)
+        else:
+            ema[k].copy_(v)
+
+
 def _to_cpu(obj):
     """A state dict (nested dicts, lists, tuples of tensors and plain values) with every tensor on the CPU."""
     if isinstance(obj, torch.Tensor):
@@ -139,6 +162,8 @@ def train(recipe: Recipe, out_dir: str | Path, cfg: TrainConfig, resume: bool = 
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start, elapsed = 0, 0.0
+    ema = {k: v.detach().clone().float() if v.is_floating_point() else v.detach().clone()
+           for k, v in model.state_dict().items()} if cfg.ema > 0 else None
     if resume:
         state = torch_load_checked(ckpt_path)
         saved = json.loads(state["settings"])
@@ -150,11 +175,17 @@ def train(recipe: Recipe, out_dir: str | Path, cfg: TrainConfig, resume: bool = 
         if scaler.is_enabled() and state.get("scaler"):  # a float16 run continued in float16 keeps its loss scale
             scaler.load_state_dict(state["scaler"])
         start, elapsed = int(state["step"]), float(state["elapsed_s"])
+        if (ema is not None) != (state.get("ema") is not None):
+            raise MulosdError(f"cannot resume {ckpt_path}: it was trained {'with' if state.get('ema') is not None else 'without'} "
+                              f"--ema; give the same --ema as that run")
+        if ema is not None:
+            ema = {k: v.to(device) for k, v in state["ema"].items()}
 
     def save_checkpoint(step: int, spent: float) -> None:
         atomic_torch_save(ckpt_path, {
             "model": _to_cpu(model.state_dict()), "optimizer": _to_cpu(opt.state_dict()), "step": step,
             "elapsed_s": spent, "settings": json.dumps(settings), "dtype": dtype_name, "scaler": scaler.state_dict(),
+            "ema": _to_cpu(ema) if ema is not None else None,
         })
 
     n = recipe.num_examples()
@@ -182,6 +213,8 @@ def train(recipe: Recipe, out_dir: str | Path, cfg: TrainConfig, resume: bool = 
         scaler.step(opt)  # float16: skipped when a gradient overflowed (the scale then shrinks)
         scaler.update()
         recipe.after_step(model, step)
+        if ema is not None:
+            update_ema(ema, model, ema_decay(step, cfg.ema))
         last = {"step": step + 1, "loss": loss.item(), **metrics, "lr": lr_at(step, cfg), "elapsed_s": time.perf_counter() - t0}
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             log.write(json.dumps(last) + "\n")
@@ -192,6 +225,8 @@ def train(recipe: Recipe, out_dir: str | Path, cfg: TrainConfig, resume: bool = 
     log.close()
     spent = time.perf_counter() - t0
     save_checkpoint(cfg.steps, spent)
+    if ema is not None:  # the checkpoint keeps the raw weights (a resumed run needs them); the average is the model
+        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in ema.items()})
     model.eval()
     evaluation = recipe.evaluate(model)
     model.save_pretrained(out / "model")  # written from CPU float32 copies of the weights
