@@ -93,8 +93,9 @@ def test_ema_exports_the_moving_average_and_a_killed_run_resumes_to_it(tmp_path)
     assert any(not torch.allclose(raw[k], got[k]) for k in got)  # the checkpoint keeps the raw weights
     with pytest.raises(KeyboardInterrupt):
         train(ToyRecipe(crash_at=5), tmp_path / "run", TrainConfig(**CFG, ema=0.9), progress=False)
-    with pytest.raises(MulosdError, match="--ema"):  # the average cannot be rebuilt for another decay
-        train(ToyRecipe(), tmp_path / "run", TrainConfig(**CFG), resume=True, progress=False)
+    for other in (0.0, 0.5):  # the average cannot be rebuilt for another decay
+        with pytest.raises(MulosdError, match=f"--ema 0.9, not {other}"):
+            train(ToyRecipe(), tmp_path / "run", TrainConfig(**CFG, ema=other), resume=True, progress=False)
     train(ToyRecipe(), tmp_path / "run", TrainConfig(**CFG, ema=0.9), resume=True, progress=False)
     resumed = Classifier.from_pretrained(tmp_path / "run" / "model").state_dict()
     assert all(torch.allclose(resumed[k], got[k], atol=1e-6) for k in got)

@@ -1174,13 +1174,17 @@ def train_distill(out, steps, batch_size, lr, warmup, seed, checkpoint_every, re
 @click.option("--z-channels", type=click.IntRange(min=1), default=32, help="Trunk channels at the latent resolution.")
 @click.option("--token-dim", type=click.IntRange(min=1), default=4, help="Channels of a continuous token.")
 @click.option("--kl-weight", type=click.FloatRange(min=0), default=1e-4, help="Weight of the KL term (per latent element) against the pixel MSE.")
+@click.option("--downsample", type=click.Choice(["2", "4"]), default="2", show_default=True,
+              help="Down-sampling factor: 32 px -> 16x16 tokens (2) or 8x8 tokens (4; give them more --token-dim).")
 def train_kl_tokenizer(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype, ema, data_dir, limit, channels,
-                       z_channels, token_dim, kl_weight):
-    """Continuous tokenizer: KL autoencoder, factor 2 (32 px -> 16x16 tokens of --token-dim channels), for car / cspd."""
+                       z_channels, token_dim, kl_weight, downsample):
+    """Continuous tokenizer: KL autoencoder, factor 2 or 4 (32 px -> 16x16 or 8x8 tokens of --token-dim channels),
+    for car / cspd."""
     from mulosd.models.kl import KLConfig
     from mulosd.training.recipes import KLTokenizerRecipe
 
-    kl = KLConfig(channels=channels, z_channels=z_channels, token_dim=token_dim, kl_weight=kl_weight)
+    kl = KLConfig(channels=channels, z_channels=z_channels, token_dim=token_dim, kl_weight=kl_weight,
+                  channel_mult=(1, 2) if downsample == "2" else (1, 2, 2))
     _run(_train, lambda: KLTokenizerRecipe(kl=kl, data_dir=data_dir, limit=limit), out, steps, batch_size, lr, warmup,
          seed, checkpoint_every, resume, device, dtype, ema)
 

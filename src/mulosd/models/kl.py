@@ -1,6 +1,7 @@
 """A small KL-regularised convolutional autoencoder: the continuous tokenizer for continuous-token AR models.
 
-Down-sampling factor 2: a 32x32 image becomes a 16x16 grid of ``token_dim``-dimensional latents (the same conv
+Down-sampling factor 2 ** (len(channel_mult) - 1): a 32x32 image becomes a 16x16 (factor 2) or 8x8 (factor 4) grid
+of ``token_dim``-dimensional latents (the same conv
 trunk as the VQ tokenizer, :mod:`mulosd.models.vq`, without the quantiser). The encoder outputs a diagonal
 Gaussian posterior per cell; training minimises reconstruction MSE plus ``kl_weight`` times its KL divergence to
 N(0, I) (as the LDM/MAR "KL-16" tokenizers, small). Tokens are the posterior means, **standardised** per channel

@@ -175,9 +175,10 @@ def train(recipe: Recipe, out_dir: str | Path, cfg: TrainConfig, resume: bool = 
         if scaler.is_enabled() and state.get("scaler"):  # a float16 run continued in float16 keeps its loss scale
             scaler.load_state_dict(state["scaler"])
         start, elapsed = int(state["step"]), float(state["elapsed_s"])
-        if (ema is not None) != (state.get("ema") is not None):
-            raise MulosdError(f"cannot resume {ckpt_path}: it was trained {'with' if state.get('ema') is not None else 'without'} "
-                              f"--ema; give the same --ema as that run")
+        was = saved["train"].get("ema", 0.0)
+        if was != cfg.ema or (ema is not None) != (state.get("ema") is not None):
+            raise MulosdError(f"cannot resume {ckpt_path}: it was trained with --ema {was}, not {cfg.ema} (the average "
+                              f"cannot be rebuilt); give the same --ema as that run")
         if ema is not None:
             ema = {k: v.to(device) for k, v in state["ema"].items()}
 
