@@ -153,6 +153,14 @@ def test_trajectory_kl_follows_the_teachers_chain_and_measures_a_known_offset():
         want = sum(2 * (s.c0[i] * s.k_inv[i] * s.k_noise[i] * delta) ** 2 / (2 * temperature**2 * s.post_var[i].item())
                    for i in steps)
         assert torch.allclose(got, torch.full((3,), want), rtol=1e-3), (steps, temperature)
+        aligned = trajectory_kl(teacher, student, z, z, noise, cfg_scale=2.0, temperature=temperature, aligned=True)
+        if steps == [0]:  # an error at the last step only leaves no drift: both chains agree up to it
+            assert torch.allclose(aligned["kl"], got, rtol=1e-3)
+        else:  # earlier errors move the student's own chain, and the drift is charged at every later step
+            assert (aligned["kl"] > 1.01 * got).all(), (aligned["kl"], got)
+    student.net = net
+    same = trajectory_kl(teacher, student, z, z, noise, cfg_scale=2.0, aligned=True)
+    assert torch.allclose(same["kl"], torch.zeros(3), atol=1e-6)
 
 
 @pytest.fixture

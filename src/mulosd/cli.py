@@ -1128,13 +1128,17 @@ DIVERGENCE_CHOICES = ("fkl", "tvd")  # DistillRecipe's divergences (recipes.DIVE
                    "trajectories (the drafter's noise prediction matched to the target's). --divergence does not apply.")
 @click.option("--positions", type=click.IntRange(min=1), default=32, show_default=True,
               help="--continuous: cells per image whose denoising chains are compared at each step.")
+@click.option("--chain", type=click.Choice(["teacher", "aligned"]), default="teacher", show_default=True,
+              help="--continuous: teacher: both heads' steps compared at the states of the target's chain "
+                   "(teacher-forced); aligned: each head follows its own chain from the same noises, as cspd's "
+                   "trajectory alignment runs them (the drift of earlier steps counts; gradients through the chain).")
 @click.option("--add-to-set/--no-add-to-set", default=None,
               help="Also write the distilled drafter into the --model set's directory under --drafter's role "
                    "(manifest.json updated atomically, the earlier drafter of that role replaced). Default: on for a "
                    "set directory; a shipped set is never written (use `mulosd pack --from SET --drafter ROLE=OUT/model`).")
 def train_distill(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype, ema, data_dir, limit,
                   model_set, role, samples, cfg_scale, temperature, divergence, half_weight, continuous, positions,
-                  add_to_set):
+                  chain, add_to_set):
     """Distil a drafter from its target: for `--method sd`, the per-token divergence between the target's and the
     drafter's guided distributions; with --continuous, for `--method cspd`, the KL between the two diffusion
     heads' reverse chains. Both teacher-forced on the target's own samples (why those: docs/MODELS.md)."""
@@ -1156,7 +1160,7 @@ def train_distill(out, steps, batch_size, lr, warmup, seed, checkpoint_every, re
         common = dict(model=model_set, drafter=role, samples_dir=str(Path(out) / "samples"), num_samples=samples,
                       cfg_scale=cfg_scale, temperature=temperature, half_weight=half_weight)
         if continuous:
-            recipe = lambda: ContinuousDistillRecipe(**common, positions=positions)  # noqa: E731
+            recipe = lambda: ContinuousDistillRecipe(**common, positions=positions, chain=chain)  # noqa: E731
         else:
             recipe = lambda: DistillRecipe(**common, divergence=divergence)  # noqa: E731
         _train(recipe, out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype, ema)

@@ -260,7 +260,8 @@ class DiffusionHead(Pretrained, nn.Module):
 
 
 def trajectory_kl(teacher: DiffusionHead, student: DiffusionHead, z_teacher: torch.Tensor, z_student: torch.Tensor,
-                  noise: torch.Tensor, cfg_scale: float | None = None, temperature: float = 1.0) -> dict:
+                  noise: torch.Tensor, cfg_scale: float | None = None, temperature: float = 1.0,
+                  aligned: bool = False) -> dict:
     """How far the student's reverse chain is from the teacher's, along the teacher's own trajectory.
 
     The teacher's chain is run from ``noise`` (as :meth:`DiffusionHead.sample`: noise[0] is x_T, noise[k] drives
@@ -275,6 +276,12 @@ def trajectory_kl(teacher: DiffusionHead, student: DiffusionHead, z_teacher: tor
     step's sigma is below bfloat16's resolution at |x| ~ 1). Gradients reach the student (and z_student) only; the
     trajectory itself is the teacher's, detached.
 
+    ``aligned=True`` compares the two chains as continuous speculative decoding's trajectory alignment runs them:
+    each head follows its own chain from the same noises (the student's with gradients through every step), and the
+    same per-step terms are taken between the student's Gaussian at its x_k and the teacher's at its own. With equal
+    fixed variances the last term is exactly -E log r~, minus the expected log of CSpD's aligned ratio, so this
+    also charges the drift that earlier steps leave in x_1, which the teacher-forced sum cannot see.
+
     Returns {"kl" [n] nats per token, "last_gap" [n]: ||mu_p - mu_q|| / sigma_p at the last step, in units of the
     teacher's last std}."""
     s, sq = teacher.sampling, student.sampling
@@ -286,25 +293,29 @@ def trajectory_kl(teacher: DiffusionHead, student: DiffusionHead, z_teacher: tor
     S = len(s)
     with torch.autocast(noise.device.type, enabled=False):
         return _trajectory_kl(teacher, student, z_teacher.float(), z_student.float(), noise.float(), cfg_scale,
-                              temperature, guided, n, S)
+                              temperature, guided, n, S, aligned)
 
 
-def _trajectory_kl(teacher, student, z_teacher, z_student, noise, cfg_scale, temperature, guided, n, S) -> dict:
+def _trajectory_kl(teacher, student, z_teacher, z_student, noise, cfg_scale, temperature, guided, n, S,
+                   aligned=False) -> dict:
     s, sq = teacher.sampling, student.sampling
     x, total = noise[0], 0.0
+    xs = x  # the student's own state (aligned); the teacher's otherwise
     for k, i in enumerate(range(S - 1, -1, -1)):
         xin = torch.cat([x, x]) if guided else x
+        xsin = torch.cat([xs, xs]) if guided else xs
         t = s.timesteps[i].to(x.device).expand(len(xin))
         with torch.no_grad():
             ep, vp = teacher.net(xin, t, z_teacher)
-        eq, vq = student.net(xin, t, z_student)
+        eq, vq = student.net(xsin, t, z_student)
         if guided:
             ep, vp = torch.lerp(ep[n:], ep[:n], cfg_scale), vp[:n]
             eq, vq = torch.lerp(eq[n:], eq[:n], cfg_scale), vq[:n]
         mp, sp = DiffusionHead._gaussian(x, ep, vp, i, s, teacher.config.clip_x0, teacher.config.variance)
-        mq, sd = DiffusionHead._gaussian(x, eq, vq, i, sq, student.config.clip_x0, student.config.variance)
+        mq, sd = DiffusionHead._gaussian(xs, eq, vq, i, sq, student.config.clip_x0, student.config.variance)
         sp, sd = sp * temperature, sd * temperature
         total = total + (sd.log() - sp.log() + (sp**2 + (mp - mq) ** 2) / (2 * sd**2) - 0.5).sum(-1)
         x = (mp + sp * noise[k + 1]).detach()
+        xs = mq + sd * noise[k + 1] if aligned else x
     gap = ((mp - mq) / sp).pow(2).sum(-1).sqrt()
     return {"kl": total, "last_gap": gap}

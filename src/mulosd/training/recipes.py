@@ -1089,6 +1089,9 @@ class DistillRecipe:
 
 
 
+CHAINS = ("teacher", "aligned")
+
+
 @dataclass
 class ContinuousDistillRecipe:
     """A continuous-token drafter (transformer + diffusion head, CSpD's) distilled from the set's continuous target.
@@ -1103,7 +1106,9 @@ class ContinuousDistillRecipe:
     (:func:`mulosd.models.diffusion.trajectory_kl`: the KL between the two chains' path distributions, i.e. the
     drafter's noise prediction matched to the target's along the target's own denoising trajectories, each step
     a mean error weighted by 1 / (2 sigma_k^2)); plus ``half_weight`` x the same for the conditional and the null-condition
-    chains unguided, so each half stays usable at other guidance scales.
+    chains unguided, so each half stays usable at other guidance scales. ``chain="aligned"`` instead lets the drafter
+    follow its own chain from the same noises, as CSpD's trajectory alignment does (gradients through the unrolled
+    chain): the last term is then minus the expected log of CSpD's aligned ratio, drift included.
 
     Evaluation on the held-out samples, for the distilled drafter and the one it started from, at every cell: the
     path KL per token; with trajectory alignment (the drafter's chain, and the target's re-run with the drafter's
@@ -1121,6 +1126,7 @@ class ContinuousDistillRecipe:
     data_seed: int = 1
     positions: int = 32
     half_weight: float = 0.1
+    chain: str = "teacher"  # "teacher": along the target's chain (teacher-forced); "aligned": each head its own chain
     sample_batch: int = 50
     name: str = "distill_continuous"
 
@@ -1136,6 +1142,8 @@ class ContinuousDistillRecipe:
             raise MulosdError(f"--samples must exceed the {self.held_out} held-out samples, got {self.num_samples}")
         if self.positions < 1:
             raise MulosdError(f"--positions must be >= 1, got {self.positions}")
+        if self.chain not in CHAINS:
+            raise MulosdError(f"--chain must be one of {', '.join(CHAINS)}, got {self.chain!r}")
         self.pipe = Pipeline.from_pretrained(self.model)
         if self.pipe.continuous is None:
             raise MulosdError(f"model set {self.model} has no continuous family (continuous target and drafters)")
@@ -1162,7 +1170,7 @@ class ContinuousDistillRecipe:
         return {"model": str(self.model), "drafter": self.drafter, "num_samples": self.num_samples,
                 "held_out": self.held_out, "cfg_scale": self.cfg_scale, "temperature": self.temperature,
                 "data_seed": self.data_seed, "positions": self.positions, "half_weight": self.half_weight,
-                "continuous": True, "start": weights_fingerprint(*self.start.state_dict().values())}
+                "chain": self.chain, "continuous": True, "start": weights_fingerprint(*self.start.state_dict().values())}
 
     def build_model(self):
         from mulosd.models.cgpt import ContinuousGPT
@@ -1195,7 +1203,7 @@ class ContinuousDistillRecipe:
 
         target = DistillRecipe._moved(self.target, zt.device)
         scale = self.cfg.cfg_scale if self.cfg.uses_cfg else None
-        return trajectory_kl(target.head, model.head, zt, zs, noise, scale, self.temperature)
+        return trajectory_kl(target.head, model.head, zt, zs, noise, scale, self.temperature, self.chain == "aligned")
 
     def loss(self, model, index, step, gen):
         N, d = self.tokens.shape[1], self.tokens.shape[2]
@@ -1210,8 +1218,8 @@ class ContinuousDistillRecipe:
         if self.half_weight > 0 and self.cfg.uses_cfg:
             from mulosd.models.diffusion import trajectory_kl
 
-            halves = sum(trajectory_kl(self.target.head, model.head, zt[h], zs[h], noise, None, self.temperature)["kl"].mean()
-                         for h in (slice(0, n), slice(n, 2 * n)))
+            halves = sum(trajectory_kl(self.target.head, model.head, zt[h], zs[h], noise, None, self.temperature,
+                                       self.chain == "aligned")["kl"].mean() for h in (slice(0, n), slice(n, 2 * n)))
             loss = loss + self.half_weight * halves
         return loss, metrics
 
