@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 20's distillation runs on 2 CPU cores, resumable (run it again after an interruption): sd's drafter distilled
 # from the fmnist-32 target on its own samples, then benched against the shipped drafter in one process (a scratch
-# copy of the set holds both, the distilled one as role "distilled"). Needs `make fid` once for the 1000-image runs.
+# copy of the set holds both, the distilled one as role "distilled", as fmnist-32 ships it), then the tables in
+# docs/RESULTS.md. Needs `make fid` once for the Inception features.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/train_lib.sh   # stage NAME ARGS...: train once, resume if killed ($R: runs/)
@@ -18,3 +19,5 @@ bench distill_b8 --preset full --model "$SET" --methods ar,sd --setting sd:draft
   --batch-size 8
 bench distill_b1 --preset full --model "$SET" --methods ar,sd --setting sd:drafter=distilled --num-images "$N" \
   --batch-size 1
+.venv/bin/python scripts/bench_tables.py --marker distill docs/RESULTS.md "$O" distill_b1 \
+  "sd with the shipped and the distilled drafter, batch 1" distill_b8 "sd with the shipped and the distilled drafter, batch 8"

@@ -266,14 +266,15 @@ class Params:
 COUPLINGS = ("none", "maximal", "gumbel")  # the Jacobi proposer's couplings (decoding.proposers imports them)
 INITS = ("random", "spatial", "lowres")  # and its initialisations (lowres: the multi-scale prior)
 _GAMMA = "draft length: tokens the drafter proposes per target forward"
-_DRAFTER = "drafter role in the model set (same grid and vocabulary as the target)"
+_DRAFTER = ("drafter role in the model set (same grid and vocabulary as the target; fmnist-32 also ships 'distilled', "
+            "the small drafter distilled from its target: more drafts accepted)")
 
 
 @dataclass(frozen=True)
 class ARParams(Params):
     method = "ar"
-    model: str = param("target", "the model that samples: target, or a drafter role (r2, r4, small) to sample that "
-                                 "drafter alone at its own resolution")
+    model: str = param("target", "the model that samples: target, or a drafter role (r2, r4, small, distilled) to "
+                                 "sample that drafter alone at its own resolution")
 
 
 @dataclass(frozen=True)
