@@ -47,16 +47,33 @@ def test_distillation_lowers_the_held_out_kl_and_raises_expected_acceptance(tmp_
     assert after["expected_acceptance"] > before["expected_acceptance"]
 
 
-def test_a_killed_run_resumes_to_the_same_weights_and_the_drafter_joins_the_set_exactly(tmp_path, tiny_set):
+def _killed_at(monkeypatch, recipe, step):
+    """Make ``recipe``'s loss raise at training step ``step``, as if the process were killed there."""
+    loss = recipe.loss
+
+    def dying(self, model, index, s, gen):
+        if s == step:
+            raise KeyboardInterrupt("killed")
+        return loss(self, model, index, s, gen)
+
+    monkeypatch.setattr(recipe, "loss", dying)
+
+
+def test_a_killed_run_resumes_to_the_same_weights_and_the_drafter_joins_the_set_exactly(tmp_path, tiny_set,
+                                                                                       monkeypatch):
     from mulosd.models.gpt import GPT
     from mulosd.pipeline import Pipeline
+    from mulosd.training.recipes import DistillRecipe
 
-    common = ["--model", str(tiny_set)]
-    r = _distill([*common, "--out", str(tmp_path / "straight"), "--steps", "4", "--no-add-to-set"])
+    common = ["--model", str(tiny_set), "--steps", "5", "--warmup", "2"]
+    r = _distill([*common, "--out", str(tmp_path / "straight"), "--no-add-to-set"])
     assert r.exit_code == 0, r.output
-    r = _distill([*common, "--out", str(tmp_path / "run"), "--steps", "2", "--no-add-to-set"])
-    assert r.exit_code == 0, r.output
-    r = _distill([*common, "--out", str(tmp_path / "run"), "--steps", "4", "--resume"])  # killed at 2, resumed
+    with monkeypatch.context() as m:
+        _killed_at(m, DistillRecipe, 3)  # after the checkpoint of step 2
+        r = _distill([*common, "--out", str(tmp_path / "run")])
+    assert r.exit_code != 0 and not (tmp_path / "run" / "model.json").exists()
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 2
+    r = _distill([*common, "--out", str(tmp_path / "run"), "--resume"])
     assert r.exit_code == 0, r.output
     assert "added drafter_small_2 as drafter 'small'" in r.output
     resumed = GPT.from_pretrained(tmp_path / "run" / "model").state_dict()
@@ -103,6 +120,9 @@ def test_the_losses_are_the_divergences_they_name(tmp_path, tiny_set):
     (["--model", "{set}", "--drafter", "big"], "has no drafter 'big'; allowed: r2, small"),
     (["--model", "{set}", "--divergence", "js"], "Invalid value for '--divergence'"),
     (["--model", "{set}", "--samples", "1"], "Invalid value for '--samples'"),
+    (["--model", "{set}", "--positions", "4"], "--positions apply only with --continuous"),
+    (["--model", "{set}", "--chain", "aligned"], "--chain apply only with --continuous"),
+    (["--model", "{set}", "--resume"], "checkpoint.pt does not exist"),
 ])
 def test_bad_train_distill_input_is_one_line_and_no_run(tmp_path, tiny_set, args, message):
     args = [a.format(set=tiny_set, tmp=tmp_path) for a in args]
@@ -179,7 +199,7 @@ def continuous_set(tmp_path):
     return tmp_path / "set"
 
 
-def test_continuous_distillation_lowers_the_path_kl_resumes_and_joins_the_set(tmp_path, continuous_set):
+def test_continuous_distillation_lowers_the_path_kl_resumes_and_joins_the_set(tmp_path, continuous_set, monkeypatch):
     from mulosd.models.cgpt import ContinuousGPT
     from mulosd.pipeline import Pipeline
 
@@ -193,17 +213,31 @@ def test_continuous_distillation_lowers_the_path_kl_resumes_and_joins_the_set(tm
     assert 0 <= before["expected_acceptance"] <= 1 and 0 <= after["expected_acceptance"] <= 1
     r = _distill([*common, "--out", str(tmp_path / "straight"), "--steps", "4", "--no-add-to-set"])
     assert r.exit_code == 0, r.output
-    r = _distill([*common, "--out", str(tmp_path / "run"), "--steps", "2", "--no-add-to-set"])
+    r = _distill([*common, "--out", str(tmp_path / "run"), "--steps", "4", "--no-add-to-set", "--chain", "aligned"])
     assert r.exit_code == 0, r.output
-    r = _distill([*common, "--out", str(tmp_path / "run"), "--steps", "4", "--resume"])
+    aligned = json.loads((tmp_path / "run" / "summary.json").read_text())["eval"]["start"]  # evaluated teacher-forced
+    straight_ev = json.loads((tmp_path / "straight" / "summary.json").read_text())["eval"]["start"]
+    assert aligned == straight_ev
+    from mulosd.training.recipes import ContinuousDistillRecipe
+
+    with monkeypatch.context() as m:
+        _killed_at(m, ContinuousDistillRecipe, 3)
+        r = _distill([*common, "--out", str(tmp_path / "killed"), "--steps", "4"])
+    assert r.exit_code != 0
+    r = _distill([*common, "--out", str(tmp_path / "killed"), "--steps", "4", "--resume"])
     assert r.exit_code == 0, r.output
     assert "added continuous_drafter_small_2 as continuous drafter 'small'" in r.output
-    resumed = ContinuousGPT.from_pretrained(tmp_path / "run" / "model").state_dict()
+    resumed = ContinuousGPT.from_pretrained(tmp_path / "killed" / "model").state_dict()
     straight = ContinuousGPT.from_pretrained(tmp_path / "straight" / "model").state_dict()
     assert all(torch.equal(w, straight[k]) for k, w in resumed.items())
+    assert json.loads((continuous_set / "manifest.json").read_text())["continuous"]["drafters"]["small"] == \
+        "continuous_drafter_small_2"
     pipe = Pipeline.from_pretrained(str(continuous_set))
-    car = pipe([1, 0], method="car", seed=0, cfg_scale=2.0)  # cspd with the distilled drafter is still exact:
+    joined = pipe.continuous_models().drafters["small"].state_dict()
+    assert all(torch.equal(w.float(), straight[k]) for k, w in joined.items())  # the set holds the distilled weights
+    car = pipe([1, 0], method="car", seed=0, cfg_scale=2.0)
     full = pipe([1, 0], method="cspd", prefill=1.0, seed=0, cfg_scale=2.0)  # prefill 1 is the target alone
     assert torch.equal(car.tokens, full.tokens)
-    out = pipe([1, 0], method="cspd", gamma=2, seed=0, cfg_scale=2.0)
-    assert out.tokens.shape == (2, 4, 4, 2)
+    out = pipe([1, 0], method="cspd", gamma=2, prefill=0.0, seed=0, cfg_scale=2.0)  # the distilled drafter drafts
+    assert out.tokens.shape == (2, 4, 4, 2) and torch.isfinite(out.tokens).all()
+    assert out.stats["drafter_forwards"] > 0

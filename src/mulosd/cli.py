@@ -1104,10 +1104,11 @@ DIVERGENCE_CHOICES = ("fkl", "tvd")  # DistillRecipe's divergences (recipes.DIVE
 @train.command("distill")
 @_train_options
 @click.option("--model", "model_set", default="fmnist-32", show_default=True, metavar="SET",
-              help="Model set whose target teaches and whose drafter is distilled (class-conditional, discrete tokens).")
+              help="Model set whose target teaches and whose drafter is distilled (class-conditional; with "
+                   "--continuous, its continuous family).")
 @click.option("--drafter", "role", default="small", show_default=True, metavar="ROLE",
-              help="Drafter role to start from and to replace with --add-to-set; it must share the target's grid and "
-                   "vocabulary (sd's drafter).")
+              help="Drafter role to start from and to replace with --add-to-set: a drafter on the target's grid and "
+                   "vocabulary (sd's), or with --continuous a continuous drafter (cspd's).")
 @click.option("--samples", type=click.IntRange(min=2), default=4000, show_default=True,
               help="Target samples to distil on (the last tenth, at most 200 (100 with --continuous), are held out "
                    "for the evaluation); sampled once and kept in OUT/samples, so a resumed run does not sample again.")
@@ -1135,13 +1136,14 @@ DIVERGENCE_CHOICES = ("fkl", "tvd")  # DistillRecipe's divergences (recipes.DIVE
 @click.option("--add-to-set/--no-add-to-set", default=None,
               help="Also write the distilled drafter into the --model set's directory under --drafter's role "
                    "(manifest.json updated atomically, the earlier drafter of that role replaced). Default: on for a "
-                   "set directory; a shipped set is never written (use `mulosd pack --from SET --drafter ROLE=OUT/model`).")
+                   "set directory; a shipped set is never written (use `mulosd pack --from SET --drafter "
+                   "ROLE=OUT/model`, or --continuous-drafter with --continuous).")
 def train_distill(out, steps, batch_size, lr, warmup, seed, checkpoint_every, resume, device, dtype, ema, data_dir, limit,
                   model_set, role, samples, cfg_scale, temperature, divergence, half_weight, continuous, positions,
                   chain, add_to_set):
     """Distil a drafter from its target: for `--method sd`, the per-token divergence between the target's and the
     drafter's guided distributions; with --continuous, for `--method cspd`, the KL between the two diffusion
-    heads' reverse chains. Both teacher-forced on the target's own samples (why those: docs/MODELS.md)."""
+    heads' reverse chains. Both on prefixes of the target's own samples (why those: docs/MODELS.md)."""
     from mulosd.training.recipes import (ContinuousDistillRecipe, DistillRecipe, add_drafter_to_set,
                                          user_set_directory)
 
@@ -1157,6 +1159,16 @@ def train_distill(out, steps, batch_size, lr, warmup, seed, checkpoint_every, re
         if continuous and divergence != "fkl":
             raise MulosdError("--divergence does not apply with --continuous: the loss is the KL between the two "
                               "reverse chains")
+        ctx = click.get_current_context()
+        given = [f"--{n}" for n in ("positions", "chain")
+                 if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT]
+        if given and not continuous:
+            raise MulosdError(f"{' and '.join(given)} apply only with --continuous (a diffusion-head drafter)")
+        ckpt = Path(out) / "checkpoint.pt"  # the trainer's own checks, before the target is sampled for minutes
+        if ckpt.exists() and not resume:
+            raise MulosdError(f"{ckpt} exists: pass --resume to continue that run, or choose another --out")
+        if resume and not ckpt.exists():
+            raise MulosdError(f"--resume given but {ckpt} does not exist")
         common = dict(model=model_set, drafter=role, samples_dir=str(Path(out) / "samples"), num_samples=samples,
                       cfg_scale=cfg_scale, temperature=temperature, half_weight=half_weight)
         if continuous:

@@ -291,6 +291,13 @@ def trajectory_kl(teacher: DiffusionHead, student: DiffusionHead, z_teacher: tor
     guided = cfg_scale is not None
     n = len(z_teacher) // 2 if guided else len(z_teacher)
     S = len(s)
+    if len(z_student) != len(z_teacher) or (guided and len(z_teacher) != 2 * n):
+        raise MulosdError(f"trajectory_kl needs as many student as teacher conditions ([cond ; uncond] rows, an even "
+                          f"count, with cfg_scale), got {len(z_teacher)} and {len(z_student)}")
+    if noise.shape != (S + 1, n, teacher.config.token_dim):
+        raise MulosdError(f"noise must have shape {(S + 1, n, teacher.config.token_dim)}, got {tuple(noise.shape)}")
+    if not temperature > 0:
+        raise MulosdError(f"trajectory_kl needs temperature > 0, got {temperature}")
     with torch.autocast(noise.device.type, enabled=False):
         return _trajectory_kl(teacher, student, z_teacher.float(), z_student.float(), noise.float(), cfg_scale,
                               temperature, guided, n, S, aligned)

@@ -647,7 +647,7 @@ class KLTokenizerRecipe:
 @dataclass
 class ContinuousARRecipe:
     """Class-conditional continuous-token AR (transformer + diffusion head) on Fashion-MNIST tokenised by a KL
-    tokenizer at 32 px (16x16 tokens), class dropout for CFG, the diffusion loss per token."""
+    tokenizer at 32 px (16x16 or 8x8 tokens), class dropout for CFG, the diffusion loss per token."""
 
     gpt: "ContinuousGPTConfig"
     tokenizer: str
@@ -748,9 +748,10 @@ def target_samples(pipe, model: str, folder: Path, num_samples: int, cfg, data_s
     tokens, labels = [], []
     for start in tqdm(range(0, num_samples, chunk), desc=desc, leave=False):
         path = folder / f"chunk_{start:06d}.safetensors"
-        if path.exists():
-            data = read_safetensors(path)
-        else:
+        data = read_safetensors(path) if path.exists() else None
+        if data is not None and len(data["tokens"]) < min(chunk, num_samples - start):
+            data = None  # the short last chunk of a run that asked for fewer samples: sample it again, whole
+        if data is None:
             idx = list(range(start, min(start + chunk, num_samples)))
             lab = torch.tensor([i % C for i in idx])
             with torch.inference_mode():
@@ -1105,16 +1106,18 @@ class ContinuousDistillRecipe:
     between the target's and the drafter's reverse Gaussians is summed over the steps
     (:func:`mulosd.models.diffusion.trajectory_kl`: the KL between the two chains' path distributions, i.e. the
     drafter's noise prediction matched to the target's along the target's own denoising trajectories, each step
-    a mean error weighted by 1 / (2 sigma_k^2)); plus ``half_weight`` x the same for the conditional and the null-condition
-    chains unguided, so each half stays usable at other guidance scales. ``chain="aligned"`` instead lets the drafter
+    a mean error weighted by 1 / (2 sigma_k^2)); plus ``half_weight`` x the same, averaged over the conditional and
+    the null-condition chains unguided (as the discrete recipe averages its halves), so each half stays usable at
+    other guidance scales. ``chain="aligned"`` instead lets the drafter
     follow its own chain from the same noises, as CSpD's trajectory alignment does (gradients through the unrolled
     chain): the last term is then minus the expected log of CSpD's aligned ratio, drift included.
 
     Evaluation on the held-out samples, for the distilled drafter and the one it started from, at every cell: the
-    path KL per token; with trajectory alignment (the drafter's chain, and the target's re-run with the drafter's
+    path KL per token (teacher-forced, whatever ``chain`` trained); with trajectory alignment (the drafter's chain, and the target's re-run with the drafter's
     noises, as ``cspd`` runs them; one step ahead of a target-sampled context), the median gap between the two
-    chains' last-step means in units of the target's last std (docs/CSPD.md's diagnosis: about 14 for the shipped
-    pair) and the expected acceptance of CSpD's exact surrogate ratio, mean min(1, r~)."""
+    chains' last-step means in units of the target's last std (the L2 norm over the token's dimensions, at every
+    cell of target-sampled contexts: about 40 for the shipped pair; docs/CSPD.md's per-dimension 14 is over the drafts
+    cspd verified) and the expected acceptance of CSpD's exact surrogate ratio, mean min(1, r~)."""
 
     model: str = "fmnist-32"
     drafter: str = "small"
@@ -1198,12 +1201,12 @@ class ContinuousDistillRecipe:
         rows = torch.arange(len(feed), device=device)[:, None]
         return zt[rows, pick].reshape(-1, zt.shape[-1]).float(), zs[rows, pick].reshape(-1, zs.shape[-1]).float()
 
-    def _path(self, model, zt, zs, noise) -> dict:
+    def _path(self, model, zt, zs, noise, aligned: bool) -> dict:
         from mulosd.models.diffusion import trajectory_kl
 
         target = DistillRecipe._moved(self.target, zt.device)
         scale = self.cfg.cfg_scale if self.cfg.uses_cfg else None
-        return trajectory_kl(target.head, model.head, zt, zs, noise, scale, self.temperature, self.chain == "aligned")
+        return trajectory_kl(target.head, model.head, zt, zs, noise, scale, self.temperature, aligned)
 
     def loss(self, model, index, step, gen):
         N, d = self.tokens.shape[1], self.tokens.shape[2]
@@ -1212,14 +1215,14 @@ class ContinuousDistillRecipe:
         n = len(zt) // 2 if self.cfg.uses_cfg else len(zt)
         S = len(self.target.head.sampling)
         noise = torch.randn(S + 1, n, d, generator=gen).to(zt.device)
-        guided = self._path(model, zt, zs, noise)
+        guided = self._path(model, zt, zs, noise, self.chain == "aligned")
         loss = guided["kl"].mean()
         metrics = {"path_kl": round(loss.item(), 3), "last_gap": round(guided["last_gap"].median().item(), 3)}
         if self.half_weight > 0 and self.cfg.uses_cfg:
             from mulosd.models.diffusion import trajectory_kl
 
             halves = sum(trajectory_kl(self.target.head, model.head, zt[h], zs[h], noise, None, self.temperature,
-                                       self.chain == "aligned")["kl"].mean() for h in (slice(0, n), slice(n, 2 * n)))
+                                       self.chain == "aligned")["kl"].mean() for h in (slice(0, n), slice(n, 2 * n))) / 2
             loss = loss + self.half_weight * halves
         return loss, metrics
 
@@ -1243,7 +1246,7 @@ class ContinuousDistillRecipe:
             zt, zs = self._rows(model, index, cells)
             rows = len(zt) // 2 if self.cfg.uses_cfg else len(zt)
             noise = torch.randn(S + 1, rows, d, generator=gen).to(device)
-            path = self._path(model, zt, zs, noise)
+            path = self._path(model, zt, zs, noise, aligned=False)  # the same measure whatever the run's --chain
             kl += path["kl"].sum().item()
             draft = head_sample(model, zs, self.cfg, noise)  # the drafter draws; the target re-runs its noises
             aligned = head_sample(target, zt, self.cfg, draft["noise"])
