@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/train_lib.sh  # stage NAME ARGS...: train once, resume if killed
-DEV=(--device "${DEVICE:-cpu}")
+DEV=(--device "${DEVICE:-cpu}" --dtype "${DTYPE:-float32}")
 
 stage ctok8 kl-tokenizer --downsample 4 --channels 32 --z-channels 32 --token-dim 16 --kl-weight 1e-4 \
   --steps 1200 --batch-size 64 --lr 2e-3 --warmup 50 --checkpoint-every 100 "${DEV[@]}"
