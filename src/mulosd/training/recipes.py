@@ -765,6 +765,17 @@ def target_samples(pipe, model: str, folder: Path, num_samples: int, cfg, data_s
     return (tokens.float() if continuous else tokens.long()), torch.cat(labels).long()
 
 
+def held_out_count(num_samples: int, held_out: int | None, cap: int) -> int:
+    """How many of ``num_samples`` target samples are held out for a recipe's evaluation: ``held_out``, by default
+    a tenth of them, at least 1 and at most ``cap``; at least one sample must be left to train on."""
+    from mulosd.errors import MulosdError
+
+    held_out = max(1, min(cap, num_samples // 10)) if held_out is None else held_out
+    if held_out < 1 or num_samples <= held_out:
+        raise MulosdError(f"--samples must exceed the {held_out} held-out samples, got {num_samples}")
+    return held_out
+
+
 def weights_fingerprint(*tensors: torch.Tensor) -> str:
     """A short hash of some weights, rounded to fp16 (an fp32 run and an fp16 copy of the same model agree)."""
     import hashlib
@@ -809,10 +820,7 @@ class EagleRecipe:
         from mulosd.errors import MulosdError
         from mulosd.pipeline import Pipeline
 
-        if self.held_out is None:
-            self.held_out = max(1, min(100, self.num_samples // 10))
-        if self.held_out < 1 or self.num_samples <= self.held_out:
-            raise MulosdError(f"--samples must exceed the {self.held_out} held-out samples, got {self.num_samples}")
+        self.held_out = held_out_count(self.num_samples, self.held_out, cap=100)
         self.pipe = Pipeline.from_pretrained(self.model)
         target = self.pipe.target
         if target.config.condition != "class":
@@ -972,10 +980,7 @@ class DistillRecipe:
 
         if self.divergence not in DIVERGENCES:
             raise MulosdError(f"--divergence must be one of {', '.join(DIVERGENCES)}, got {self.divergence!r}")
-        if self.held_out is None:
-            self.held_out = max(1, min(200, self.num_samples // 10))
-        if self.held_out < 1 or self.num_samples <= self.held_out:
-            raise MulosdError(f"--samples must exceed the {self.held_out} held-out samples, got {self.num_samples}")
+        self.held_out = held_out_count(self.num_samples, self.held_out, cap=200)
         self.pipe = Pipeline.from_pretrained(self.model)
         target = self.pipe.target
         if target.config.condition != "class":
@@ -1139,10 +1144,7 @@ class ContinuousDistillRecipe:
         from mulosd.errors import MulosdError
         from mulosd.pipeline import Pipeline
 
-        if self.held_out is None:
-            self.held_out = max(1, min(100, self.num_samples // 10))
-        if self.held_out < 1 or self.num_samples <= self.held_out:
-            raise MulosdError(f"--samples must exceed the {self.held_out} held-out samples, got {self.num_samples}")
+        self.held_out = held_out_count(self.num_samples, self.held_out, cap=100)
         if self.positions < 1:
             raise MulosdError(f"--positions must be >= 1, got {self.positions}")
         if self.chain not in CHAINS:
