@@ -1012,10 +1012,8 @@ class DistillRecipe:
                 "start": weights_fingerprint(*self.start.state_dict().values())}
 
     def build_model(self):
-        """A float32 copy of the starting drafter (config and weights), trainable."""
-        from mulosd.models.gpt import GPT
-
-        model = GPT(self.start.config)
+        """A float32 copy of the starting drafter (its class, config and weights), trainable."""
+        model = type(self.start)(self.start.config)
         model.load_state_dict(self.start.state_dict())
         return model.train()
 
@@ -1089,7 +1087,7 @@ class DistillRecipe:
         was = model.training
         model.eval()
         out = {"held_out_samples": self.held_out, "distilled": self._held_out(model),
-               "start": self._held_out(self._moved(self.start, model_device(model)))}
+               "start": self._held_out(DistillRecipe._moved(self.start, model_device(model)))}
         model.train(was)
         return out
 
@@ -1177,15 +1175,8 @@ class ContinuousDistillRecipe:
                 "data_seed": self.data_seed, "positions": self.positions, "half_weight": self.half_weight,
                 "chain": self.chain, "continuous": True, "start": weights_fingerprint(*self.start.state_dict().values())}
 
-    def build_model(self):
-        from mulosd.models.cgpt import ContinuousGPT
-
-        model = ContinuousGPT(self.start.config)
-        model.load_state_dict(self.start.state_dict())
-        return model.train()
-
-    def num_examples(self) -> int:
-        return self.num_samples - self.held_out
+    build_model = DistillRecipe.build_model
+    num_examples = DistillRecipe.num_examples
 
     def _rows(self, model, index, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Conditions z of the target and the drafter for cells [b, M] of samples ``index`` in the head's layout:
@@ -1259,14 +1250,7 @@ class ContinuousDistillRecipe:
         return {"path_kl_per_token": round(kl / n, 3), "median_aligned_gap_sigmas": round(torch.cat(gaps).median().item(), 3),
                 "expected_acceptance": round(accept / n, 4)}
 
-    def evaluate(self, model) -> dict:
-        """Held-out path KL, last-step gap and CSpD's expected acceptance of the distilled drafter and its start."""
-        was = model.training
-        model.eval()
-        out = {"held_out_samples": self.held_out, "distilled": self._held_out(model),
-               "start": self._held_out(DistillRecipe._moved(self.start, model_device(model)))}
-        model.train(was)
-        return out
+    evaluate = DistillRecipe.evaluate  # held-out path KL, last-step gap and CSpD's expected acceptance, both drafters
 
 
 def add_drafter_to_set(model_set: str | Path, drafter: str | Path, role: str, continuous: bool = False) -> Path:
