@@ -262,6 +262,15 @@ LINKED_FORMATS = ("llamagen-gpt", "llamagen-vq")
 FINGERPRINT_BYTES = 2**20  # a linked file's fingerprint hashes its first and last MiB
 
 
+def weights_fingerprint(*tensors: torch.Tensor) -> str:
+    """A short hash of some weights, rounded to fp16 (an fp32 run and an fp16 copy of the same model agree): what a
+    component records of the model it was made for (a tokenizer, a target)."""
+    h = hashlib.sha256()
+    for w in tensors:
+        h.update(w.detach().to(torch.float16).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def file_fingerprint(path: str | os.PathLike) -> str:
     """SHA-256 of a file's size, first and last MiB: cheap on multi-GB checkpoints, and it tells apart two
     checkpoints of one architecture (same size: e.g. LlamaGen's 256 px and 384 px GPT-L), which a size cannot."""

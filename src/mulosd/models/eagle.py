@@ -17,7 +17,6 @@ A head belongs to one target: its config records the target's architecture and a
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -25,17 +24,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mulosd.errors import MulosdError
-from mulosd.io import Pretrained
+from mulosd.io import Pretrained, weights_fingerprint
 from mulosd.models.gpt import GPT, GPTConfig, KVCache, TransformerBlock, rope_2d_table
 
 
 def target_fingerprint(target: GPT) -> str:
     """A short hash of the target's token embeddings and output layer (rounded to fp16, so an fp32 run and an fp16
     copy of the same weights agree)."""
-    h = hashlib.sha256()
-    for w in (target.tok_embeddings.weight, target.output.weight):
-        h.update(w.detach().to(torch.float16).cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+    return weights_fingerprint(target.tok_embeddings.weight, target.output.weight)
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mulosd.errors import MulosdError
-from mulosd.io import Pretrained
+from mulosd.io import Pretrained, weights_fingerprint
 from mulosd.models.vq import Decoder, Encoder
 
 
@@ -106,12 +106,7 @@ class KLAutoencoder(Pretrained, nn.Module):
     def fingerprint(self) -> str:
         """A short hash of the latent head and statistics (rounded to fp16, so the fp32 training weights and the
         shipped fp16 copy agree): continuous AR models record the tokenizer they were trained on."""
-        import hashlib
-
-        h = hashlib.sha256()
-        for t in (self.moments.weight, self.moments.bias, self.latent_mean, self.latent_std):
-            h.update(t.detach().to(torch.float16).cpu().numpy().tobytes())
-        return h.hexdigest()[:16]
+        return weights_fingerprint(self.moments.weight, self.moments.bias, self.latent_mean, self.latent_std)
 
 
 def check_tokenizer(tokenizer: KLAutoencoder, token_dim: int, fingerprint: str, role: str) -> None:

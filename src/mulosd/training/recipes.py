@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from mulosd.data import FashionMNIST, resize_images
+from mulosd.io import weights_fingerprint
 from mulosd.models.classifier import Classifier, ClassifierConfig
 from mulosd.models.gpt import GPTConfig
 from mulosd.models.vq import VQConfig, VQModel
@@ -774,16 +775,6 @@ def held_out_count(num_samples: int, held_out: int | None, cap: int) -> int:
     if held_out < 1 or num_samples <= held_out:
         raise MulosdError(f"--samples must exceed the {held_out} held-out samples, got {num_samples}")
     return held_out
-
-
-def weights_fingerprint(*tensors: torch.Tensor) -> str:
-    """A short hash of some weights, rounded to fp16 (an fp32 run and an fp16 copy of the same model agree)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for w in tensors:
-        h.update(w.detach().to(torch.float16).cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 @dataclass
