@@ -778,7 +778,24 @@ def held_out_count(num_samples: int, held_out: int | None, cap: int) -> int:
 
 
 @dataclass
-class EagleRecipe:
+class TargetSampledRecipe:
+    """The settings shared by the recipes that train on a model set's target's own samples (:class:`EagleRecipe`,
+    :class:`DistillRecipe`, :class:`ContinuousDistillRecipe`): the set, where the samples are kept
+    (:func:`target_samples`), how many and how many of them are held out, the decode-time sampling settings they
+    are drawn with, their random streams' seed and the sampling batch. Each recipe sets its own default count."""
+
+    model: str = "fmnist-32"
+    samples_dir: str = ""
+    num_samples: int = 2000
+    held_out: int | None = None  # default: a tenth of the samples, capped by the recipe (held_out_count)
+    cfg_scale: float = 3.0
+    temperature: float = 1.0
+    data_seed: int = 1
+    sample_batch: int = 50
+
+
+@dataclass
+class EagleRecipe(TargetSampledRecipe):
     """EAGLE's draft head for a model set's target, trained on the target's own samples.
 
     Data (documented in docs/METHODS.md): ``num_samples`` images sampled by the target alone (plain AR, the bench's
@@ -794,16 +811,8 @@ class EagleRecipe:
     the target's, for each half and for the guidance-mixed distributions the sampler uses. The input features get
     uniform noise of ``noise`` x their RMS (EAGLE's robustness to its own errors when it drafts several steps)."""
 
-    model: str = "fmnist-32"
-    samples_dir: str = ""
-    num_samples: int = 2000
-    held_out: int | None = None  # default: a tenth of the samples, at most 100
-    cfg_scale: float = 3.0
-    temperature: float = 1.0
-    data_seed: int = 1
     ce_weight: float = 0.1
     noise: float = 0.1
-    sample_batch: int = 50
     name: str = "eagle"
 
     def __post_init__(self):
@@ -927,7 +936,7 @@ DIVERGENCES = ("fkl", "tvd")
 
 
 @dataclass
-class DistillRecipe:
+class DistillRecipe(TargetSampledRecipe):
     """A same-grid drafter of a model set distilled from the set's target (discrete tokens; ``sd``'s drafter).
 
     Data: ``num_samples`` images sampled by the target alone with the decode-time sampling settings (CFG
@@ -951,17 +960,10 @@ class DistillRecipe:
     Evaluation, on the held-out samples, for the trained drafter and for the one it started from: mean KL(p || q)
     per token of the guided distributions, the expected acceptance sum_x min(p, q), and top-1 agreement."""
 
-    model: str = "fmnist-32"
+    num_samples: int = 4000  # held out (held_out None): a tenth, at most 200
     drafter: str = "small"
-    samples_dir: str = ""
-    num_samples: int = 4000
-    held_out: int | None = None  # default: a tenth of the samples, at most 200
-    cfg_scale: float = 3.0
-    temperature: float = 1.0
-    data_seed: int = 1
     divergence: str = "fkl"
     half_weight: float = 0.1
-    sample_batch: int = 50
     name: str = "distill"
 
     def __post_init__(self):
@@ -1088,7 +1090,7 @@ CHAINS = ("teacher", "aligned")
 
 
 @dataclass
-class ContinuousDistillRecipe:
+class ContinuousDistillRecipe(TargetSampledRecipe):
     """A continuous-token drafter (transformer + diffusion head, CSpD's) distilled from the set's continuous target.
 
     Data: ``num_samples`` images sampled by the target alone (``car`` with the decode-time sampling settings,
@@ -1110,21 +1112,14 @@ class ContinuousDistillRecipe:
     path KL per token (teacher-forced, whatever ``chain`` trained); with trajectory alignment (the drafter's chain, and the target's re-run with the drafter's
     noises, as ``cspd`` runs them; one step ahead of a target-sampled context), the median gap between the two
     chains' last-step means in units of the target's last std (the L2 norm over the token's dimensions, at every
-    cell of target-sampled contexts: about 40 for the shipped pair; docs/CSPD.md's per-dimension 14 is over the drafts
-    cspd verified) and the expected acceptance of CSpD's exact surrogate ratio, mean min(1, r~)."""
+    cell of target-sampled contexts: 40 for fmnist-32-c16's pair, 64 for fmnist-32's `small`; docs/CSPD.md's
+    per-dimension figures are over the drafts cspd verified) and the expected acceptance of CSpD's exact surrogate ratio, mean min(1, r~)."""
 
-    model: str = "fmnist-32"
+    # held out (held_out None): a tenth of the samples, at most 100
     drafter: str = "small"
-    samples_dir: str = ""
-    num_samples: int = 2000
-    held_out: int | None = None  # default: a tenth of the samples, at most 100
-    cfg_scale: float = 3.0
-    temperature: float = 1.0
-    data_seed: int = 1
     positions: int = 32
     half_weight: float = 0.1
     chain: str = "teacher"  # "teacher": along the target's chain (teacher-forced); "aligned": each head its own chain
-    sample_batch: int = 50
     name: str = "distill_continuous"
 
     def __post_init__(self):
