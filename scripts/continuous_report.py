@@ -1,12 +1,15 @@
-"""Measurements of the continuous-token family of fmnist-32 for docs/MODELS.md (run after
-scripts/train_continuous.sh):
+"""Measurements of a continuous-token family for docs/MODELS.md:
 
-    .venv/bin/python scripts/continuous_report.py [--per-class 20] [--doc docs/MODELS.md]
+    .venv/bin/python scripts/continuous_report.py [--per-class 20] [--doc docs/MODELS.md]            # fmnist-32's
+    .venv/bin/python scripts/continuous_report.py --family c16 [--doc docs/MODELS.md]                # fmnist-32-c16's
 
-Training summaries (runs/ctokenizer, runs/ctarget, runs/cdrafter_small), class accuracy of CFG-3 samples from the
-shipped target and drafter (car), the decode step cost of each at batch 1 with CFG (transformer forward + one
-head chain, median of many), sample grids in docs/images/, and the fp16-vs-fp32 check on the target. Replaces the
-block between <!-- continuous:start --> and <!-- continuous:end --> in the doc (or prints it)."""
+fmnist-32's family (8x8 tokens of 16 channels; runs/ctok8, runs/ctarget8, runs/cdrafter8 from
+scripts/train_continuous8.sh, runs/cdistill8_teacher from scripts/distill_continuous_report.sh) or the earlier one
+now shipped as fmnist-32-c16 (16x16 tokens of 4 channels; runs/ctokenizer, runs/ctarget, runs/cdrafter_small from
+scripts/train_continuous.sh). Training summaries, class accuracy of CFG-3 samples from the shipped target and each
+drafter (car), the decode step cost of each at batch 1 with CFG (transformer forward + one head chain, median of
+many), sample grids in docs/images/, and the fp16-vs-fp32 check on the target. Replaces the block between
+<!-- MARKER:start --> and <!-- MARKER:end --> in the doc (MARKER: continuous, or continuous16 for c16), or prints it."""
 
 from __future__ import annotations
 
@@ -55,19 +58,46 @@ def params(m) -> float:
     return sum(p.numel() for p in m.parameters()) / 1e6
 
 
+# family -> (model set, doc marker, grid-file prefix, [(run, role or None for the tokenizer, architecture or None)])
+FAMILIES = {
+    "c8": ("fmnist-32", "continuous", "samples_continuous",
+           [("ctok8", None, "conv KL autoencoder, factor 4, 16-channel tokens"), ("ctarget8", "target", None),
+            ("cdrafter8", "small", None), ("cdistill8_teacher", "distilled", None)]),
+    "c16": ("fmnist-32-c16", "continuous16", "samples_continuous16",
+            [("ctokenizer", None, "conv KL autoencoder, factor 2, 4-channel tokens"), ("ctarget", "target", None),
+             ("cdrafter_small", "small", None)]),
+}
+
+
+def held_out(summary: dict, role: str | None) -> str:
+    """The held-out column: reconstruction PSNR (tokenizer), test noise MSE (trained on data), or the distillation's
+    held-out CSpD acceptance before -> after."""
+    ev = summary["eval"]
+    if role is None:
+        return f"PSNR {ev['test_psnr_db']} dB (32 px)"
+    if "test_noise_mse" in ev:
+        return f"test noise MSE {ev['test_noise_mse']}"
+    a, b = ev["start"], ev["distilled"]
+    return (f"from `small` ({summary['recipe_args']['num_samples']} target samples): path KL/token "
+            f"{a['path_kl_per_token']:.0f} -> {b['path_kl_per_token']:.0f}, aligned gap {a['median_aligned_gap_sigmas']:.0f} -> "
+            f"{b['median_aligned_gap_sigmas']:.0f} last-step stds, CSpD exact expected acceptance "
+            f"{a['expected_acceptance']:.4f} -> {b['expected_acceptance']:.4f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--per-class", type=int, default=20)
     ap.add_argument("--runs", default="runs")
     ap.add_argument("--doc", default=None)
+    ap.add_argument("--family", choices=sorted(FAMILIES), default="c8")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    pipe = Pipeline.from_pretrained("fmnist-32")
+    model_set, marker, prefix, runs_roles = FAMILIES[args.family]
+    pipe = Pipeline.from_pretrained(model_set)
     cont = pipe.continuous_models()
     runs = Path(args.runs)
     rows = []
-    for name, role, arch in (("ctokenizer", None, "conv KL autoencoder, factor 2, 4-channel tokens"),
-                             ("ctarget", "target", None), ("cdrafter_small", "small", None)):
+    for name, role, arch in runs_roles:
         s = json.loads((runs / name / "summary.json").read_text())
         m = cont.tokenizer if role is None else cont.model(role)
         if arch is None:
@@ -75,8 +105,7 @@ def main():
             arch = (f"GPT {c.n_layer}L d{c.dim} {c.n_head}h + head {c.head_depth}x{c.head_width}, "
                     f"{c.sample_steps} reverse steps")
         t = s["train"]
-        ev = s["eval"]
-        held = (f"PSNR {ev['test_psnr_db']} dB (32 px)" if role is None else f"test noise MSE {ev['test_noise_mse']}")
+        held = held_out(s, role)
         rows.append(f"| `{'continuous ' + (role or 'tokenizer')}` | {arch} | {params(m):.2f} M | {t['steps']} x {t['batch_size']} | "
                     f"{s['train_time_s'] / 60:.1f} min | {s['final']['loss']:.4f} | {held} |")
     out = ["| model | architecture | params | steps x batch | train time | final train loss | held-out |",
@@ -85,19 +114,21 @@ def main():
     out += ["| samples from (car, CFG 3) | class accuracy | transformer step (ms) | head chain (ms) | step cost (ms) |",
             "|---|---|---|---|---|"]
     costs = {}
-    for role in ("target", "small"):
+    roles = [r for _, r, _ in runs_roles if r is not None]
+    for role in roles:
         r = pipe(classes, num_per_class=args.per_class, method="car", model=role, seed=0, batch_size=50, cfg_scale=3.0)
         grid = image_grid(pipe_first(r.images, args.per_class, 8), torch.tensor([c for c in classes for _ in range(8)]),
                           pipe.class_names)
-        atomic_write(Path("docs/images") / f"samples_continuous_{role}.png", lambda tmp: grid.save(tmp, format="PNG"))
+        atomic_write(Path("docs/images") / f"{prefix}_{role}.png", lambda tmp: grid.save(tmp, format="PNG"))
         c = step_cost(cont.model(role))
         costs[role] = c["forward_ms"] + c["head_ms"]
         out.append(f"| `{role}` | {r.stats['class_accuracy']:.3f} | {c['forward_ms']:.2f} | {c['head_ms']:.2f} | {costs[role]:.2f} |")
     out.append("")
-    out.append(f"Drafter / target step cost at batch 1 with CFG: {costs['small'] / costs['target']:.3f} "
+    ratios = ", ".join(f"{r} {costs[r] / costs['target']:.3f}" for r in roles[1:])
+    out.append(f"Drafter / target step cost at batch 1 with CFG: {ratios} "
                f"({args.per_class * 10} samples per model for the accuracies; step times are medians of 190 steps).")
     # fp16 shipping vs the fp32 training weights
-    fp32 = ContinuousGPT.from_pretrained(runs / "ctarget" / "model")
+    fp32 = ContinuousGPT.from_pretrained(runs / runs_roles[1][0] / "model")
     labels = torch.arange(10).repeat_interleave(2)
     a, _ = generate_car(fp32, labels, SamplingConfig(cfg_scale=3.0), RandomStreams.from_seed(0, range(20)))
     b, _ = generate_car(cont.target, labels, SamplingConfig(cfg_scale=3.0), RandomStreams.from_seed(0, range(20)))
@@ -105,7 +136,7 @@ def main():
                f"{(a - b).abs().mean():.4f} (tokens have unit variance), max {(a - b).abs().max():.3f}.\n")
     text = "\n".join(out)
     if args.doc:
-        replace_marked_block(args.doc, "continuous", text)
+        replace_marked_block(args.doc, marker, text)
         print(f"updated {args.doc}")
     print(text)
 

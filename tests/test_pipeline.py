@@ -143,3 +143,40 @@ def test_every_method_runs_at_batch_1_and_8(pipe, method):
     for batch in (1, 8):
         out = pipe(classes=[3], num_per_class=batch, method=method, batch_size=batch, seed=1)
         assert out.tokens.shape == (batch, 16, 16) and out.stats["step_compression"] > 1
+
+
+def test_shipped_continuous_families():
+    """fmnist-32's continuous family (issue 20): 8x8 tokens of 16 channels, drafters of the same family 2-5x smaller
+    than the target; the earlier family stays loadable as fmnist-32-c16, which shares fmnist-32's discrete files."""
+    from mulosd.io import weights_fingerprint
+
+    def size(m):
+        return sum(p.numel() for p in m.parameters())
+
+    cont = Pipeline.from_pretrained("fmnist-32").continuous_models()
+    t = cont.target.config
+    assert (t.grid_size, t.token_dim, t.sample_steps, t.variance) == (8, 16, 10, "fixed_small")
+    assert set(cont.drafters) == {"small", "distilled"}
+    for d in cont.drafters.values():
+        c = d.config
+        assert (c.grid_size, c.token_dim, c.tokenizer_id, c.sample_steps) == (8, 16, t.tokenizer_id, 10)
+        assert 2 <= size(cont.target) / size(d) <= 5
+    old = Pipeline.from_pretrained("fmnist-32-c16")
+    assert old.name == "fmnist-32-c16"
+    c16 = old.continuous_models()
+    assert (c16.target.config.grid_size, c16.target.config.token_dim) == (16, 4) and set(c16.drafters) == {"small"}
+    new = Pipeline.from_pretrained("fmnist-32")
+    for a, b in ((old.target, new.target), (old.tokenizer, new.tokenizer), (old.classifier, new.classifier)):
+        assert weights_fingerprint(*a.state_dict().values()) == weights_fingerprint(*b.state_dict().values())
+
+
+@pytest.mark.parametrize("drafter", ["small", "distilled"])
+def test_cspd_with_the_shipped_drafters_keeps_its_limiting_cases(pipe, drafter):
+    """prefill 1 is car token for token; the target drafting for itself with aligned noises accepts every draft."""
+    car = pipe([3, 8], method="car", seed=4)
+    full = pipe([3, 8], method="cspd", drafter=drafter, prefill=1.0, seed=4)
+    assert torch.equal(car.tokens, full.tokens)
+    out = pipe([3, 8], method="cspd", drafter=drafter, gamma=2, seed=4)
+    assert out.stats["drafter_forwards"] > 0 and torch.isfinite(out.tokens).all()
+    own = pipe([3, 8], method="cspd", drafter="target", gamma=2, seed=4)
+    assert own.stats["acceptance_rate"] == 1.0
