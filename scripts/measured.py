@@ -22,12 +22,13 @@ from mulosd.zoo import ZOO_DIR  # noqa: E402
 
 # The runs behind docs/RESULTS.md's full tables first (every discrete method at its defaults in one process, mulo
 # beside preset=paper and r=4; 2026-12-05), then MuLo-SD's quality runs (quoted only where the full runs lack a
-# row), the continuous runs, the lossless runs behind docs/METHODS.md's (the lossless variants) and the distilled
-# drafter's runs (sd with drafter=distilled). A method
+# row), the continuous runs (this set's continuous family: cspd with the distilled drafter, then the drafter trained on
+# data at the defaults; the earlier family's runs are fmnist-32-c16's and not quoted), the lossless runs behind
+# docs/METHODS.md's (the lossless variants) and the distilled drafter's runs (sd with drafter=distilled). A method
 # already measured by an earlier run in this list keeps that run's rows.
 RUNS = ["docs/bench/full_b1", "docs/bench/full_b8", "docs/bench/quality_b1", "docs/bench/quality_b8",
-        "docs/bench/full_cont_b1", "docs/bench/full_cont_b8", "docs/bench/lossless_b1", "docs/bench/lossless_b8",
-        "docs/bench/distill_b1", "docs/bench/distill_b8"]
+        "docs/bench/full_cont8_b1", "docs/bench/full_cont8_b8", "docs/bench/cspd8_small_b1",
+        "docs/bench/lossless_b1", "docs/bench/lossless_b8", "docs/bench/distill_b1", "docs/bench/distill_b8"]
 # Rows measured under other defaults than today's: run -> labels to leave out.
 STALE: dict[str, set] = {}
 # Non-default rows worth quoting: label in the run -> what it is called in `mulosd methods`.
@@ -36,7 +37,9 @@ VARIANTS = {
     "mulo[r=4]": "r=4",
     "mulo[acceptance=exact]": "acceptance=exact",
     "mcsjd[init=lowres]": "init=lowres",
-    "cspd[relax=42,independent=True]": "relax=42, independent (the public code's settings)",
+    "cspd[drafter=distilled]": "drafter=distilled",
+    "cspd[drafter=distilled,align=False]": "drafter=distilled, align=false",
+    "cspd[drafter=distilled,relax=42,independent=True]": "drafter=distilled, relax=42, independent (the public code's settings)",
     "sd[drafter=distilled]": "drafter=distilled",
 }
 
