@@ -30,6 +30,13 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def moved_to(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """A frozen network, moved to ``device`` on first use there (in place; later calls find it there)."""
+    if model_device(net) != device:
+        net.to(device)
+    return net
+
+
 def bf16_autocast(device: torch.device, enabled: bool):
     """A recipe's own bf16 switch (--bf16): autocast on the model's device type when on, nothing when off (an
     autocast with enabled=False would switch off the trainer's --dtype autocast around it)."""
@@ -490,14 +497,7 @@ class UpsamplerRecipe:
 
     def _frozen_tokenizer(self, device: torch.device) -> VQModel:
         """The frozen tokenizer, moved to ``device`` (the model's) on first use there."""
-        return self._moved(self.vq, device)
-
-    @staticmethod
-    def _moved(net, device: torch.device):
-        """A frozen network, moved to ``device`` on first use there."""
-        if model_device(net) != device:
-            net.to(device)
-        return net
+        return moved_to(self.vq, device)
 
     def loss(self, model, index, step, gen):
         device = model_device(model)
@@ -518,7 +518,7 @@ class UpsamplerRecipe:
         metrics["mse"] = mse.item()
         loss = self.pixel_weight * mse + self.ce_weight * ce_up + ce_down
         if self.feature_net is not None:
-            net = self._moved(self.feature_net, device)
+            net = moved_to(self.feature_net, device)
             perceptual = net.perceptual_distance(decoded, images).mean()
             metrics["perceptual"] = perceptual.item()
             loss = loss + self.perceptual_weight * perceptual
@@ -548,7 +548,7 @@ class UpsamplerRecipe:
         counts = dict.fromkeys(("images", "pixels", "up", "top5", "down", "pix_up", "pix_down"), 0)
         sse = dict.fromkeys(("learned", "pixel", "tokenizer"), 0.0)
         lp = dict.fromkeys(sse, 0.0)
-        net = self._moved(self.feature_net, device) if self.feature_net is not None else None
+        net = moved_to(self.feature_net, device) if self.feature_net is not None else None
         with torch.no_grad():
             for x in self._chunks(folder, images):
                 x = x.to(device)
@@ -793,6 +793,10 @@ class TargetSampledRecipe:
     data_seed: int = 1
     sample_batch: int = 50
 
+    def num_examples(self) -> int:
+        """Training examples: the samples before the held-out ones."""
+        return self.num_samples - self.held_out
+
 
 @dataclass
 class EagleRecipe(TargetSampledRecipe):
@@ -858,9 +862,6 @@ class EagleRecipe(TargetSampledRecipe):
         from mulosd.models.eagle import EagleHead
 
         return EagleHead.for_target(self.target)
-
-    def num_examples(self) -> int:
-        return self.num_samples - self.held_out
 
     def _losses(self, model, index, gen=None):
         from mulosd.decoding.sampling import process_logits
@@ -936,7 +937,33 @@ DIVERGENCES = ("fkl", "tvd")
 
 
 @dataclass
-class DistillRecipe(TargetSampledRecipe):
+class DrafterDistillation(TargetSampledRecipe):
+    """What the two distillation recipes (:class:`DistillRecipe`, :class:`ContinuousDistillRecipe`) share: the
+    drafter role they start from (``self.start``, set by each recipe), the weight of the per-half terms, the student
+    (a trainable float32 copy of the start) and the evaluation of student and start on the held-out samples
+    (each recipe's ``_held_out``)."""
+
+    drafter: str = "small"
+    half_weight: float = 0.1
+
+    def build_model(self):
+        """A float32 copy of the starting drafter (its class, config and weights), trainable."""
+        model = type(self.start)(self.start.config)
+        model.load_state_dict(self.start.state_dict())
+        return model.train()
+
+    def evaluate(self, model) -> dict:
+        """The recipe's held-out measures for the distilled drafter and for the one it started from."""
+        was = model.training
+        model.eval()
+        out = {"held_out_samples": self.held_out, "distilled": self._held_out(model),
+               "start": self._held_out(moved_to(self.start, model_device(model)))}
+        model.train(was)
+        return out
+
+
+@dataclass
+class DistillRecipe(DrafterDistillation):
     """A same-grid drafter of a model set distilled from the set's target (discrete tokens; ``sd``'s drafter).
 
     Data: ``num_samples`` images sampled by the target alone with the decode-time sampling settings (CFG
@@ -961,9 +988,7 @@ class DistillRecipe(TargetSampledRecipe):
     per token of the guided distributions, the expected acceptance sum_x min(p, q), and top-1 agreement."""
 
     num_samples: int = 4000  # held out (held_out None): a tenth, at most 200
-    drafter: str = "small"
     divergence: str = "fkl"
-    half_weight: float = 0.1
     name: str = "distill"
 
     def __post_init__(self):
@@ -1004,15 +1029,6 @@ class DistillRecipe(TargetSampledRecipe):
                 "data_seed": self.data_seed, "divergence": self.divergence, "half_weight": self.half_weight,
                 "start": weights_fingerprint(*self.start.state_dict().values())}
 
-    def build_model(self):
-        """A float32 copy of the starting drafter (its class, config and weights), trainable."""
-        model = type(self.start)(self.start.config)
-        model.load_state_dict(self.start.state_dict())
-        return model.train()
-
-    def num_examples(self) -> int:
-        return self.num_samples - self.held_out
-
     def _log_probs(self, logits: torch.Tensor, predicts: torch.Tensor) -> torch.Tensor:
         """Log of ``process_logits``' probabilities (CFG mix, then temperature; this recipe sets no top-k / top-p),
         computed in log space so that a vanishing q keeps its gradient."""
@@ -1031,19 +1047,13 @@ class DistillRecipe(TargetSampledRecipe):
         tokens, labels = self.tokens[index].to(device), self.labels[index].to(device)
         cond = self.target.with_null(labels) if self.cfg.uses_cfg else labels
         rows = torch.cat([tokens, tokens]) if self.cfg.uses_cfg else tokens
-        target = self._moved(self.target, device)
+        target = moved_to(self.target, device)
         with torch.no_grad():
             tp = target(cond, rows).float()
         tq = model(cond, rows).float()
         predicts = torch.arange(tokens.shape[1], device=device)
         return {"lp": self._log_probs(tp, predicts), "lq": self._log_probs(tq, predicts),
                 "hp": (tp / self.temperature).log_softmax(-1), "hq": (tq / self.temperature).log_softmax(-1)}
-
-    @staticmethod
-    def _moved(net, device):
-        if model_device(net) != device:
-            net.to(device)
-        return net
 
     @staticmethod
     def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -1075,22 +1085,13 @@ class DistillRecipe(TargetSampledRecipe):
         return {"kl_per_token": round(kl / n, 4), "expected_acceptance": round(accept / n, 4),
                 "top1_agreement": round(agree / n, 4)}
 
-    def evaluate(self, model) -> dict:
-        """Held-out KL, expected acceptance and top-1 agreement of the distilled drafter and of its start."""
-        was = model.training
-        model.eval()
-        out = {"held_out_samples": self.held_out, "distilled": self._held_out(model),
-               "start": self._held_out(DistillRecipe._moved(self.start, model_device(model)))}
-        model.train(was)
-        return out
-
 
 
 CHAINS = ("teacher", "aligned")
 
 
 @dataclass
-class ContinuousDistillRecipe(TargetSampledRecipe):
+class ContinuousDistillRecipe(DrafterDistillation):
     """A continuous-token drafter (transformer + diffusion head, CSpD's) distilled from the set's continuous target.
 
     Data: ``num_samples`` images sampled by the target alone (``car`` with the decode-time sampling settings,
@@ -1116,9 +1117,7 @@ class ContinuousDistillRecipe(TargetSampledRecipe):
     per-dimension figures are over the drafts cspd verified) and the expected acceptance of CSpD's exact surrogate ratio, mean min(1, r~)."""
 
     # held out (held_out None): a tenth of the samples, at most 100
-    drafter: str = "small"
     positions: int = 32
-    half_weight: float = 0.1
     chain: str = "teacher"  # "teacher": along the target's chain (teacher-forced); "aligned": each head its own chain
     name: str = "distill_continuous"
 
@@ -1161,9 +1160,6 @@ class ContinuousDistillRecipe(TargetSampledRecipe):
                 "data_seed": self.data_seed, "positions": self.positions, "half_weight": self.half_weight,
                 "chain": self.chain, "continuous": True, "start": weights_fingerprint(*self.start.state_dict().values())}
 
-    build_model = DistillRecipe.build_model
-    num_examples = DistillRecipe.num_examples
-
     def _rows(self, model, index, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Conditions z of the target and the drafter for cells [b, M] of samples ``index`` in the head's layout:
         [cond ; null] rows (each image-major) under CFG, the conditional rows alone without."""
@@ -1173,18 +1169,20 @@ class ContinuousDistillRecipe(TargetSampledRecipe):
         cond = self.target.with_null(labels) if guided else labels
         feed = torch.cat([tokens, tokens]) if guided else tokens
         pick = (torch.cat([cells, cells]) if guided else cells).to(device)
-        target = DistillRecipe._moved(self.target, device)
+        target = moved_to(self.target, device)
         with torch.no_grad():
             zt = target(cond, feed)
         zs = model(cond, feed)
         rows = torch.arange(len(feed), device=device)[:, None]
         return zt[rows, pick].reshape(-1, zt.shape[-1]).float(), zs[rows, pick].reshape(-1, zs.shape[-1]).float()
 
-    def _path(self, model, zt, zs, noise, aligned: bool) -> dict:
+    def _path(self, model, zt, zs, noise, aligned: bool, guided: bool = True) -> dict:
+        """trajectory_kl of the drafter's head against the target's: the guided chains (CFG as decoded) or, with
+        ``guided=False``, unguided chains of the rows given (one half)."""
         from mulosd.models.diffusion import trajectory_kl
 
-        target = DistillRecipe._moved(self.target, zt.device)
-        scale = self.cfg.cfg_scale if self.cfg.uses_cfg else None
+        target = moved_to(self.target, zt.device)
+        scale = self.cfg.cfg_scale if guided and self.cfg.uses_cfg else None
         return trajectory_kl(target.head, model.head, zt, zs, noise, scale, self.temperature, aligned)
 
     def loss(self, model, index, step, gen):
@@ -1194,14 +1192,13 @@ class ContinuousDistillRecipe(TargetSampledRecipe):
         n = len(zt) // 2 if self.cfg.uses_cfg else len(zt)
         S = len(self.target.head.sampling)
         noise = torch.randn(S + 1, n, d, generator=gen).to(zt.device)
-        guided = self._path(model, zt, zs, noise, self.chain == "aligned")
+        aligned = self.chain == "aligned"
+        guided = self._path(model, zt, zs, noise, aligned)
         loss = guided["kl"].mean()
         metrics = {"path_kl": round(loss.item(), 3), "last_gap": round(guided["last_gap"].median().item(), 3)}
         if self.half_weight > 0 and self.cfg.uses_cfg:
-            from mulosd.models.diffusion import trajectory_kl
-
-            halves = sum(trajectory_kl(self.target.head, model.head, zt[h], zs[h], noise, None, self.temperature,
-                                       self.chain == "aligned")["kl"].mean() for h in (slice(0, n), slice(n, 2 * n))) / 2
+            halves = sum(self._path(model, zt[h], zs[h], noise, aligned, guided=False)["kl"].mean()
+                         for h in (slice(0, n), slice(n, 2 * n))) / 2
             loss = loss + self.half_weight * halves
         return loss, metrics
 
@@ -1217,7 +1214,7 @@ class ContinuousDistillRecipe(TargetSampledRecipe):
         N, d = self.tokens.shape[1], self.tokens.shape[2]
         S = len(self.target.head.sampling)
         gen = torch.Generator().manual_seed(0)  # the same noises for every model evaluated
-        target = DistillRecipe._moved(self.target, device)
+        target = moved_to(self.target, device)
         kl, gaps, accept, n = 0.0, [], 0.0, 0
         for i in range(self.num_examples(), self.num_samples, 10):
             index = torch.arange(i, min(i + 10, self.num_samples))
@@ -1236,7 +1233,6 @@ class ContinuousDistillRecipe(TargetSampledRecipe):
         return {"path_kl_per_token": round(kl / n, 3), "median_aligned_gap_sigmas": round(torch.cat(gaps).median().item(), 3),
                 "expected_acceptance": round(accept / n, 4)}
 
-    evaluate = DistillRecipe.evaluate  # held-out path KL, last-step gap and CSpD's expected acceptance, both drafters
 
 
 def add_drafter_to_set(model_set: str | Path, drafter: str | Path, role: str, continuous: bool = False) -> Path:
